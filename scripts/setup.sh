@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything baifs needs on Debian 12, as root: the system packages
+# (FUSE, the build tools for pyfuse3, bubblewrap for `baifs serve`, and the
+# programs the tests and benchmarks drive), a virtual environment in .venv,
+# and baifs itself with its test extras. Safe to run again: it installs only
+# what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+    fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
+    bubblewrap git vim nano rsync sshfs openssh-server procps
+)
+missing=()
+for package in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$package")
+    fi
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating .venv with $("$python" --version)" >&2
+    "$python" -m venv .venv
+fi
+echo "setup: installing baifs into .venv" >&2
+pip_log=$(mktemp)
+if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]" >"$pip_log" 2>&1; then
+    cat "$pip_log" >&2
+    rm -f "$pip_log"
+    echo "setup: pip install failed" >&2
+    exit 1
+fi
+rm -f "$pip_log"
+.venv/bin/baifs --version >/dev/null
+echo "setup: done" >&2

@@ -1,0 +1,1 @@
+"""The Backend.AI session API: client, request signing, payload formats, errors."""

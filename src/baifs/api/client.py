@@ -1,0 +1,552 @@
+"""The session API client: the only code in baifs that speaks HTTP to a manager.
+
+`Connection` owns the transport: the httpx client, version negotiation
+(unauthenticated ``GET /``), signing, per-request timeouts, retries and the
+mapping of error responses to exceptions. `SessionClient` owns the request
+shapes of one session's endpoints, written in the form that every manager
+version accepts (reference §9):
+
+- list: the path in the query string *and* in a JSON body;
+- download: POST with the paths in the query *and* the body, GET on 405;
+- execute: the run id under both ``runId`` and ``run_id``;
+- upload: multipart, names relative to ``/home/work``; switched to absolute
+  names for the agents that demand them, and verified with a listing where a
+  204 is not proof of a write.
+
+Invariants:
+- a request the server is known to reject (over 20 files, a file of 1 MiB or
+  more, over 5 downloads) raises `LimitExceeded` and is never sent;
+- only requests that are safe to repeat are retried (list, download, info,
+  upload); an execute is retried only when it provably never left this host;
+- every request has a timeout, so no caller waits forever;
+- the secret key never leaves `Connection._sign`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from ..config import Credentials
+from . import signing
+from .archive import decode_multipart
+from .errors import (
+    APIError,
+    AuthenticationFailed,
+    EndpointUnreachable,
+    InvalidRequest,
+    LimitExceeded,
+    MethodNotAllowed,
+    PermissionDenied,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    SessionNotFound,
+)
+from .listing import RemoteEntry, parse_listing
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_FILES = 20
+MAX_UPLOAD_BYTES = 1_048_575
+MAX_DOWNLOAD_PATHS = 5
+#: Managers from this release on answer 204 to uploads that failed (reference §2.3).
+SWALLOWING_MANAGER = (25, 16)
+WORK_DIR = "/home/work"
+
+_ERROR_CLASSES: dict[int, type[APIError]] = {
+    400: InvalidRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    404: SessionNotFound,
+    405: MethodNotAllowed,
+    429: RateLimited,
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Exponential backoff with full jitter; ``Retry-After`` wins when given."""
+        if retry_after is not None:
+            return min(retry_after, self.max_delay * 4)
+        ceiling = min(self.max_delay, self.base_delay * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class ClientStats:
+    """What the client did, for ``baifs status``: requests, retries, recent errors."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": dict(sorted(self.requests.items())),
+            "retries": self.retries,
+            "last_errors": list(self.errors),
+        }
+
+
+@dataclass(frozen=True)
+class UploadFile:
+    """One file of an upload: ``name`` relative to /home/work (surrogate escapes allowed)."""
+
+    name: str
+    data: bytes
+
+
+def quote_component(value: str) -> str:
+    """Percent-encode a path or query value, raw bytes included."""
+    return quote(os.fsencode(value), safe="")
+
+
+def query_string(pairs: Iterable[tuple[str, str]]) -> str:
+    return "&".join(f"{key}={quote_component(value)}" for key, value in pairs)
+
+
+def json_body(document: Mapping[str, Any]) -> bytes:
+    return json.dumps(document).encode()
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+#: Agent exceptions that a repeated request would only meet again.
+DETERMINISTIC_AGENT_ERRORS = (
+    "PermissionError",
+    "FileNotFoundError",
+    "NotADirectoryError",
+    "IsADirectoryError",
+    "FileExistsError",
+    "ValueError",
+    "RuntimeError('Could not download",
+)
+
+
+def is_deterministic_failure(response: httpx.Response) -> bool:
+    """A 500 whose agent details name a cause that repeating cannot change."""
+    try:
+        details = response.json().get("agent-details") or {}
+    except (ValueError, AttributeError):
+        return False
+    return str(details.get("exception", "")).startswith(DETERMINISTIC_AGENT_ERRORS)
+
+
+def manager_release(text: str) -> tuple[int, int] | None:
+    match = re.match(r"^(\d+)\.(\d+)", text.strip())
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+class Connection:
+    """A signed, retrying HTTP connection to one manager endpoint."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        retry: RetryPolicy = RetryPolicy(),
+        max_connections: int = 8,
+    ) -> None:
+        self.credentials = credentials
+        self.retry = retry
+        self.stats = ClientStats()
+        self.api_version = signing.LATEST_VERSION
+        self.manager_version = ""
+        base = credentials.endpoint.rstrip("/")
+        self._base = httpx.URL(base)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections),
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def host(self) -> str:
+        """What the server sees in ``Host``: the host, with the port when one is given."""
+        return self._base.netloc.decode("ascii")
+
+    def url(self, path: str, query: str = "") -> str:
+        prefix = self._base.raw_path.decode("ascii").rstrip("/")
+        return f"{self._base.scheme}://{self.host}{prefix}{path}" + (f"?{query}" if query else "")
+
+    async def negotiate(self) -> str:
+        """Probe ``GET /`` (unsigned) and use min(server, client) as the API version."""
+        response = await self._send_with_retries(
+            lambda: self._http.build_request("GET", self.url("/")), "version", idempotent=True
+        )
+        if response.status_code != 200:
+            self._raise_for_status(response, "version")
+        try:
+            document = response.json()
+            server_version = str(document["version"])
+            signing.version_key(server_version)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(
+                f"{self.credentials.endpoint} does not look like a Backend.AI manager"
+            ) from exc
+        self.manager_version = str(document.get("manager", ""))
+        self.api_version = min(server_version, signing.LATEST_VERSION, key=signing.version_key)
+        log.info(
+            "endpoint %s: manager %s, API %s",
+            self.credentials.endpoint,
+            self.manager_version or "unknown",
+            self.api_version,
+        )
+        return self.api_version
+
+    @property
+    def swallows_upload_errors(self) -> bool:
+        """True unless the manager is known to predate the silent-upload-failure releases."""
+        release = manager_release(self.manager_version)
+        return release is None or release >= SWALLOWING_MANAGER
+
+    def _sign(self, request: httpx.Request) -> None:
+        date_header = signing.format_date(datetime.now(UTC))
+        request.headers["Date"] = date_header
+        request.headers["X-BackendAI-Version"] = self.api_version
+        request.headers["X-BackendAI-Domain"] = "default"
+        signature_hex = signing.signature(
+            method=request.method,
+            path_with_query=request.url.raw_path.decode("ascii"),
+            date_header=date_header,
+            host=self.host,
+            media_type=signing.media_type_of(request.headers.get("content-type")),
+            version=self.api_version,
+            secret_key=self.credentials.secret_key,
+        )
+        request.headers["Authorization"] = signing.authorization_header(
+            self.credentials.access_key, signature_hex
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        endpoint: str,
+        query: str = "",
+        content: bytes | None = None,
+        files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
+        idempotent: bool,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send one signed API request; raise the typed error for any non-2xx answer."""
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        extensions = {"timeout": httpx.Timeout(timeout).as_dict()} if timeout else {}
+
+        def build() -> httpx.Request:
+            request = self._http.build_request(
+                method,
+                self.url(path, query),
+                content=content,
+                files=files,
+                headers=headers,
+                extensions=extensions,
+            )
+            self._sign(request)
+            return request
+
+        response = await self._send_with_retries(build, endpoint, idempotent=idempotent)
+        if response.status_code >= 300:
+            self._raise_for_status(response, endpoint)
+        return response
+
+    async def _send_with_retries(self, build: Any, endpoint: str, *, idempotent: bool) -> httpx.Response:
+        attempt = 0
+        while True:
+            self.stats.requests[endpoint] += 1
+            try:
+                response = await self._http.send(build())
+            except httpx.TransportError as exc:
+                never_sent = isinstance(exc, httpx.ConnectError)
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if attempt + 1 >= self.retry.attempts or not (idempotent or never_sent):
+                    message = f"{endpoint}: cannot reach {self.credentials.endpoint} ({reason})"
+                    self.stats.errors.append(message)
+                    raise EndpointUnreachable(message) from exc
+                delay = self.retry.delay(attempt)
+                log.warning("%s: %s; retrying in %.1f s", endpoint, reason, delay)
+            else:
+                status = response.status_code
+                retryable = status == 429 or (status >= 500 and not is_deterministic_failure(response))
+                if not retryable or not idempotent or attempt + 1 >= self.retry.attempts:
+                    return response
+                delay = self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after")))
+                log.warning("%s: HTTP %d; retrying in %.1f s", endpoint, status, delay)
+            attempt += 1
+            self.stats.retries += 1
+            await trio.sleep(delay)
+
+    def _raise_for_status(self, response: httpx.Response, endpoint: str) -> None:
+        status = response.status_code
+        type_uri = title = msg = ""
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = None
+        if isinstance(problem, dict):
+            type_uri = str(problem.get("type", ""))
+            title = str(problem.get("title", ""))
+            detail = problem.get("msg") or (problem.get("agent-details") or {}).get("exception")
+            msg = str(detail or "")
+        else:
+            title = response.reason_phrase
+        error_class = _ERROR_CLASSES.get(status, ServerError if status >= 500 else APIError)
+        kwargs = {"type_uri": type_uri, "title": title, "msg": msg, "endpoint": endpoint}
+        if error_class is RateLimited:
+            error = RateLimited(
+                status, retry_after=parse_retry_after(response.headers.get("retry-after")), **kwargs
+            )
+        else:
+            error = error_class(status, **kwargs)
+        self.stats.errors.append(str(error))
+        raise error
+
+    async def create_session(self, name: str, image: str) -> dict[str, Any]:
+        """Get-or-create a session by name; the answer holds ``sessionId`` and ``created``."""
+        body = {"name": name, "image": image, "type": "interactive", "reuseIfExists": True}
+        response = await self.request(
+            "POST", "/session", endpoint="create", content=json_body(body), idempotent=False
+        )
+        return response.json()
+
+    def session(self, id_or_name: str) -> SessionClient:
+        return SessionClient(self, id_or_name)
+
+
+class SessionClient:
+    """The endpoints of one compute session, in request shapes every manager accepts."""
+
+    def __init__(self, connection: Connection, id_or_name: str) -> None:
+        self.connection = connection
+        self.id_or_name = id_or_name
+        self._prefix = f"/session/{quote_component(id_or_name)}"
+        self._download_method = "POST"
+        self._absolute_upload_names = False
+
+    async def info(self) -> dict[str, Any]:
+        response = await self.connection.request("GET", self._prefix, endpoint="info", idempotent=True)
+        return response.json()
+
+    async def destroy(self) -> None:
+        await self.connection.request("DELETE", self._prefix, endpoint="destroy", idempotent=True)
+
+    async def interrupt(self) -> None:
+        await self.connection.request(
+            "POST", f"{self._prefix}/interrupt", endpoint="interrupt", idempotent=True
+        )
+
+    async def list_dir(self, path: str) -> list[RemoteEntry]:
+        """One directory level; ``path`` is relative to /home/work ("" is the root)."""
+        remote_path = path or "."
+        response = await self.connection.request(
+            "GET",
+            f"{self._prefix}/files",
+            endpoint="list",
+            query=query_string([("path", remote_path)]),
+            content=json_body({"path": remote_path}),
+            idempotent=True,
+        )
+        return parse_listing(response.json(), remote_path)
+
+    async def upload(self, files: Sequence[UploadFile]) -> dict[str, list[RemoteEntry]]:
+        """Upload up to 20 files; returns the verifying listings, by parent directory.
+
+        Raises `LimitExceeded` without sending anything when the batch breaks a
+        limit, and `ServerError` when a verifying listing shows a file missing.
+        """
+        check_upload_batch(files)
+        try:
+            await self._post_upload(files)
+        except ServerError as error:
+            if self._absolute_upload_names or "outside /home/work" not in error.msg:
+                raise
+            log.warning("this agent wants absolute upload names; switching")
+            self._absolute_upload_names = True
+            await self._post_upload(files)
+        if not self.connection.swallows_upload_errors:
+            return {}
+        return await self._verify_upload(files)
+
+    async def upload_all(
+        self,
+        files: Sequence[UploadFile],
+        *,
+        parallel: int = 4,
+        on_batch: Callable[[Sequence[UploadFile]], None] | None = None,
+    ) -> dict[str, list[RemoteEntry]]:
+        """Upload any number of files in batches of 20, ``parallel`` requests at a time.
+
+        ``on_batch`` is called after each batch is on the session. Returns the
+        verifying listings of every batch, merged (see `upload`).
+        """
+        for item in files:
+            check_upload_batch([item])
+        batches = [files[i : i + MAX_UPLOAD_FILES] for i in range(0, len(files), MAX_UPLOAD_FILES)]
+        listings: dict[str, list[RemoteEntry]] = {}
+        limiter = trio.CapacityLimiter(parallel)
+
+        async def send(batch: Sequence[UploadFile]) -> None:
+            async with limiter:
+                listings.update(await self.upload(batch))
+            if on_batch is not None:
+                on_batch(batch)
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                nursery.start_soon(send, batch)
+        return listings
+
+    async def _post_upload(self, files: Sequence[UploadFile]) -> None:
+        parts = [
+            ("src", (self._upload_name(item.name), item.data, "application/octet-stream")) for item in files
+        ]
+        await self.connection.request(
+            "POST", f"{self._prefix}/upload", endpoint="upload", files=parts, idempotent=True
+        )
+
+    def _upload_name(self, name: str) -> str:
+        return f"{WORK_DIR}/{name}" if self._absolute_upload_names else name
+
+    async def _verify_upload(self, files: Sequence[UploadFile]) -> dict[str, list[RemoteEntry]]:
+        by_parent: dict[str, dict[str, int]] = {}
+        for item in files:
+            parent, _, base = item.name.rpartition("/")
+            by_parent.setdefault(parent, {})[base] = len(item.data)
+        listings: dict[str, list[RemoteEntry]] = {}
+
+        async def verify(parent: str) -> None:
+            listings[parent] = await self.list_dir(parent)
+
+        async with trio.open_nursery() as nursery:
+            for parent in by_parent:
+                nursery.start_soon(verify, parent)
+        for parent, expected in by_parent.items():
+            sizes = {entry.name: entry.size for entry in listings[parent] if entry.is_regular}
+            wrong = sorted(name for name, size in expected.items() if sizes.get(name) != size)
+            if wrong:
+                shown = ", ".join(repr(f"{parent}/{name}".lstrip("/")) for name in wrong[:5])
+                raise ServerError(
+                    502,
+                    title="Upload not applied",
+                    msg=f"the server accepted the upload but {shown} did not arrive",
+                    endpoint="upload",
+                )
+        return listings
+
+    async def download(self, paths: Sequence[str]) -> list[bytes]:
+        """Tar archives of up to 5 paths, in the order asked."""
+        if not paths:
+            return []
+        if len(paths) > MAX_DOWNLOAD_PATHS:
+            raise LimitExceeded(f"a download carries at most {MAX_DOWNLOAD_PATHS} paths, not {len(paths)}")
+        query = query_string(("files", path) for path in paths)
+        body = json_body({"files": list(paths)})
+        try:
+            response = await self._download_request(query, body)
+        except MethodNotAllowed:
+            if self._download_method == "GET":
+                raise
+            log.info("this manager downloads with GET; switching")
+            self._download_method = "GET"
+            response = await self._download_request(query, body)
+        parts = decode_multipart(response.headers.get("content-type", ""), response.content)
+        if len(parts) != len(paths):
+            raise ProtocolError(f"asked for {len(paths)} archives, received {len(parts)}")
+        return [bytes(part.body) for part in parts]
+
+    async def _download_request(self, query: str, body: bytes) -> httpx.Response:
+        return await self.connection.request(
+            self._download_method,
+            f"{self._prefix}/download",
+            endpoint="download",
+            query=query,
+            content=body,
+            idempotent=True,
+        )
+
+    async def download_single(self, path: str) -> bytes:
+        """The raw bytes of one file (the same 1 MiB archive limit applies)."""
+        response = await self.connection.request(
+            "POST",
+            f"{self._prefix}/download_single",
+            endpoint="download_single",
+            query=query_string([("file", path)]),
+            content=json_body({"file": path}),
+            idempotent=True,
+        )
+        return response.content
+
+    async def execute(
+        self,
+        mode: str,
+        run_id: str,
+        *,
+        code: str = "",
+        options: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """One execute request; the ``result`` object of the answer."""
+        body: dict[str, Any] = {"mode": mode, "code": code, "runId": run_id, "run_id": run_id}
+        if options is not None:
+            body["options"] = dict(options)
+        response = await self.connection.request(
+            "POST",
+            self._prefix,
+            endpoint="execute",
+            content=json_body(body),
+            idempotent=False,
+            timeout=timeout,
+        )
+        result = response.json().get("result")
+        if not isinstance(result, dict) or "status" not in result:
+            raise ProtocolError("execute answer has no 'result.status'")
+        return result
+
+
+def check_upload_batch(files: Sequence[UploadFile]) -> None:
+    if len(files) > MAX_UPLOAD_FILES:
+        raise LimitExceeded(f"an upload carries at most {MAX_UPLOAD_FILES} files, not {len(files)}")
+    for item in files:
+        if len(item.data) > MAX_UPLOAD_BYTES:
+            raise LimitExceeded(
+                f"{item.name!r} has {len(item.data):,} bytes; an upload carries at most "
+                f"{MAX_UPLOAD_BYTES:,} bytes per file"
+            )
+        parts = item.name.split("/")
+        if not item.name or item.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise LimitExceeded(f"upload name {item.name!r} must be a plain relative path")

@@ -1,0 +1,121 @@
+"""Exceptions of the session API client.
+
+Every failure the client reports is one of these classes, so callers branch on
+types, never on message text. HTTP errors carry what the server said (the
+problem+json ``type``, ``title`` and ``msg``); the message of each exception is
+written for a person and never contains credentials.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+
+
+class BaifsError(Exception):
+    """Base class of every error baifs reports to a user."""
+
+
+class APIError(BaifsError):
+    """The server answered with an HTTP error status."""
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        type_uri: str = "",
+        title: str = "",
+        msg: str = "",
+        endpoint: str = "",
+    ) -> None:
+        self.status = status
+        self.type_uri = type_uri
+        self.title = title
+        self.msg = msg
+        self.endpoint = endpoint
+        detail = title or "HTTP error"
+        if msg:
+            detail = f"{detail} ({msg})"
+        where = f" from {endpoint}" if endpoint else ""
+        super().__init__(f"{status} {detail}{where}")
+
+    @property
+    def problem(self) -> str:
+        """The last component of the problem ``type`` URI (``auth-failed``, ...)."""
+        return self.type_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class InvalidRequest(APIError):
+    """400: the server refused the parameters (limits, dates, versions)."""
+
+
+class AuthenticationFailed(APIError):
+    """401: wrong access key or secret key, or a rejected signature."""
+
+
+class PermissionDenied(APIError):
+    """403."""
+
+
+class SessionNotFound(APIError):
+    """404: no live session with that name or id."""
+
+
+class MethodNotAllowed(APIError):
+    """405: this manager does not route the method (used for fallbacks)."""
+
+
+class RateLimited(APIError):
+    """429: the keypair's rate limit is exhausted."""
+
+    def __init__(self, status: int, *, retry_after: float | None = None, **kwargs: str) -> None:
+        super().__init__(status, **kwargs)
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    """5xx: the manager or the agent failed."""
+
+
+class EndpointUnreachable(BaifsError):
+    """The endpoint could not be reached, or did not answer in time, after retries."""
+
+
+class LimitExceeded(BaifsError, ValueError):
+    """A request that the server is known to reject was refused locally, unsent."""
+
+
+class ProtocolError(BaifsError):
+    """The server's answer does not have the shape the API defines."""
+
+
+class SessionWedged(BaifsError):
+    """A batch execution stopped making progress; later runs may be blocked."""
+
+
+class RemotePathError(BaifsError, OSError):
+    """A path inside the session does not exist, is not a directory, or is not allowed."""
+
+    def __init__(self, code: int, path: str, detail: str = "") -> None:
+        OSError.__init__(self, code, os.strerror(code), path)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{os.strerror(self.errno)}: {self.filename!r} in the session"
+
+
+#: Python exception names in a remote traceback, and the errno each one means.
+REMOTE_EXCEPTION_ERRNOS: dict[str, int] = {
+    "FileNotFoundError": errno_codes.ENOENT,
+    "NotADirectoryError": errno_codes.ENOTDIR,
+    "IsADirectoryError": errno_codes.EISDIR,
+    "PermissionError": errno_codes.EACCES,
+    "FileExistsError": errno_codes.EEXIST,
+}
+
+
+def errno_from_traceback(text: str) -> int:
+    """The errno a remote Python traceback stands for (EIO when unrecognised)."""
+    found = [(text.rfind(name), code) for name, code in REMOTE_EXCEPTION_ERRNOS.items()]
+    position, code = max(found)
+    return code if position >= 0 else errno_codes.EIO

@@ -1,0 +1,1 @@
+"""``baifs serve``: a local server that speaks the Backend.AI session API."""

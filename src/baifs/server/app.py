@@ -1,0 +1,401 @@
+"""The HTTP surface of ``baifs serve``: the session API routes of a manager.
+
+Owns the request shapes the server accepts and the answers it gives; what the
+answers contain comes from `sessions`, `workdir` and `kernel`. Every route but
+``GET /`` goes through `endpoint`, which counts the request, applies the
+injected latency, verifies the signature and turns `Problem` into
+problem+json. Unknown routes and methods also answer problem+json, because
+the official SDK parses every error body as JSON.
+
+Besides the manager's routes there is one of baifs's own, documented in
+docs/protocol.md: ``GET /_baifs/counters`` (signed like the rest) returns the
+requests served per endpoint and the batch runs started.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote_to_bytes
+
+import trio
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..api import archive, signing
+from . import auth
+from .compat import Compat
+from .kernel import SessionTerminated
+from .problems import Problem, agent_failure, bad_request, invalid_params, no_such_session
+from .sessions import ServedSession, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_FILES = 20
+MAX_UPLOAD_BYTES = 1_048_575
+MAX_DOWNLOAD_FILES = 5
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class ServerState:
+    keypair: auth.Keypair
+    registry: SessionRegistry
+    compat: Compat
+    latency: float = 0.0
+    manager_version: str = "baifs-serve"
+    requests: Counter[str] = field(default_factory=Counter)
+    batch_runs: int = 0
+
+
+def raw_target(request: Request) -> str:
+    scope = request.scope
+    path = scope.get("raw_path") or quote(scope["path"]).encode()
+    query = scope.get("query_string", b"")
+    return (path + (b"?" + query if query else b"")).decode("latin-1")
+
+
+def query_values(request: Request, key: str) -> list[str]:
+    """Values of a query key, with raw bytes kept as surrogate escapes."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
+    return [value for name, value in pairs if name == key]
+
+
+async def json_object(request: Request, *, required: bool) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        if required:
+            raise bad_request("Malformed body: a JSON object is required")
+        return {}
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise bad_request("Malformed body: not JSON") from None
+    if not isinstance(document, dict):
+        raise bad_request("Malformed body: not a JSON object")
+    return document
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def session_of(request: Request) -> ServedSession:
+    return state_of(request).registry.get(request.path_params["session"])
+
+
+def endpoint(name: str) -> Callable[[Handler], Handler]:
+    """Count, delay, authenticate, then run the handler; problems become problem+json."""
+
+    def decorate(handler: Handler) -> Handler:
+        async def route(request: Request) -> Response:
+            state = state_of(request)
+            state.requests[name] += 1
+            if state.latency:
+                await trio.sleep(state.latency)
+            try:
+                auth.verify(
+                    auth.SignedRequest(request.method, raw_target(request), request.headers),
+                    state.keypair,
+                )
+                return await handler(request)
+            except Problem as problem:
+                log.info("%s %s -> %d %s", request.method, request.url.path, problem.status, problem.kind)
+                return problem.response()
+            except SessionTerminated:
+                return no_such_session().response()
+
+        route.__name__ = handler.__name__
+        return route
+
+    return decorate
+
+
+async def hello(request: Request) -> Response:
+    state_of(request).requests["version"] += 1
+    return JSONResponse({"version": signing.LATEST_VERSION, "manager": state_of(request).manager_version})
+
+
+@endpoint("announcement")
+async def announcement(request: Request) -> Response:
+    return JSONResponse({"enabled": False, "message": ""})
+
+
+@endpoint("counters")
+async def counters(request: Request) -> Response:
+    state = state_of(request)
+    return JSONResponse({"requests": dict(state.requests), "batch_runs": state.batch_runs})
+
+
+@endpoint("create")
+async def create_session(request: Request) -> Response:
+    body = await json_object(request, required=True)
+    name = body.get("name") or body.get("session_name") or body.get("clientSessionToken")
+    image = body.get("image") or body.get("lang")
+    if not name or not image:
+        raise invalid_params("name and image are required")
+    session, created = await state_of(request).registry.get_or_create(str(name), str(image))
+    answer = {
+        "sessionId": session.id,
+        "sessionName": session.name,
+        "status": "RUNNING",
+        "servicePorts": [],
+        "created": created,
+    }
+    return JSONResponse(answer, status_code=201)
+
+
+@endpoint("info")
+async def session_info(request: Request) -> Response:
+    return JSONResponse(session_of(request).info())
+
+
+@endpoint("destroy")
+async def destroy_session(request: Request) -> Response:
+    state_of(request).registry.destroy(request.path_params["session"])
+    return JSONResponse({"stats": {"status": "terminated"}})
+
+
+@endpoint("interrupt")
+async def interrupt(request: Request) -> Response:
+    session_of(request).kernel.interrupt()
+    return Response(status_code=204)
+
+
+@endpoint("execute")
+async def execute(request: Request) -> Response:
+    state = state_of(request)
+    session = session_of(request)
+    body = await json_object(request, required=True)
+    mode = body.get("mode")
+    if mode not in ("batch", "continue", "input", "query"):
+        raise Problem(500, "invalid-session-data", "Invalid session data.", f"unsupported mode {mode!r}")
+    run_id = body.get("run_id") if state.compat.run_id_snake_only else body.get("run_id") or body.get("runId")
+    if not run_id:
+        if mode != "batch":
+            raise Problem(
+                500, "invalid-session-data", "Invalid session data.", "continuation requires explicit run ID"
+            )
+        run_id = secrets.token_hex(16)
+    if mode == "query":
+        console = [["stderr", "this local session has no Jupyter kernel; use batch mode\n"]]
+        result = {
+            "status": "finished",
+            "runId": run_id,
+            "exitCode": 127,
+            "options": None,
+            "files": [],
+            "console": console,
+        }
+        return JSONResponse({"result": result})
+    if mode == "batch":
+        state.batch_runs += 1
+    options = body.get("options") if isinstance(body.get("options"), dict) else None
+    result = await session.kernel.execute(mode, str(run_id), options)
+    return JSONResponse({"result": result})
+
+
+@endpoint("list")
+async def list_files(request: Request) -> Response:
+    session = session_of(request)
+    from_query = query_values(request, "path")
+    if from_query:
+        path = from_query[0]
+    elif state_of(request).compat.list_path_query_only:
+        path = "."
+    else:
+        path = str((await json_object(request, required=False)).get("path") or ".")
+    try:
+        return JSONResponse(await trio.to_thread.run_sync(session.work.listing, path))
+    except PermissionError as error:
+        raise agent_failure(error) from None
+
+
+async def requested_paths(request: Request, key: str) -> list[str]:
+    from_query = query_values(request, key)
+    if from_query:
+        return from_query
+    body = await json_object(request, required=False)
+    value = body.get(key, [])
+    return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+@endpoint("download")
+async def download(request: Request) -> Response:
+    session = session_of(request)
+    if request.method == "POST" and state_of(request).compat.download_get_only:
+        raise Problem(405, "method-not-allowed", "Method not allowed.")
+    paths = await requested_paths(request, "files")
+    if len(paths) > MAX_DOWNLOAD_FILES:
+        raise Problem(
+            400,
+            "vfolder-operation-failed",
+            "Virtual folder operation has failed.",
+            f"Too many files (maximum {MAX_DOWNLOAD_FILES} files allowed)",
+        )
+    payloads = []
+    for path in paths:
+        try:
+            payloads.append(await trio.to_thread.run_sync(session.work.archive, path))
+        except (OSError, ValueError, RuntimeError) as error:
+            raise agent_failure(error) from None
+    content_type, body = archive.encode_mixed(payloads)
+    return Response(body, media_type=content_type)
+
+
+@endpoint("download_single")
+async def download_single(request: Request) -> Response:
+    session = session_of(request)
+    paths = await requested_paths(request, "file")
+    if len(paths) != 1:
+        raise invalid_params("exactly one file is required")
+    try:
+        data = await trio.to_thread.run_sync(session.work.single, paths[0])
+    except (OSError, ValueError, RuntimeError) as error:
+        raise agent_failure(error) from None
+    return Response(data, media_type="application/octet-stream")
+
+
+@endpoint("upload")
+async def upload(request: Request) -> Response:
+    state = state_of(request)
+    session = session_of(request)
+    media_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if media_type != b"multipart/form-data" or b"boundary" not in options:
+        raise bad_request("Malformed body: multipart/form-data is required")
+    reader = UploadReader(options[b"boundary"])
+    failures: list[OSError] = []
+
+    async def store(completed: list[tuple[str, bytes]]) -> None:
+        for filename, data in completed:
+            write = functools.partial(
+                session.work.write_upload, filename, data, absolute_names=state.compat.absolute_upload_names
+            )
+            try:
+                await trio.to_thread.run_sync(write)
+            except OSError as error:
+                failures.append(error)
+
+    async for chunk in request.stream():
+        if reader.problem is None:  # after a problem, drain the rest before answering
+            reader.feed(chunk)
+            await store(reader.take_completed())
+    if reader.problem is None:
+        reader.finish()
+        await store(reader.take_completed())
+    if reader.problem is not None:
+        raise reader.problem
+    if failures:
+        log.warning("upload failed on the agent side: %r", failures[0])
+        if not state.compat.upload_errors_swallowed:
+            raise agent_failure(failures[0])
+    return Response(status_code=204)
+
+
+class UploadReader:
+    """Streams a multipart upload, enforcing the manager's limits as parts arrive."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self.problem: Problem | None = None
+        self._parts = 0
+        self._completed: list[tuple[str, bytes]] = []
+        self._data = bytearray()
+        self._disposition = b""
+        self._field = bytearray()
+        self._value = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+                "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+                "on_header_end": self._header_end,
+                "on_part_data": self._part_data,
+                "on_part_end": self._end,
+            },
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self._parser.write(chunk)
+        except Problem as problem:
+            self.problem = problem
+        except Exception:
+            self.problem = bad_request("Malformed multipart body")
+
+    def finish(self) -> None:
+        try:
+            self._parser.finalize()
+        except Exception:
+            self.problem = bad_request("Malformed multipart body")
+
+    def take_completed(self) -> list[tuple[str, bytes]]:
+        completed, self._completed = self._completed, []
+        return completed
+
+    def _begin(self) -> None:
+        self._parts += 1
+        if self._parts > MAX_UPLOAD_FILES:
+            raise invalid_params("Too many files")
+        self._data = bytearray()
+        self._disposition = b""
+
+    def _header_end(self) -> None:
+        if bytes(self._field).lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if len(self._data) + (end - start) > MAX_UPLOAD_BYTES:
+            raise invalid_params("Too large file")
+        self._data.extend(data[start:end])
+
+    def _end(self) -> None:
+        _, params = parse_options_header(self._disposition)
+        raw_name = params.get(b"filename")
+        # RFC 7578 §4.2: aiohttp-based clients (the official SDK) percent-encode file names.
+        name = os.fsdecode(unquote_to_bytes(raw_name)) if raw_name else f"upload-{secrets.token_hex(12)}"
+        self._completed.append((name, bytes(self._data)))
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    kinds = {404: ("not-found", "Unknown URL path."), 405: ("method-not-allowed", "Method not allowed.")}
+    kind, title = kinds.get(status, ("generic-bad-request", "Bad request."))
+    return Problem(status, kind, title).response()
+
+
+def build_app(state: ServerState) -> Starlette:
+    session = "/session/{session}"
+    routes = [
+        Route("/", hello, methods=["GET"]),
+        Route("/manager/announcement", announcement, methods=["GET"]),
+        Route("/_baifs/counters", counters, methods=["GET"]),
+        Route("/session", create_session, methods=["POST"]),
+        Route("/session/_/create", create_session, methods=["POST"]),
+        Route(session, session_info, methods=["GET"]),
+        Route(session, destroy_session, methods=["DELETE"]),
+        Route(session, execute, methods=["POST"]),
+        Route(f"{session}/interrupt", interrupt, methods=["POST"]),
+        Route(f"{session}/upload", upload, methods=["POST"]),
+        Route(f"{session}/files", list_files, methods=["GET"]),
+        Route(f"{session}/download", download, methods=["GET", "POST"]),
+        Route(f"{session}/download_single", download_single, methods=["GET", "POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app.state.server = state
+    return app

@@ -1,0 +1,53 @@
+"""Switches that make the local server reproduce one manager or agent release's sharp edges.
+
+Without switches the server accepts every request shape that some release
+accepts (the union), so any correct client works. Each switch narrows one
+behaviour to what a specific release does, so the client's defences can be
+tested against it (reference sections in brackets):
+
+=====================  ============================================  ===============
+switch                 behaviour                                     releases
+=====================  ============================================  ===============
+upload-errors-         a failed upload still answers 204 [§2.3]      manager ≥ 25.16
+swallowed
+list-path-query-only   the list path is read from the query only     manager ≥ 26.3
+                       [§4.1]
+run-id-snake-only      the run id is read from ``run_id`` only       manager ≥ 25.6
+                       [§3.2]
+phase-frame-loss       phase markers conclude the run; frames sent   agent ≥ 25.12
+                       while detached are lost [§3.5]
+download-get-only      download answers POST with 405 [§5.1]         manager ≤ 24.03.6
+absolute-upload-names  upload names must be absolute under           agent 24.03.7 –
+                       /home/work [§2.4]                             25.7.0
+=====================  ============================================  ===============
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Compat:
+    upload_errors_swallowed: bool = False
+    list_path_query_only: bool = False
+    run_id_snake_only: bool = False
+    phase_frame_loss: bool = False
+    download_get_only: bool = False
+    absolute_upload_names: bool = False
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [field.name.replace("_", "-") for field in fields(cls)]
+
+    @classmethod
+    def from_names(cls, names: list[str]) -> Compat:
+        unknown = sorted(set(names) - set(cls.names()))
+        if unknown:
+            raise ValueError(
+                f"unknown compatibility switch {', '.join(unknown)}; known: {', '.join(cls.names())}"
+            )
+        return cls(**{name.replace("-", "_"): True for name in names})
+
+    def enabled(self) -> list[str]:
+        return [name for name in self.names() if getattr(self, name.replace("-", "_"))]

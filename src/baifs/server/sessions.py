@@ -1,0 +1,148 @@
+"""The local server's sessions: creation by name, lookup, termination, persistence.
+
+Owns the data root layout::
+
+    <data root>/sessions.json          names, ids, images, creation times
+    <data root>/sessions/<uuid>/work   a session's /home/work
+
+Sessions survive a restart of the server (they come back RUNNING with their
+files). Destroying a session deletes its work directory, as terminating a
+real session deletes its scratch directory. A session is addressable by its
+UUID or its name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .compat import Compat
+from .kernel import Kernel, Sandbox
+from .problems import Problem, bad_request, no_such_session
+from .workdir import WorkDir
+
+SESSION_NAME = re.compile(r"^(?=.{4,64}$)\w[\w.-]*\w$", re.ASCII)
+
+
+@dataclass
+class ServedSession:
+    id: str
+    name: str
+    image: str
+    created_at: float
+    work: WorkDir
+    kernel: Kernel
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "image": self.image, "created_at": self.created_at}
+
+    def info(self) -> dict[str, Any]:
+        """The flat info object of ``GET /session/{id}`` (reference §6)."""
+        created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.created_at))
+        return {
+            "age": int((time.time() - self.created_at) * 1000),
+            "domainName": "default",
+            "groupId": "00000000-0000-0000-0000-000000000000",
+            "userId": "00000000-0000-0000-0000-000000000000",
+            "lang": self.image,
+            "image": self.image,
+            "architecture": "x86_64",
+            "registry": "local",
+            "tag": None,
+            "containerId": self.id,
+            "occupiedSlots": {},
+            "occupyingSlots": {},
+            "requestedSlots": {},
+            "occupiedShares": {},
+            "environ": {},
+            "resourceOpts": {},
+            "status": "RUNNING",
+            "statusInfo": "",
+            "statusData": {},
+            "creationTime": created,
+            "terminationTime": None,
+            "numQueriesExecuted": self.kernel.num_queries,
+            "lastStat": {},
+            "idleChecks": {},
+        }
+
+
+class SessionRegistry:
+    def __init__(self, data_root: Path, sandbox: Sandbox, compat: Compat) -> None:
+        self.data_root = data_root
+        self.sandbox = sandbox
+        self.compat = compat
+        self._sessions: dict[str, ServedSession] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def _index(self) -> Path:
+        return self.data_root / "sessions.json"
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Bring back the sessions of an earlier run of the server."""
+        self._nursery = nursery
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        if self._index.exists():
+            for record in json.loads(self._index.read_text()):
+                await self._open(record["id"], record["name"], record["image"], record["created_at"])
+
+    def _save(self) -> None:
+        records = [session.record() for session in self._sessions.values()]
+        temporary = self._index.with_suffix(".tmp")
+        temporary.write_text(json.dumps(records, indent=2))
+        temporary.replace(self._index)
+
+    async def _open(self, session_id: str, name: str, image: str, created_at: float) -> ServedSession:
+        assert self._nursery is not None
+        work = WorkDir(self.data_root / "sessions" / session_id / "work")
+        kernel = Kernel(work.root, self.sandbox, detach_at_phase_end=self.compat.phase_frame_loss)
+        await self._nursery.start(kernel.serve_tasks)
+        session = ServedSession(session_id, name, image, created_at, work, kernel)
+        self._sessions[session_id] = session
+        return session
+
+    def find(self, id_or_name: str) -> ServedSession | None:
+        if id_or_name in self._sessions:
+            return self._sessions[id_or_name]
+        return next((s for s in self._sessions.values() if s.name == id_or_name), None)
+
+    def get(self, id_or_name: str) -> ServedSession:
+        session = self.find(id_or_name)
+        if session is None:
+            raise no_such_session()
+        return session
+
+    async def get_or_create(self, name: str, image: str) -> tuple[ServedSession, bool]:
+        if not SESSION_NAME.match(name):
+            raise bad_request(f"invalid session name {name!r}: 4-64 word characters, '.' or '-'")
+        existing = self.find(name)
+        if existing is not None:
+            if existing.image != image:
+                raise Problem(
+                    400,
+                    "session-already-exists",
+                    "The session already exists but you requested different image.",
+                )
+            return existing, False
+        session = await self._open(str(uuid.uuid4()), name, image, time.time())
+        self._save()
+        return session, True
+
+    def destroy(self, id_or_name: str) -> None:
+        session = self.get(id_or_name)
+        session.kernel.terminate()
+        del self._sessions[session.id]
+        self._save()
+        shutil.rmtree(session.work.root.parent, ignore_errors=True)
+
+    def all(self) -> list[ServedSession]:
+        return list(self._sessions.values())

@@ -1,0 +1,132 @@
+"""Helpers shared by the tests: a real `baifs serve` in a subprocess, signed raw requests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+
+from baifs.api import signing
+from baifs.config import Credentials
+
+TEST_ACCESS_KEY = "AKIATESTTESTTEST0001"
+TEST_SECRET_KEY = "test-secret-key-0123456789abcdefghijklmn"
+IMAGE = "python:3.11-ubuntu22.04"
+_names = itertools.count()
+
+
+def unique_session_name() -> str:
+    return f"test-{os.getpid()}-{next(_names):04d}"
+
+
+@dataclass
+class LocalServer:
+    process: subprocess.Popen[bytes]
+    endpoint: str
+    data_dir: Path
+    log_path: Path
+    credentials: Credentials = field(
+        default_factory=lambda: Credentials("http://invalid", TEST_ACCESS_KEY, TEST_SECRET_KEY)
+    )
+
+    def work_dir(self, session_id: str) -> Path:
+        return self.data_dir / "sessions" / session_id / "work"
+
+    def counters(self) -> dict[str, int]:
+        response = signed_request(self, "GET", "/_baifs/counters")
+        response.raise_for_status()
+        document = response.json()
+        return {**document["requests"], "batch_runs": document["batch_runs"]}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def server_environment() -> dict[str, str]:
+    environment = dict(os.environ)
+    environment["BACKEND_ACCESS_KEY"] = TEST_ACCESS_KEY
+    environment["BACKEND_SECRET_KEY"] = TEST_SECRET_KEY
+    return environment
+
+
+def start_server(directory: Path, *compat: str, latency_ms: float = 0) -> LocalServer:
+    directory.mkdir(parents=True, exist_ok=True)
+    data_dir = directory / "serve-data"
+    log_path = directory / "serve.log"
+    argv = [sys.executable, "-m", "baifs", "serve", "--port", "0", "--data-dir", str(data_dir)]
+    argv += [f"--compat={name}" for name in compat]
+    if latency_ms:
+        argv += ["--latency-ms", str(latency_ms)]
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=server_environment()
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on (http://\S+),", log_path.read_text())
+        if match:
+            server = LocalServer(process, match.group(1), data_dir, log_path)
+            server.credentials = Credentials(match.group(1), TEST_ACCESS_KEY, TEST_SECRET_KEY)
+            return server
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"baifs serve did not start:\n{log_path.read_text()}")
+
+
+def signed_request(
+    server: LocalServer,
+    method: str,
+    target: str,
+    *,
+    content: bytes | None = None,
+    files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
+    date: datetime | None = None,
+    secret_key: str = TEST_SECRET_KEY,
+    version: str = signing.LATEST_VERSION,
+    sign: bool = True,
+) -> httpx.Response:
+    """One request signed by hand, so tests can send what the client refuses to."""
+    with httpx.Client(timeout=30) as http:
+        request = http.build_request(
+            method,
+            server.endpoint + target,
+            content=content,
+            files=files,
+            headers={"Content-Type": "application/json"} if content is not None else {},
+        )
+        if sign:
+            date_header = signing.format_date(date or datetime.now(UTC))
+            request.headers["Date"] = date_header
+            request.headers["X-BackendAI-Version"] = version
+            host = httpx.URL(server.endpoint).netloc.decode()
+            signature_hex = signing.signature(
+                method=method,
+                path_with_query=request.url.raw_path.decode(),
+                date_header=date_header,
+                host=host,
+                media_type=signing.media_type_of(request.headers.get("content-type")),
+                version=version,
+                secret_key=secret_key,
+            )
+            request.headers["Authorization"] = signing.authorization_header(TEST_ACCESS_KEY, signature_hex)
+        return http.send(request)
+
+
+def minutes_ago(minutes: float) -> datetime:
+    return datetime.now(UTC) - timedelta(minutes=minutes)
