@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from mounting import Mount, baifs_environment, create_session
 from support import IMAGE, LocalServer, start_server, unique_session_name
 
 from baifs.api.client import Connection, SessionClient
@@ -47,3 +48,15 @@ async def remote(server: LocalServer) -> AsyncIterator[tuple[SessionClient, Path
         yield session, server.work_dir(session_id)
     finally:
         await connection.aclose()
+
+
+@pytest.fixture
+def mount(server: LocalServer, tmp_path: Path) -> Iterator[Mount]:
+    """A fresh session mounted at ``tmp_path/mnt`` (not yet started: call ``.start()``)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mounted = Mount(tmp_path / "mnt", server, create_session(server), home, baifs_environment(server, home))
+    try:
+        yield mounted
+    finally:
+        mounted.stop()

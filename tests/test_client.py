@@ -61,7 +61,7 @@ async def test_unreachable_endpoint_fails_fast() -> None:
 async def test_destroyed_session_is_gone(server: LocalServer) -> None:
     connection, session, session_id = await open_session(server)
     async with connection:
-        await session.upload([UploadFile("x.txt", b"x")])
+        await session.upload([UploadFile.of("x.txt", b"x")])
         await session.destroy()
         assert not server.work_dir(session_id).exists()
         with pytest.raises(SessionNotFound):
@@ -71,7 +71,11 @@ async def test_destroyed_session_is_gone(server: LocalServer) -> None:
 async def test_upload_nested_tree_and_list_it(remote: Remote) -> None:
     session, work = remote
     await session.upload(
-        [UploadFile("a.txt", b"alpha"), UploadFile("d/e/b.txt", b"beta"), UploadFile("sp ace é.txt", b"")]
+        [
+            UploadFile.of("a.txt", b"alpha"),
+            UploadFile.of("d/e/b.txt", b"beta"),
+            UploadFile.of("sp ace é.txt", b""),
+        ]
     )
     assert (work / "d/e/b.txt").read_bytes() == b"beta"
     assert (work / "sp ace é.txt").read_bytes() == b""
@@ -97,13 +101,13 @@ async def test_limits_are_refused_locally_and_never_sent(server: LocalServer, re
     session, _ = remote
     before = server.counters()
     with pytest.raises(LimitExceeded, match="at most 20 files"):
-        await session.upload([UploadFile(f"f{i}", b"") for i in range(21)])
+        await session.upload([UploadFile.of(f"f{i}", b"") for i in range(21)])
     with pytest.raises(LimitExceeded, match="1,048,575"):
-        await session.upload([UploadFile("big", b"x" * 1_048_576)])
+        await session.upload([UploadFile.of("big", b"x" * 1_048_576)])
     with pytest.raises(LimitExceeded, match="at most 5 paths"):
         await session.download([f"f{i}" for i in range(6)])
     with pytest.raises(LimitExceeded, match="plain relative path"):
-        await session.upload([UploadFile("../escape", b"")])
+        await session.upload([UploadFile.of("../escape", b"")])
     assert server.counters().get("upload", 0) == before.get("upload", 0)
     assert server.counters().get("download", 0) == before.get("download", 0)
 
@@ -112,7 +116,7 @@ async def test_thousand_small_files_take_at_most_fifty_upload_requests(
     server: LocalServer, remote: Remote
 ) -> None:
     session, work = remote
-    files = [UploadFile(f"tree/d{i % 10}/f{i:04d}.txt", f"content {i}\n".encode()) for i in range(1000)]
+    files = [UploadFile.of(f"tree/d{i % 10}/f{i:04d}.txt", f"content {i}\n".encode()) for i in range(1000)]
     before = server.counters().get("upload", 0)
     await session.upload_all(files)
     uploads = server.counters()["upload"] - before
@@ -172,8 +176,8 @@ async def test_swallowed_upload_failure_is_detected(server_factory) -> None:
     async with connection:
         (local.work_dir(session_id) / "occupied").mkdir()
         with pytest.raises(ServerError, match="did not arrive"):
-            await session.upload([UploadFile("occupied", b"cannot overwrite a directory")])
-        await session.upload([UploadFile("fine.txt", b"ok")])
+            await session.upload([UploadFile.of("occupied", b"cannot overwrite a directory")])
+        await session.upload([UploadFile.of("fine.txt", b"ok")])
         assert (local.work_dir(session_id) / "fine.txt").read_bytes() == b"ok"
 
 
@@ -181,8 +185,8 @@ async def test_absolute_upload_names_are_adopted(server_factory) -> None:
     local = server_factory("absolute-upload-names")
     connection, session, session_id = await open_session(local)
     async with connection:
-        await session.upload([UploadFile("x/y.txt", b"abs")])
-        await session.upload([UploadFile("z.txt", b"second")])
+        await session.upload([UploadFile.of("x/y.txt", b"abs")])
+        await session.upload([UploadFile.of("z.txt", b"second")])
         assert (local.work_dir(session_id) / "x/y.txt").read_bytes() == b"abs"
         assert (local.work_dir(session_id) / "z.txt").read_bytes() == b"second"
     assert local.counters()["upload"] == 3  # one refusal, then absolute names from the start

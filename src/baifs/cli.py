@@ -89,7 +89,122 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_logging_options(serve)
     serve.set_defaults(handler=run_serve)
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount a session's /home/work on a local directory",
+        description="Mount the /home/work of a running compute session on MOUNTPOINT. Checks the "
+        "endpoint, keys and session first, then goes to the background once the mount works. "
+        "Writes are uploaded a moment after files are closed; 'baifs umount' uploads what is "
+        "left before unmounting.",
+        epilog="examples:\n  baifs mount my-session ~/work\n  baifs mount --create python:3.11 new-session ~/work\n"
+        "  baifs mount --local ~/work        (a private local session served by baifs itself)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mount.add_argument(
+        "target", nargs="+", metavar="[SESSION] MOUNTPOINT", help="session name or id, and where to mount it"
+    )
+    mount.add_argument(
+        "--local", action="store_true", help="mount the embedded local session (starts baifs serve)"
+    )
+    mount.add_argument(
+        "--create", metavar="IMAGE", help="create the session with this image if it does not exist"
+    )
+    mount.add_argument("--profile", help="credentials profile in ~/.config/baifs/config.toml")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)")
+    mount.add_argument(
+        "--attr-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long the kernel caches attributes and names (default: %(default)s)",
+    )
+    mount.add_argument(
+        "--dir-cache-time",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a directory listing is trusted (default: %(default)s)",
+    )
+    mount.add_argument(
+        "--negative-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long a missing name is remembered (default: %(default)s)",
+    )
+    mount.add_argument(
+        "--write-back",
+        type=float,
+        default=1.5,
+        metavar="SECONDS",
+        help="quiet time before changes are uploaded (default: %(default)s)",
+    )
+    mount.add_argument(
+        "--cache-dir", type=Path, help="where downloaded content is cached (default: ~/.cache/baifs)"
+    )
+    mount.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default="2G",
+        metavar="SIZE",
+        help="cache size limit, e.g. 500M or 4G (default: 2G)",
+    )
+    mount.add_argument("--uid", type=int, help="owner shown for every file (default: you)")
+    mount.add_argument("--gid", type=int, help="group shown for every file (default: your group)")
+    mount.add_argument(
+        "--umask", type=lambda text: int(text, 8), metavar="OCTAL", help="permission bits to hide, e.g. 022"
+    )
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users use the mount (implies default_permissions)",
+    )
+    add_logging_options(mount)
+    mount.set_defaults(handler=run_mount_command)
+
+    umount = commands.add_parser(
+        "umount",
+        help="upload everything pending, then unmount",
+        description="Upload everything pending (showing files and bytes), unmount, and wait for the mount daemon to exit.",
+    )
+    umount.add_argument("mountpoint", type=Path)
+    umount.add_argument(
+        "--lazy",
+        action="store_true",
+        help="detach even if busy; the daemon finishes when the last user lets go",
+    )
+    add_logging_options(umount)
+    umount.set_defaults(handler=run_umount)
+
+    status = commands.add_parser("status", help="show pending uploads, cache and requests of a mount")
+    status.add_argument(
+        "mountpoint",
+        type=Path,
+        nargs="?",
+        default=Path("."),
+        help="the mount (default: the one containing the current directory)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw status document")
+    add_logging_options(status)
+    status.set_defaults(handler=run_status)
+
+    sync = commands.add_parser("sync", help="upload everything pending and wait until it is on the session")
+    sync.add_argument("mountpoint", type=Path, nargs="?", default=Path("."))
+    add_logging_options(sync)
+    sync.set_defaults(handler=run_sync)
     return parser
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    number, unit = text.rstrip("BbIi"), ""
+    if number and number[-1].upper() in units:
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -105,6 +220,121 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         options.data_dir = args.data_dir
     trio.run(serve, options)
+    return 0
+
+
+def run_mount_command(args: argparse.Namespace) -> int:
+    from . import config
+    from .fs.filesystem import MountOptions
+    from .fs.mount import MountRequest, check_mountpoint
+
+    if args.local:
+        if len(args.target) != 1:
+            raise BaifsError("with --local, give only the mountpoint")
+        from .local import LOCAL_IMAGE, LOCAL_SESSION, ensure_local_server
+
+        credentials = ensure_local_server()
+        session, mountpoint, create = LOCAL_SESSION, args.target[0], LOCAL_IMAGE
+    else:
+        if len(args.target) != 2:
+            raise BaifsError("give a session and a mountpoint: baifs mount SESSION MOUNTPOINT")
+        credentials = config.load_credentials(args.profile)
+        (session, mountpoint), create = args.target, args.create
+    mountpoint_path = Path(mountpoint).expanduser().resolve()
+    check_mountpoint(mountpoint_path)
+    options = MountOptions(
+        attr_timeout=args.attr_timeout,
+        dir_ttl=args.dir_cache_time,
+        negative_timeout=args.negative_timeout,
+        write_back=args.write_back,
+        cache_limit=args.cache_size if isinstance(args.cache_size, int) else parse_size(args.cache_size),
+        umask=args.umask,
+    )
+    if args.uid is not None:
+        options.uid = args.uid
+    if args.gid is not None:
+        options.gid = args.gid
+    for name, value in (("--attr-timeout", options.attr_timeout), ("--dir-cache-time", options.dir_ttl)):
+        if value <= 0:
+            raise BaifsError(f"{name} must be above 0 (a zero TTL makes every stat a round trip)")
+    request = MountRequest(
+        session=session,
+        mountpoint=mountpoint_path,
+        credentials=credentials,
+        options=options,
+        create_image=create,
+        allow_other=args.allow_other,
+        cache_dir=args.cache_dir,
+    )
+    from .daemon import run_detached, run_foreground
+
+    if args.foreground:
+        return run_foreground(request)
+    log_file = args.log_file or config.state_dir() / "logs" / f"mount-{mountpoint_path.name or 'root'}.log"
+    return run_detached(request, log_file)
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .mountctl import flush, unmount
+
+    mountpoint = args.mountpoint.expanduser().resolve()
+    console = Console(stderr=True)
+    flush(mountpoint, console)
+    unmount(mountpoint, lazy=args.lazy)
+    console.print(f"unmounted {mountpoint}")
+    return 0
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .mountctl import find_mount, flush
+
+    flush(find_mount(args.mountpoint), Console(stderr=True))
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .mountctl import find_mount, read_status
+
+    document = read_status(find_mount(args.mountpoint))
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    pending, cache, api, flushes = (
+        document["pending"],
+        document["cache"],
+        document["session_api"],
+        document["flushes"],
+    )
+    lines = [
+        f"session     {document['session']} ({document['session_id']}) at {document['endpoint']}",
+        f"mountpoint  {document['mountpoint']}  (daemon pid {document['pid']})",
+        f"pending     {pending['uploads']} upload(s), {pending['upload_bytes']:,} bytes; "
+        f"{pending['namespace_changes']} namespace change(s)",
+    ]
+    if document["flush"]:
+        flushing = document["flush"]
+        lines.append(
+            f"flushing    {flushing['files_done']}/{flushing['files_total']} files, {flushing['bytes_done']:,}/{flushing['bytes_total']:,} bytes"
+        )
+    lines += [
+        f"cache       {cache['bytes']:,} of {cache['limit']:,} bytes; {cache['staged_bytes']:,} bytes staged",
+        f"flushes     {flushes['completed']} done, {flushes['uploaded_files']} files uploaded, {flushes['scripts']} scripts, {flushes['failures']} failed",
+        "requests    " + (", ".join(f"{name} {count}" for name, count in api["requests"].items()) or "none"),
+        f"retries     {api['retries']}",
+    ]
+    if flushes["last_error"]:
+        lines.append(f"last flush error: {flushes['last_error']}")
+    for error in api["last_errors"]:
+        lines.append(f"error       {error}")
+    if document.get("recovered_changes"):
+        lines.append(f"recovered   {document['recovered_changes']} change(s) from an earlier mount")
+    print("\n".join(lines))
     return 0
 
 

@@ -21,8 +21,9 @@ the exit code arrive before or with the first phase marker. Then:
   the same run id.
 
 Invariants:
-- one execution in flight per session (`BatchExecutor` holds a lock for the
-  whole life of a run, concluding requests included);
+- one execution in flight per session: a run holds the session's execution
+  slot (`BatchExecutor.slot`) for its whole life, concluding requests
+  included;
 - every run is driven until the session has concluded it, or raises
   `SessionWedged` naming the cause; a run never hangs silently;
 - console output reaches the caller's sink as each response arrives;
@@ -33,16 +34,18 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import shlex
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from .client import SessionClient
-from .errors import APIError, EndpointUnreachable, SessionWedged
+from .errors import APIError, EndpointUnreachable, SessionBusy, SessionWedged
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ PHASE_MARKERS = ("clean-finished", "build-finished")
 #: The exit code the runner reports when the build step failed (reference §3.1).
 BUILD_FAILED_EXIT = 127
 DETACH_SETTLE_SECONDS = 0.1
+#: How long a successor waits for an abandoned run before interrupting it.
+ABANDONED_RUN_PATIENCE = 120.0
 CONTINUE_ATTEMPTS = 3
 
 
@@ -88,9 +93,18 @@ class BatchOutcome:
 class BatchExecutor:
     """Runs batch executions in one session, one at a time."""
 
-    def __init__(self, session: SessionClient, *, request_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        session: SessionClient,
+        *,
+        request_timeout: float = 30.0,
+        on_run: Callable[[str | None], None] | None = None,
+    ) -> None:
         self.session = session
         self.request_timeout = request_timeout
+        #: told the run id before a run's first request and None once it is
+        #: concluded, so a successor process can conclude a run this one abandoned.
+        self.on_run = on_run
         #: "unknown", "resume" or "detach" (see the module docstring).
         self.phase_behaviour = "unknown"
         self.runs_started = 0
@@ -101,16 +115,110 @@ class BatchExecutor:
     def current_run_id(self) -> str | None:
         return self._current_run
 
+    @property
+    def busy(self) -> bool:
+        """Whether a run (or a caller holding the slot) has the session's execution slot."""
+        return self._lock.locked()
+
+    @asynccontextmanager
+    async def slot(self, queue_timeout: float = math.inf) -> AsyncIterator[None]:
+        """Hold the session's one execution slot; `SessionBusy` after ``queue_timeout``.
+
+        A caller that must do other work between runs without another run
+        slipping in (a flush, then a user's run) holds the slot across both and
+        starts runs with `run_held`.
+        """
+        with trio.move_on_after(queue_timeout) as waiting:
+            await self._lock.acquire()
+        if waiting.cancelled_caught:
+            raise SessionBusy(
+                f"the session is still busy with run {self._current_run} after {queue_timeout:.0f} s"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     async def run(
+        self,
+        steps: BatchSteps,
+        on_console: ConsoleSink | None = None,
+        run_id: str | None = None,
+        *,
+        queue_timeout: float = math.inf,
+    ) -> BatchOutcome:
+        """Run ``steps`` after earlier runs; `SessionBusy` if that takes over ``queue_timeout``."""
+        async with self.slot(queue_timeout):
+            return await self.run_held(steps, on_console, run_id)
+
+    async def run_held(
         self, steps: BatchSteps, on_console: ConsoleSink | None = None, run_id: str | None = None
     ) -> BatchOutcome:
-        async with self._lock:
-            run_id = run_id or secrets.token_hex(16)
+        """Run ``steps`` in the slot the calling task already holds (see `slot`)."""
+        if not self._lock.locked():
+            raise RuntimeError("run_held needs the execution slot")
+        run_id = run_id or secrets.token_hex(16)
+        self._current_run = run_id
+        self._tell(run_id)
+        try:
+            outcome = await self._drive(steps, run_id, on_console)
+        finally:
+            self._current_run = None
+        self._tell(None)
+        return outcome
+
+    def _tell(self, run_id: str | None) -> None:
+        if self.on_run is not None:
+            self.on_run(run_id)
+
+    async def conclude_abandoned(self, run_id: str, *, patience: float = ABANDONED_RUN_PATIENCE) -> None:
+        """Read an abandoned run (of a process that died) to its end, so the session takes new runs.
+
+        The session keeps a run current until someone reads its last marker,
+        and makes every other run wait for it. A command still running after
+        ``patience`` seconds is interrupted.
+        """
+        async with self.slot():
             self._current_run = run_id
             try:
-                return await self._drive(steps, run_id, on_console)
+                with trio.move_on_after(patience):
+                    if await self._await_marker(run_id):
+                        return
+                log.warning("run %s: still running after %.0f s; interrupting it", run_id, patience)
+                await self.session.interrupt()
+                with trio.move_on_after(patience):
+                    if await self._await_marker(run_id):
+                        return
+                raise SessionWedged(f"run {run_id} of an earlier mount does not end")
             finally:
                 self._current_run = None
+                self._tell(None)
+
+    async def _await_marker(self, run_id: str) -> bool:
+        """Poll until a phase marker arrives, then conclude the run.
+
+        Two silent polls in a row mean either a quiet command or an agent that
+        already concluded the run and lost its markers (reference §3.5); an
+        all-empty batch under the same run id ends the run in the second case
+        and only queues a no-op behind the command in the first.
+        """
+        silent = 0
+        while True:
+            result = await self._poll(run_id)
+            if result["status"] == "finished":
+                return True
+            if result["status"] in PHASE_MARKERS:
+                await self._conclude(run_id)
+                return True
+            silent = 0 if result.get("console") else silent + 1
+            if silent == 2:
+                empty = {"clean": None, "build": None, "exec": None, "buildLog": False}
+                result = await self.session.execute(
+                    "batch", run_id, options=empty, timeout=self.request_timeout
+                )
+                if result["status"] in PHASE_MARKERS:
+                    await self._conclude(run_id)
+                    return True
 
     async def interrupt(self) -> None:
         """Ask the session to interrupt the command of the current run."""

@@ -30,7 +30,8 @@ import os
 import random
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,6 +63,8 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_FILES = 20
 MAX_UPLOAD_BYTES = 1_048_575
 MAX_DOWNLOAD_PATHS = 5
+#: Content read into memory at once by `SessionClient.upload_all`.
+UPLOAD_MEMORY_BYTES = 24 * 1024 * 1024
 #: Managers from this release on answer 204 to uploads that failed (reference §2.3).
 SWALLOWING_MANAGER = (25, 16)
 WORK_DIR = "/home/work"
@@ -108,10 +111,42 @@ class ClientStats:
 
 @dataclass(frozen=True)
 class UploadFile:
-    """One file of an upload: ``name`` relative to /home/work (surrogate escapes allowed)."""
+    """One file of an upload: ``name`` relative to /home/work (surrogate escapes allowed).
+
+    The content is read by ``read`` (in a worker thread) only when its request
+    is built, so a large upload never sits in memory as a whole.
+    """
 
     name: str
-    data: bytes
+    size: int
+    read: Callable[[], bytes] = field(repr=False)
+
+    @classmethod
+    def of(cls, name: str, data: bytes) -> UploadFile:
+        return cls(name, len(data), lambda: data)
+
+
+class ByteBudget:
+    """Bounds the bytes held by requests in flight (a request bigger than the budget takes all of it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._changed = trio.Condition()
+
+    @asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[None]:
+        amount = min(amount, self.limit)
+        async with self._changed:
+            while self._used + amount > self.limit:
+                await self._changed.wait()
+            self._used += amount
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._used -= amount
+                self._changed.notify_all()
 
 
 def quote_component(value: str) -> str:
@@ -327,6 +362,7 @@ class Connection:
             title = response.reason_phrase
         error_class = _ERROR_CLASSES.get(status, ServerError if status >= 500 else APIError)
         kwargs = {"type_uri": type_uri, "title": title, "msg": msg, "endpoint": endpoint}
+        error: APIError
         if error_class is RateLimited:
             error = RateLimited(
                 status, retry_after=parse_retry_after(response.headers.get("retry-after")), **kwargs
@@ -407,10 +443,12 @@ class SessionClient:
         files: Sequence[UploadFile],
         *,
         parallel: int = 4,
+        memory: int = UPLOAD_MEMORY_BYTES,
         on_batch: Callable[[Sequence[UploadFile]], None] | None = None,
     ) -> dict[str, list[RemoteEntry]]:
         """Upload any number of files in batches of 20, ``parallel`` requests at a time.
 
+        At most ``memory`` bytes of content are read into memory at once.
         ``on_batch`` is called after each batch is on the session. Returns the
         verifying listings of every batch, merged (see `upload`).
         """
@@ -419,9 +457,10 @@ class SessionClient:
         batches = [files[i : i + MAX_UPLOAD_FILES] for i in range(0, len(files), MAX_UPLOAD_FILES)]
         listings: dict[str, list[RemoteEntry]] = {}
         limiter = trio.CapacityLimiter(parallel)
+        budget = ByteBudget(memory)
 
         async def send(batch: Sequence[UploadFile]) -> None:
-            async with limiter:
+            async with limiter, budget.hold(sum(item.size for item in batch)):
                 listings.update(await self.upload(batch))
             if on_batch is not None:
                 on_batch(batch)
@@ -432,8 +471,13 @@ class SessionClient:
         return listings
 
     async def _post_upload(self, files: Sequence[UploadFile]) -> None:
+        contents = [await trio.to_thread.run_sync(item.read) for item in files]
+        for item, data in zip(files, contents, strict=True):
+            if len(data) != item.size:
+                raise LimitExceeded(f"{item.name!r} changed size while it was uploaded")
         parts = [
-            ("src", (self._upload_name(item.name), item.data, "application/octet-stream")) for item in files
+            ("src", (self._upload_name(item.name), data, "application/octet-stream"))
+            for item, data in zip(files, contents, strict=True)
         ]
         await self.connection.request(
             "POST", f"{self._prefix}/upload", endpoint="upload", files=parts, idempotent=True
@@ -446,7 +490,7 @@ class SessionClient:
         by_parent: dict[str, dict[str, int]] = {}
         for item in files:
             parent, _, base = item.name.rpartition("/")
-            by_parent.setdefault(parent, {})[base] = len(item.data)
+            by_parent.setdefault(parent, {})[base] = item.size
         listings: dict[str, list[RemoteEntry]] = {}
 
         async def verify(parent: str) -> None:
@@ -542,9 +586,9 @@ def check_upload_batch(files: Sequence[UploadFile]) -> None:
     if len(files) > MAX_UPLOAD_FILES:
         raise LimitExceeded(f"an upload carries at most {MAX_UPLOAD_FILES} files, not {len(files)}")
     for item in files:
-        if len(item.data) > MAX_UPLOAD_BYTES:
+        if item.size > MAX_UPLOAD_BYTES:
             raise LimitExceeded(
-                f"{item.name!r} has {len(item.data):,} bytes; an upload carries at most "
+                f"{item.name!r} has {item.size:,} bytes; an upload carries at most "
                 f"{MAX_UPLOAD_BYTES:,} bytes per file"
             )
         parts = item.name.split("/")

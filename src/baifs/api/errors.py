@@ -89,6 +89,10 @@ class ProtocolError(BaifsError):
     """The server's answer does not have the shape the API defines."""
 
 
+class SessionBusy(BaifsError):
+    """The session's one execution slot stayed taken longer than the caller would wait."""
+
+
 class SessionWedged(BaifsError):
     """A batch execution stopped making progress; later runs may be blocked."""
 
@@ -101,7 +105,7 @@ class RemotePathError(BaifsError, OSError):
         self.detail = detail
 
     def __str__(self) -> str:
-        return f"{os.strerror(self.errno)}: {self.filename!r} in the session"
+        return f"{os.strerror(self.errno or 0)}: {self.filename!r} in the session"
 
 
 #: Python exception names in a remote traceback, and the errno each one means.

@@ -30,14 +30,14 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ..api import archive, signing
 from . import auth
 from .compat import Compat
 from .kernel import SessionTerminated
-from .problems import Problem, agent_failure, bad_request, invalid_params, no_such_session
+from .problems import AgentJSON, Problem, agent_failure, bad_request, invalid_params, no_such_session
 from .sessions import ServedSession, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -126,18 +126,18 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
 
 async def hello(request: Request) -> Response:
     state_of(request).requests["version"] += 1
-    return JSONResponse({"version": signing.LATEST_VERSION, "manager": state_of(request).manager_version})
+    return AgentJSON({"version": signing.LATEST_VERSION, "manager": state_of(request).manager_version})
 
 
 @endpoint("announcement")
 async def announcement(request: Request) -> Response:
-    return JSONResponse({"enabled": False, "message": ""})
+    return AgentJSON({"enabled": False, "message": ""})
 
 
 @endpoint("counters")
 async def counters(request: Request) -> Response:
     state = state_of(request)
-    return JSONResponse({"requests": dict(state.requests), "batch_runs": state.batch_runs})
+    return AgentJSON({"requests": dict(state.requests), "batch_runs": state.batch_runs})
 
 
 @endpoint("create")
@@ -155,18 +155,18 @@ async def create_session(request: Request) -> Response:
         "servicePorts": [],
         "created": created,
     }
-    return JSONResponse(answer, status_code=201)
+    return AgentJSON(answer, status_code=201)
 
 
 @endpoint("info")
 async def session_info(request: Request) -> Response:
-    return JSONResponse(session_of(request).info())
+    return AgentJSON(session_of(request).info())
 
 
 @endpoint("destroy")
 async def destroy_session(request: Request) -> Response:
     state_of(request).registry.destroy(request.path_params["session"])
-    return JSONResponse({"stats": {"status": "terminated"}})
+    return AgentJSON({"stats": {"status": "terminated"}})
 
 
 @endpoint("interrupt")
@@ -200,12 +200,12 @@ async def execute(request: Request) -> Response:
             "files": [],
             "console": console,
         }
-        return JSONResponse({"result": result})
+        return AgentJSON({"result": result})
     if mode == "batch":
         state.batch_runs += 1
     options = body.get("options") if isinstance(body.get("options"), dict) else None
     result = await session.kernel.execute(mode, str(run_id), options)
-    return JSONResponse({"result": result})
+    return AgentJSON({"result": result})
 
 
 @endpoint("list")
@@ -219,7 +219,7 @@ async def list_files(request: Request) -> Response:
     else:
         path = str((await json_object(request, required=False)).get("path") or ".")
     try:
-        return JSONResponse(await trio.to_thread.run_sync(session.work.listing, path))
+        return AgentJSON(await trio.to_thread.run_sync(session.work.listing, path))
     except PermissionError as error:
         raise agent_failure(error) from None
 

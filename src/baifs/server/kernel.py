@@ -162,7 +162,7 @@ class Kernel:
         self._notify()
 
     async def _next_result(self, queue: OutputQueue) -> dict[str, Any]:
-        console: list[list[str]] = []
+        console: list[tuple[str, list[str]]] = []
         status, exit_code = "continued", None
         with trio.move_on_after(FLUSH_TIMEOUT):
             while True:
@@ -176,16 +176,16 @@ class Kernel:
                         self._conclude(queue)
                     break
                 if console and console[-1][0] == kind:
-                    console[-1][1] += payload
+                    console[-1][1].append(payload)
                 else:
-                    console.append([kind, payload])
+                    console.append((kind, [payload]))
         return {
             "status": status,
             "runId": queue.run_id,
             "exitCode": exit_code,
             "options": None,
             "files": [],
-            "console": console,
+            "console": [[kind, "".join(chunks)] for kind, chunks in console],
         }
 
     def _emit(self, kind: str, payload: Any) -> None:

@@ -24,10 +24,12 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.typing import ASGIFramework
 
 from .. import config
 from .app import ServerState, build_app
@@ -117,7 +119,10 @@ async def serve(options: ServeOptions, task_status: trio.TaskStatus[str] = trio.
         nursery.start_soon(_wait_for_signals, shutdown)
         binds = await nursery.start(
             lambda task_status: hypercorn_serve(
-                build_app(state), hypercorn, shutdown_trigger=shutdown.wait, task_status=task_status
+                cast(ASGIFramework, build_app(state)),
+                hypercorn,
+                shutdown_trigger=shutdown.wait,
+                task_status=task_status,
             )
         )
         endpoint = binds[0]

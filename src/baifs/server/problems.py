@@ -8,9 +8,18 @@ Owns the mapping from failures to the bodies a real manager sends (reference
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+
+class AgentJSON(JSONResponse):
+    """JSON as aiohttp writes it: ASCII with escapes, so names that are not UTF-8 survive."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode("ascii")
+
 
 PROBLEM_BASE = "https://api.backend.ai/probs/"
 
@@ -49,7 +58,7 @@ class Problem(Exception):
         return body
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, media_type="application/problem+json")
+        return AgentJSON(self.body(), status_code=self.status, media_type="application/problem+json")
 
 
 def invalid_params(msg: str) -> Problem:

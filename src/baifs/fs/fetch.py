@@ -1,0 +1,305 @@
+"""Reading remote content into the cache: batched downloads, prefetch, ranged reads.
+
+Small files (up to `DIRECT_DOWNLOAD_MAX` bytes) come whole, five to a download
+request. Wanted files wait in one queue; up to `parallel` workers each take up
+to five of them, files someone is waiting for first, then prefetched ones. A
+scan of a directory (a second cache miss in the same directory within a few
+seconds, as ``grep -r`` or an IDE makes) queues every small sibling not yet
+cached, so a directory of files costs about one request per five files.
+
+Larger files are read in chunks of `CHUNK_BYTES`, through a run in the
+session that first checks the file's size and mtime against the listing. A
+single chunk (the first read of a file, or a random access) travels inline,
+base64 in the run's output: one run, nothing left behind. A wider window is
+cut with ``dd`` into parts under ``.baifs-tmp/read-<token>/``, which are then
+downloaded five to a request, several requests at a time, and removed by the
+next script that runs in the session. Sequential reads double the window up
+to `MAX_WINDOW_CHUNKS`. Reading the first kilobyte of a 1 GB file therefore
+moves one chunk, not the gigabyte.
+
+Invariant: content is stored only under the (size, mtime) the listing gave;
+when the session reports something else the file changed remotely, and
+`StaleContent` tells the caller to list again.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..api.archive import single_member
+from ..api.batch import BatchExecutor, BatchSteps
+from ..api.client import MAX_DOWNLOAD_PATHS, SessionClient
+from ..api.errors import BaifsError, ServerError
+from .content import CHUNK_BYTES, DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
+from .flush import REMOTE_TMP, remote_name
+from .model import Node, join
+from .shell import ShellScript
+
+log = logging.getLogger(__name__)
+
+SCAN_WINDOW_SECONDS = 3.0
+#: The widest ranged read: this many chunks cut and downloaded by one run.
+MAX_WINDOW_CHUNKS = 32
+#: How long a ranged read waits for the session's execution slot.
+RANGE_QUEUE_TIMEOUT = 60.0
+
+
+class StaleContent(BaifsError):
+    """The remote file no longer has the size the listing reported."""
+
+
+@dataclass
+class Want:
+    remote_path: bytes
+    size: int
+    mtime_ns: int
+    demanded: bool
+    taken: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Fetcher:
+    def __init__(
+        self, session: SessionClient, executor: BatchExecutor, store: ContentStore, *, parallel: int = 4
+    ) -> None:
+        self.session = session
+        self.executor = executor
+        self.store = store
+        self.parallel = parallel
+        self._wants: dict[bytes, Want] = {}
+        self._idle_workers = trio.lowlevel.ParkingLot()
+        self._recent_misses: dict[bytes, float] = {}
+        self._windows: dict[bytes, tuple[int, int]] = {}
+        self._litter: set[bytes] = set()
+
+    async def run_workers(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.parallel):
+                nursery.start_soon(self._worker)
+
+    # -- small files ------------------------------------------------------
+
+    async def whole_small(self, node: Node, siblings: list[Node]) -> CacheEntry:
+        """Bring a small file into the cache (and, during a scan, its siblings)."""
+        assert node.origin is not None
+        entry = self.store.lookup(node.origin, node.remote_size, node.remote_mtime_ns)
+        if entry is not None and entry.complete:
+            return entry
+        parent = node.origin.rpartition(b"/")[0]
+        now = time.monotonic()
+        scanning = now - self._recent_misses.get(parent, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
+        self._recent_misses[parent] = now
+        want = self._want(node, demanded=True)
+        if scanning:
+            for sibling in siblings:
+                if sibling is not node and self._prefetchable(sibling):
+                    self._want(sibling, demanded=False)
+        await want.done.wait()
+        if want.error is not None:
+            raise want.error
+        entry = self.store.lookup(node.origin, node.remote_size, node.remote_mtime_ns)
+        if entry is None or not entry.complete:
+            raise StaleContent(f"{node.origin!r} changed while it was read")
+        return entry
+
+    def _prefetchable(self, node: Node) -> bool:
+        if (
+            not node.is_regular
+            or node.stage is not None
+            or node.origin is None
+            or node.remote_size > DIRECT_DOWNLOAD_MAX
+        ):
+            return False
+        entry = self.store.lookup(node.origin, node.remote_size, node.remote_mtime_ns)
+        return entry is None or not entry.complete
+
+    def _want(self, node: Node, *, demanded: bool) -> Want:
+        assert node.origin is not None
+        want = self._wants.get(node.origin)
+        if want is None or want.done.is_set():
+            want = Want(node.origin, node.remote_size, node.remote_mtime_ns, demanded)
+            self._wants[node.origin] = want
+        want.demanded = want.demanded or demanded
+        self._idle_workers.unpark_all()
+        return want
+
+    def _take_batch(self) -> list[Want]:
+        waiting = [w for w in self._wants.values() if not w.done.is_set() and not w.taken]
+        waiting.sort(key=lambda w: not w.demanded)
+        batch = waiting[:MAX_DOWNLOAD_PATHS]
+        for want in batch:
+            want.taken = True
+        return batch
+
+    async def _worker(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch:
+                await self._download(batch)
+            else:
+                await self._idle_workers.park()
+
+    async def _download(self, batch: list[Want]) -> None:
+        paths = [want.remote_path.decode("utf-8", "surrogateescape") for want in batch]
+        try:
+            archives = await self.session.download(paths)
+        except ServerError as error:
+            if len(batch) > 1:
+                log.info("download of %d files failed (%s); fetching them one by one", len(batch), error)
+                for want in batch:
+                    await self._download([want])
+                return
+            self._finish(batch[0], error)
+            return
+        except BaseException as error:
+            for want in batch:
+                self._finish(want, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for want, archive in zip(batch, archives, strict=True):
+            try:
+                member, data = await trio.to_thread.run_sync(single_member, archive)
+                if len(data) != want.size:
+                    raise StaleContent(
+                        f"{want.remote_path!r} has {len(data)} bytes, the listing said {want.size}"
+                    )
+                entry = self.store.entry_for(want.remote_path, want.size, want.mtime_ns)
+                await trio.to_thread.run_sync(self.store.store_chunk, entry, 0, data)
+                self._finish(want, None)
+            except Exception as error:
+                self._finish(want, error)
+
+    def _finish(self, want: Want, error: BaseException | None) -> None:
+        want.error = error
+        want.done.set()
+        if self._wants.get(want.remote_path) is want:
+            del self._wants[want.remote_path]
+
+    async def link_target(self, node: Node) -> bytes:
+        """The target of a remote symlink, from its archive entry."""
+        assert node.origin is not None
+        archives = await self.session.download([node.origin.decode("utf-8", "surrogateescape")])
+        member, _ = single_member(archives[0])
+        if not member.issym():
+            raise StaleContent(f"{node.origin!r} is no longer a symlink")
+        return member.linkname.encode("utf-8", "surrogateescape")
+
+    # -- large files ------------------------------------------------------
+
+    async def ensure_range(self, entry: CacheEntry, offset: int, length: int) -> None:
+        """Bring the chunks covering a byte range into the cache; sequential reads widen the window."""
+        missing = entry.missing_chunks(offset, length)
+        if not missing:
+            return
+        first = missing[0]
+        last_end, window = self._windows.get(entry.remote_path, (-1, 1))
+        window = min(window * 2, MAX_WINDOW_CHUNKS) if first == last_end else 1
+        wanted = sorted(set(missing) | set(range(first, min(entry.chunk_total, first + window))))
+        wanted = [index for index in wanted if index not in entry.chunks]
+        await self._read_chunks(entry, wanted)
+        self._windows[entry.remote_path] = (wanted[-1] + 1, window)
+
+    async def ensure_all(self, entry: CacheEntry) -> None:
+        missing = [index for index in range(entry.chunk_total) if index not in entry.chunks]
+        for start in range(0, len(missing), MAX_WINDOW_CHUNKS):
+            await self._read_chunks(entry, missing[start : start + MAX_WINDOW_CHUNKS])
+
+    async def _read_chunks(self, entry: CacheEntry, indices: list[int]) -> None:
+        """One chunk travels inline in the run's output; several are cut in the session and downloaded."""
+        shell = ShellScript()
+        path = shell.word(entry.remote_path)
+        for leftover in self.take_litter():
+            shell.raw(f"rm -rf -- {shell.word(leftover)}")
+        mtime = entry.mtime_ns // 1_000_000_000
+        shell.raw(f"stat -L -c 'BAIFS-STAT %s %Y' -- {path} || exit 1")
+        staging = join(REMOTE_TMP, b"read-" + secrets.token_hex(6).encode())
+        if len(indices) == 1:
+            shell.raw(f"echo 'BAIFS-CHUNK {indices[0]}'")
+            shell.raw(f"dd if={path} bs={CHUNK_BYTES} skip={indices[0]} count=1 2>/dev/null | base64")
+        else:
+            shell.raw(f"mkdir -p -- {shell.word(staging)} || exit 1")
+            for index in indices:
+                part = shell.word(join(staging, str(index).encode()))
+                shell.raw(
+                    f"dd if={path} of={part} bs={CHUNK_BYTES} skip={index} count=1 2>/dev/null || exit 1"
+                )
+        output: list[str] = []
+
+        async def collect(stream: str, text: str) -> None:
+            if stream == "stdout":
+                output.append(text)
+
+        outcome = await self.executor.run(
+            BatchSteps(exec=shell.render()), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
+        )
+        if outcome.exit_code != 0:
+            raise StaleContent(f"could not read {entry.remote_path!r} in the session")
+        inline = _parse_chunks("".join(output), entry.size, mtime)
+        if len(indices) == 1:
+            for index, data in inline.items():
+                await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+            return
+        try:
+            await self._download_parts(entry, staging, indices)
+        finally:
+            self._litter.add(staging)
+
+    async def _download_parts(self, entry: CacheEntry, staging: bytes, indices: list[int]) -> None:
+        batches = [indices[i : i + MAX_DOWNLOAD_PATHS] for i in range(0, len(indices), MAX_DOWNLOAD_PATHS)]
+        limiter = trio.CapacityLimiter(self.parallel)
+
+        async def fetch(batch: list[int]) -> None:
+            async with limiter:
+                paths = [remote_name(join(staging, str(index).encode())) for index in batch]
+                archives = await self.session.download(paths)
+            for index, archive in zip(batch, archives, strict=True):
+                _, data = await trio.to_thread.run_sync(single_member, archive)
+                expected = min(CHUNK_BYTES, entry.size - index * CHUNK_BYTES)
+                if len(data) != expected:
+                    raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
+                await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                nursery.start_soon(fetch, batch)
+
+    @property
+    def has_litter(self) -> bool:
+        return bool(self._litter)
+
+    def take_litter(self) -> list[bytes]:
+        """Directories of finished ranged reads, to be removed by the next script that runs."""
+        litter, self._litter = sorted(self._litter), set()
+        return litter
+
+
+def _parse_chunks(output: str, expected_size: int, expected_mtime: int) -> dict[int, bytes]:
+    """Chunks printed by a ranged read, after checking the file is still the one listed."""
+    chunks: dict[int, bytes] = {}
+    current: int | None = None
+    encoded: list[str] = []
+
+    def close() -> None:
+        if current is not None:
+            chunks[current] = base64.b64decode("".join(encoded))
+
+    for line in output.splitlines():
+        if line.startswith("BAIFS-STAT "):
+            size, mtime = (int(field) for field in line.split()[1:3])
+            if size != expected_size or mtime != expected_mtime:
+                raise StaleContent(f"the file has changed in the session ({size} bytes, mtime {mtime})")
+        elif line.startswith("BAIFS-CHUNK "):
+            close()
+            current, encoded = int(line.split()[1]), []
+        else:
+            encoded.append(line.strip())
+    close()
+    return chunks

@@ -1,0 +1,635 @@
+"""The sync engine: turning the overlay into the fewest requests that reproduce it remotely.
+
+A flush takes a snapshot of the pending changes (`plan`), uploads new content
+in batches of up to 20 files, then runs at most one shell script in the
+session for everything an upload cannot do, and finally records in the tree
+what is now on the session (`Flusher.apply`). The script works in phases, so
+that any combination of renames, replacements and deletions (swaps and
+cycles included) lands right:
+
+1. every remote object that moves or disappears is taken out of the way,
+   deepest first: moved ones into the flush's directory
+   ``.baifs-tmp/<token>/``, doomed ones removed;
+2. large uploads are assembled from their parts;
+3. placements, shallowest first: new directories, moved objects, uploads that
+   could not go to their final name, new symlinks;
+4. modes, then modification times (deepest first, so placing children does
+   not disturb a directory's time afterwards);
+5. the flush's directory is removed, unless a step failed (then it may still
+   hold an object that was moved aside: its node points there, and a later
+   flush moves it on).
+
+An upload goes straight to its final name only when that name is plain
+printable UTF-8 (no ``"``, ``\\``, ``%``), the file fits one upload, and the
+script does not touch the name or any of its ancestors. Otherwise it is
+uploaded under a temporary name (in parts when large) and the script moves
+(and assembles) it into place, replacing the target atomically.
+
+Coalescing that falls out of the planning: a doomed remote regular file that
+an upload replaces is not removed (the upload overwrites it in place); a new
+directory that receives a direct upload needs no ``mkdir``. A *scoped* plan
+(``fsync`` of one file, or write-back while a user's run holds the session's
+execution slot) carries only uploads that need no script.
+
+Every step of the script reports ``ok``, ``gone`` or a failure (`shell`), and
+`Flusher.apply` records exactly the steps that happened: nothing is assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shlex
+import stat
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..api.batch import BatchExecutor, BatchSteps
+from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
+from ..api.listing import RemoteEntry
+from .content import ContentStore
+from .model import Namespace, Node, depth, is_ancestor_or_self, join
+from .shell import ShellScript, StepResults
+
+log = logging.getLogger(__name__)
+
+REMOTE_TMP = b".baifs-tmp"
+#: Longer scripts travel as a file with the uploads instead of on the command line.
+INLINE_SCRIPT_MAX = 96 * 1024
+#: Modes an upload or a ``mkdir`` gives new objects (the agent's umask 022).
+DEFAULT_FILE_MODE = stat.S_IFREG | 0o644
+DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
+_UNSAFE_BYTES = frozenset(b'"\\%') | frozenset(range(0x20)) | {0x7F}
+
+
+def upload_safe(path: bytes) -> bool:
+    """Whether a name can travel as a multipart file name and land unchanged."""
+    if any(byte in _UNSAFE_BYTES for byte in path):
+        return False
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def remote_name(path: bytes) -> str:
+    return path.decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class Upload:
+    node: Node
+    path: bytes
+    stage: str
+    version: int
+    size: int
+    #: where the content is uploaded: ``path``, or a name in the flush's directory.
+    target: bytes
+    parts: list[bytes] = field(default_factory=list)
+    #: the remote mode after the upload (an overwrite keeps the old file's mode).
+    remote_mode: int = DEFAULT_FILE_MODE
+    assemble_step: int | None = None
+    place_step: int | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.target == self.path
+
+
+@dataclass
+class Move:
+    node: Node
+    origin: bytes
+    path: bytes
+    #: where phase 1 puts the object, in the flush's directory.
+    parked: bytes
+    park_step: int | None = None
+    place_step: int | None = None
+
+
+@dataclass
+class Creation:
+    """A new directory or symlink; not ``explicit`` when an upload creates it implicitly."""
+
+    node: Node
+    path: bytes
+    remote_mode: int
+    explicit: bool = False
+    step: int | None = None
+
+
+@dataclass
+class MetaChange:
+    node: Node
+    path: bytes
+    value: int
+    step: int | None = None
+
+
+@dataclass
+class FlushPlan:
+    token: bytes
+    uploads: list[Upload] = field(default_factory=list)
+    doomed: dict[bytes, int] = field(default_factory=dict)
+    #: doomed regular files that uploads overwrite in place (so nothing removes them).
+    overwrites: dict[bytes, int] = field(default_factory=dict)
+    removal_steps: dict[bytes, int] = field(default_factory=dict)
+    moves: list[Move] = field(default_factory=list)
+    creations: list[Creation] = field(default_factory=list)
+    chmods: list[MetaChange] = field(default_factory=list)
+    touches: list[MetaChange] = field(default_factory=list)
+    #: leftover directories of earlier flushes and reads, removed by this script.
+    litter: list[bytes] = field(default_factory=list)
+
+    @property
+    def tmp(self) -> bytes:
+        return join(REMOTE_TMP, self.token)
+
+    @property
+    def needs_script(self) -> bool:
+        return bool(
+            self.doomed
+            or self.moves
+            or self.chmods
+            or self.touches
+            or any(c.explicit for c in self.creations)
+            or any(not u.direct for u in self.uploads)
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.uploads or self.creations or self.needs_script)
+
+    @property
+    def upload_bytes(self) -> int:
+        return sum(upload.size for upload in self.uploads)
+
+    def uploaded(self, node: Node) -> bool:
+        return any(upload.node is node for upload in self.uploads)
+
+
+def _script_paths(namespace: Namespace, doomed: Collection[bytes]) -> tuple[set[bytes], set[bytes]]:
+    """Remote paths a script will touch: (move origins and doomed paths, move targets)."""
+    moved = [n for n in namespace.pending if n.attached and n.moved]
+    sources = {n.origin for n in moved if n.origin is not None} | set(doomed)
+    return sources, {n.path for n in moved}
+
+
+def _direct_ok(path: bytes, size: int, sources: set[bytes], targets: set[bytes]) -> bool:
+    return (
+        upload_safe(path)
+        and size <= MAX_UPLOAD_BYTES
+        and not any(is_ancestor_or_self(p, path) for p in sources)
+        and not any(is_ancestor_or_self(p, path) for p in targets)
+    )
+
+
+def _overwritten(doomed: dict[bytes, int], path: bytes) -> int | None:
+    """The mode of a doomed regular file at ``path``, which an upload there overwrites in place."""
+    mode = doomed.get(path)
+    return mode if mode is not None and stat.S_ISREG(mode) else None
+
+
+def _new_upload(node: Node) -> Upload:
+    assert node.stage is not None
+    return Upload(node, node.path, node.stage, node.content_version, node.size, target=node.path)
+
+
+def _forget_old_content(namespace: Namespace, node: Node) -> None:
+    """A moved file with new content: the old remote object is not worth moving."""
+    assert node.origin is not None
+    namespace.doomed[node.origin] = node.remote_mode if node.remote_mode >= 0 else DEFAULT_FILE_MODE
+    node.origin = None
+    node.remote_mode = -1
+
+
+def plan_uploads(namespace: Namespace, scope: Collection[Node]) -> FlushPlan:
+    """A plan of only those uploads among ``scope`` that need no script."""
+    flush_plan = FlushPlan(secrets.token_hex(6).encode())
+    for node in scope:
+        if node.attached and node.is_regular and node.dirty and node.stage is not None and node.moved:
+            _forget_old_content(namespace, node)
+    sources, targets = _script_paths(namespace, namespace.doomed)
+    for node in sorted(scope, key=lambda n: depth(n.path)):
+        if not (node.attached and node.is_regular and node.dirty and node.stage is not None):
+            continue
+        path = node.path
+        overwritten = _overwritten(namespace.doomed, path)
+        if not _direct_ok(path, node.size, sources - ({path} if overwritten is not None else set()), targets):
+            continue
+        upload = _new_upload(node)
+        if overwritten is not None:
+            flush_plan.overwrites[path] = namespace.doomed.pop(path)
+            upload.remote_mode = overwritten
+        elif node.origin is not None and node.remote_mode >= 0:
+            upload.remote_mode = node.remote_mode
+        flush_plan.uploads.append(upload)
+        _note_implied_directories(flush_plan, node)
+    return flush_plan
+
+
+def _note_implied_directories(flush_plan: FlushPlan, node: Node) -> None:
+    """New ancestor directories of a direct upload are created by the upload itself."""
+    ancestor = node.parent
+    known = {c.node for c in flush_plan.creations}
+    while ancestor is not None and ancestor.origin is None and ancestor not in known:
+        flush_plan.creations.append(Creation(ancestor, ancestor.path, DEFAULT_DIR_MODE))
+        known.add(ancestor)
+        ancestor = ancestor.parent
+
+
+def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collection[bytes] = ()) -> FlushPlan:
+    """Snapshot the whole overlay (but the nodes in ``defer``) into a plan.
+
+    The plan takes the doomed set and the mtime flags out of the namespace; a
+    flush that does not happen gives them back (`restore`).
+    """
+    flush_plan = FlushPlan(secrets.token_hex(6).encode(), litter=list(litter))
+    nodes = sorted(
+        (n for n in namespace.pending if n.attached and n not in defer), key=lambda n: depth(n.path)
+    )
+    for node in nodes:
+        if node.is_regular and node.dirty and node.stage is not None and node.moved:
+            _forget_old_content(namespace, node)
+    doomed = dict(namespace.doomed)
+    namespace.doomed.clear()
+    sources, targets = _script_paths(namespace, doomed)
+
+    content = [n for n in nodes if n.is_regular and n.dirty and n.stage is not None]
+    for node in content:
+        path = node.path
+        upload = _new_upload(node)
+        overwritten = _overwritten(doomed, path)
+        if _direct_ok(path, node.size, sources - ({path} if overwritten is not None else set()), targets):
+            if overwritten is not None:
+                flush_plan.overwrites[path] = doomed.pop(path)
+                upload.remote_mode = overwritten
+            elif node.origin is not None and node.remote_mode >= 0:
+                upload.remote_mode = node.remote_mode
+            _note_implied_directories(flush_plan, node)
+        else:
+            upload.target = join(flush_plan.tmp, f"u{len(flush_plan.uploads)}".encode())
+            if node.size > MAX_UPLOAD_BYTES:
+                count = -(-node.size // MAX_UPLOAD_BYTES)
+                upload.parts = [upload.target + f".{index:06d}".encode() for index in range(count)]
+        flush_plan.uploads.append(upload)
+
+    script_paths = sources | targets
+    implied = {c.node for c in flush_plan.creations}
+    for node in nodes:
+        if node.moved:
+            assert node.origin is not None
+            parked = join(flush_plan.tmp, f"m{len(flush_plan.moves)}".encode())
+            flush_plan.moves.append(Move(node, node.origin, node.path, parked))
+        elif node.origin is None and (node.is_dir or node.is_symlink):
+            if (
+                node.is_dir
+                and node in implied
+                and not any(is_ancestor_or_self(p, node.path) for p in script_paths)
+            ):
+                continue
+            flush_plan.creations = [c for c in flush_plan.creations if c.node is not node]
+            mode = DEFAULT_DIR_MODE if node.is_dir else node.mode
+            flush_plan.creations.append(Creation(node, node.path, mode, explicit=True))
+
+    expected = {u.node: u.remote_mode for u in flush_plan.uploads}
+    expected.update((c.node, c.remote_mode) for c in flush_plan.creations)
+    for node in nodes:
+        remote_mode = expected.get(node, node.remote_mode)
+        if not node.is_symlink and remote_mode >= 0 and stat.S_IMODE(node.mode) != stat.S_IMODE(remote_mode):
+            flush_plan.chmods.append(MetaChange(node, node.path, stat.S_IMODE(node.mode)))
+        if node.mtime_dirty:
+            flush_plan.touches.append(MetaChange(node, node.path, node.mtime_ns))
+            node.mtime_dirty = False
+    # Doomed paths inside other doomed directories go with them.
+    flush_plan.doomed = {
+        path: mode
+        for path, mode in doomed.items()
+        if not any(other != path and is_ancestor_or_self(other, path) for other in doomed)
+    }
+    return flush_plan
+
+
+def script(flush_plan: FlushPlan) -> ShellScript:
+    """The one shell script of a flush (see the module docstring for the phases); numbers its steps."""
+    shell = ShellScript()
+    tmp = shell.word(flush_plan.tmp)
+    uses_tmp = bool(flush_plan.moves) or any(not u.direct for u in flush_plan.uploads)
+    for path in flush_plan.litter:
+        shell.raw(f"rm -rf -- {shell.word(path)}")
+    if uses_tmp:
+        shell.raw(f"mkdir -p -- {tmp}")
+    phase_one: list[tuple[bytes, Move | None]] = [(m.origin, m) for m in flush_plan.moves]
+    phase_one += [(path, None) for path in flush_plan.doomed]
+    for path, move in sorted(phase_one, key=lambda item: -depth(item[0])):
+        source = shell.word(path)
+        if move is None:
+            flush_plan.removal_steps[path] = shell.step(f"rm -rf -- {source}", f"remove {remote_name(path)}")
+        else:
+            move.park_step = shell.step(
+                f"mv -f -- {source} {shell.word(move.parked)}",
+                f"move {remote_name(path)} aside",
+                needs=source,
+            )
+    for upload in flush_plan.uploads:
+        if upload.parts:
+            parts = shell.word(upload.target) + ".*"
+            assembled = shell.word(upload.target)
+            upload.assemble_step = shell.step(
+                f"cat -- {parts} > {assembled} && rm -f -- {parts}", f"assemble {remote_name(upload.path)}"
+            )
+    placements: list[tuple[bytes, Callable[[], None]]] = []
+
+    def place(source: bytes, target: bytes, description: str, needs_source: bool) -> int:
+        source_word, target_word = shell.word(source), shell.word(target)
+        command = (
+            f"if [ -d {target_word} ] && [ ! -L {target_word} ]; then "
+            f"echo 'a directory is in the way' >&2; false; else mv -f -- {source_word} {target_word}; fi"
+        )
+        return shell.step(command, description, needs=source_word if needs_source else None)
+
+    for move in flush_plan.moves:
+
+        def place_move(move: Move = move) -> None:
+            move.place_step = place(move.parked, move.path, f"move to {remote_name(move.path)}", True)
+
+        placements.append((move.path, place_move))
+    for upload in flush_plan.uploads:
+        if not upload.direct:
+
+            def place_upload(upload: Upload = upload) -> None:
+                upload.place_step = place(
+                    upload.target, upload.path, f"place {remote_name(upload.path)}", False
+                )
+
+            placements.append((upload.path, place_upload))
+    for creation in flush_plan.creations:
+        if not creation.explicit:
+            continue
+
+        def create(creation: Creation = creation) -> None:
+            target = shell.word(creation.path)
+            if creation.node.is_dir:
+                creation.step = shell.step(
+                    f"mkdir -p -- {target}", f"create directory {remote_name(creation.path)}"
+                )
+            else:
+                link = shell.word(creation.node.target or b"")
+                creation.step = shell.step(
+                    f"ln -s -- {link} {target}", f"create symlink {remote_name(creation.path)}"
+                )
+
+        placements.append((creation.path, create))
+    for _, add in sorted(placements, key=lambda item: depth(item[0])):
+        add()
+    for change in flush_plan.chmods:
+        change.step = shell.step(
+            f"chmod {change.value:04o} -- {shell.word(change.path)}",
+            f"chmod {remote_name(change.path)}",
+            needs=shell.word(change.path),
+        )
+    for change in sorted(flush_plan.touches, key=lambda c: -depth(c.path)):
+        seconds, nanoseconds = divmod(change.value, 1_000_000_000)
+        target = shell.word(change.path)
+        change.step = shell.step(
+            f"touch -c -m -h -d @{seconds}.{nanoseconds:09d} -- {target}",
+            f"set the mtime of {remote_name(change.path)}",
+            needs=target,
+        )
+    shell.raw(f'if [ "$failed" = 0 ]; then rm -rf -- {tmp}; fi')
+    shell.raw(f"rmdir -- {shell.word(REMOTE_TMP)} 2>/dev/null")
+    return shell
+
+
+def restore(namespace: Namespace, flush_plan: FlushPlan) -> None:
+    """Give back to the namespace what a plan took, when the flush did not happen."""
+    namespace.doomed.update(flush_plan.doomed)
+    namespace.doomed.update(flush_plan.overwrites)
+    for change in flush_plan.touches:
+        change.node.mtime_dirty = True
+        namespace.refresh_pending(change.node)
+
+
+@dataclass
+class FlushReport:
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    script_ran: bool = False
+    failed_steps: list[str] = field(default_factory=list)
+    #: nodes whose remote object vanished (something in the session removed it).
+    vanished: list[Node] = field(default_factory=list)
+    #: the flush's temporary directory was left in the session.
+    left_tmp: bool = False
+    #: only uploads were attempted (the execution slot was busy); the rest waits.
+    partial: bool = False
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class Flusher:
+    """Carries out flush plans against one session."""
+
+    def __init__(
+        self, session: SessionClient, executor: BatchExecutor, namespace: Namespace, store: ContentStore
+    ) -> None:
+        self.session = session
+        self.executor = executor
+        self.namespace = namespace
+        self.store = store
+
+    def upload_files(self, flush_plan: FlushPlan) -> list[UploadFile]:
+        """What to send: whole files, or parts of large ones, read from staging when sent."""
+        files: list[UploadFile] = []
+        for upload in flush_plan.uploads:
+            stage = self.store.stage_path(upload.stage)
+            if not upload.parts:
+                files.append(
+                    UploadFile(remote_name(upload.target), upload.size, _reader(stage, 0, upload.size))
+                )
+                continue
+            for index, part in enumerate(upload.parts):
+                offset = index * MAX_UPLOAD_BYTES
+                length = min(MAX_UPLOAD_BYTES, upload.size - offset)
+                files.append(UploadFile(remote_name(part), length, _reader(stage, offset, length)))
+        return files
+
+    async def upload(
+        self,
+        flush_plan: FlushPlan,
+        report: FlushReport,
+        progress: ProgressCallback | None = None,
+        extra: Sequence[UploadFile] = (),
+    ) -> dict[str, list[RemoteEntry]]:
+        """Upload the plan's content (and ``extra`` files); returns the verifying listings.
+
+        ``progress`` hears (files, bytes) done: a large file counts when its last part is up.
+        """
+        files = self.upload_files(flush_plan)
+        if not files and not extra:
+            return {}
+        parts_left = {upload.target: max(1, len(upload.parts)) for upload in flush_plan.uploads}
+        owner = {remote_name(part): upload.target for upload in flush_plan.uploads for part in upload.parts}
+        done = [0, 0]
+
+        def on_batch(batch: Sequence[UploadFile]) -> None:
+            for item in batch:
+                target = owner.get(item.name, item.name.encode("utf-8", "surrogateescape"))
+                if target in parts_left:
+                    done[1] += item.size
+                    parts_left[target] -= 1
+                    done[0] += parts_left[target] == 0
+            if progress is not None:
+                progress(done[0], done[1])
+
+        listings = await self.session.upload_all([*files, *extra], on_batch=on_batch)
+        report.uploaded_files = len(flush_plan.uploads)
+        report.uploaded_bytes = flush_plan.upload_bytes
+        return listings
+
+    async def run_script(self, shell: ShellScript, script_file: bytes | None) -> StepResults:
+        """Run a flush's script in the execution slot the caller holds.
+
+        A script too long for one command line (the runner passes it to
+        ``/bin/sh -c``, and the kernel caps one argument at 128 KiB) was
+        uploaded as ``script_file`` with the content, and runs from there.
+        """
+        output: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+        async def collect(stream: str, text: str) -> None:
+            output.setdefault(stream, []).append(text)
+
+        command = shell.render() if script_file is None else f"sh {shlex.quote(remote_name(script_file))}"
+        outcome = await self.executor.run_held(BatchSteps(exec=command), collect)
+        results = StepResults.parse("".join(output["stdout"]), "".join(output["stderr"]), shell.descriptions)
+        if results.failed:
+            detail = "".join(output["stderr"]).strip().splitlines()[-3:]
+            log.error(
+                "%d flush step(s) failed in the session (%s); it said: %s (exit %d)",
+                len(results.failed),
+                "; ".join(results.failed_descriptions()[:3]),
+                " | ".join(detail),
+                outcome.exit_code,
+            )
+        return results
+
+    def apply(
+        self,
+        flush_plan: FlushPlan,
+        listings: dict[str, list[RemoteEntry]],
+        results: StepResults | None,
+        report: FlushReport,
+    ) -> None:
+        """Record in the tree what the flush put on the session, step by step."""
+        namespace = self.namespace
+        steps = results or StepResults()
+        by_path = {
+            join(
+                parent.encode("utf-8", "surrogateescape"), entry.name.encode("utf-8", "surrogateescape")
+            ): entry
+            for parent, entries in listings.items()
+            for entry in entries
+        }
+        for path, mode in flush_plan.doomed.items():
+            if not steps.done(flush_plan.removal_steps.get(path)):
+                namespace.doomed.setdefault(path, mode)
+        for move in flush_plan.moves:
+            self._settle_move(move, steps, report)
+        for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
+            self._settle_creation(creation, steps)
+        for upload in flush_plan.uploads:
+            if steps.done(upload.assemble_step) and steps.done(upload.place_step):
+                self._settle_upload(upload, by_path.get(upload.target))
+        for change in flush_plan.chmods:
+            if steps.done(change.step):
+                change.node.remote_mode = stat.S_IFMT(change.node.mode) | change.value
+            elif change.step in steps.gone:
+                report.vanished.append(change.node)
+            namespace.refresh_pending(change.node)
+        for change in flush_plan.touches:
+            if steps.done(change.step):
+                if change.node.remote_mtime_ns >= 0:
+                    change.node.remote_mtime_ns = change.value
+            elif change.step in steps.gone:
+                report.vanished.append(change.node)
+            else:
+                change.node.mtime_dirty = True
+            namespace.refresh_pending(change.node)
+        if steps.failed:
+            report.failed_steps = steps.failed_descriptions()
+            report.left_tmp = bool(flush_plan.moves) or any(not u.direct for u in flush_plan.uploads)
+
+    def _settle_move(self, move: Move, steps: StepResults, report: FlushReport) -> None:
+        node = move.node
+        namespace = self.namespace
+        if move.park_step in steps.gone:
+            report.vanished.append(node)
+            return
+        if not steps.done(move.park_step):
+            return
+        landed = move.path if steps.done(move.place_step) else move.parked
+
+        def relocated(path: bytes) -> bytes:
+            return landed + path[len(move.origin) :] if is_ancestor_or_self(move.origin, path) else path
+
+        self.store.rename(move.origin, landed)
+        # Nodes inside the moved object (some may have moved elsewhere meanwhile)
+        # and removals decided meanwhile now refer to where the object landed.
+        for other in {*namespace.walk(node), *namespace.pending}:
+            if other.origin is not None:
+                other.origin = relocated(other.origin)
+        namespace.doomed = {relocated(path): mode for path, mode in namespace.doomed.items()}
+        namespace.refresh_pending(node)
+
+    def _settle_creation(self, creation: Creation, steps: StepResults) -> None:
+        node = creation.node
+        # An implicit creation happened with the upload below it (uploads precede apply).
+        if (creation.explicit and not steps.done(creation.step)) or node.origin is not None:
+            return
+        if node.attached:
+            node.origin = creation.path
+            node.remote_mode = creation.remote_mode
+            if node.is_symlink:
+                node.remote_size = len(node.target or b"")
+        else:
+            self.namespace.doomed[creation.path] = creation.remote_mode
+        self.namespace.refresh_pending(node)
+
+    def _settle_upload(self, upload: Upload, entry: RemoteEntry | None) -> None:
+        """The uploaded copy is the node's remote object now, wherever the node went meanwhile."""
+        node = upload.node
+        namespace = self.namespace
+        if not node.attached:
+            namespace.doomed[upload.path] = upload.remote_mode  # deleted while it was uploaded
+            return
+        node.origin = upload.path
+        if entry is not None and entry.size == upload.size:
+            node.set_remote(entry)
+        else:
+            node.remote_size, node.remote_mtime_ns = upload.size, -1
+            node.remote_mode = upload.remote_mode
+        if node.content_version == upload.version and node.stage == upload.stage:
+            node.dirty = False
+            if node.write_count == 0:
+                self.retire_stage(node)
+        namespace.refresh_pending(node)
+
+    def retire_stage(self, node: Node) -> None:
+        """Clean local content is on the session: keep it as the cached copy."""
+        assert node.stage is not None and node.origin is not None
+        if node.remote_size == node.size and node.remote_mtime_ns >= 0:
+            self.store.adopt_stage(node.stage, node.origin, node.size, node.remote_mtime_ns)
+        else:
+            self.store.discard_stage(node.stage)
+        node.stage = None
+
+
+def _reader(path: Path, offset: int, length: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+    return read

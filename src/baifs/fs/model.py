@@ -1,0 +1,334 @@
+"""The local view of the session's tree: nodes, and the overlay of changes not yet pushed.
+
+The local view is the remote tree, as far as listings revealed it, plus an
+overlay of local changes. Both live in one tree of `Node` objects. Each node
+records which remote object it stands for (``origin``: its path in the remote
+tree as of the last flush, or None for something created here) and what
+about it is pending: new content (``dirty``), a mode other than the remote
+one, an explicitly set mtime (``mtime_dirty``), or a move (``origin``
+differs from where its parent's origin would put it). Remote objects removed
+here wait in ``doomed`` until a flush removes them in the session.
+
+Hard cases this layout solves:
+
+- a file created and deleted before a flush never leaves this machine;
+- renaming a file not yet uploaded only changes where it will be uploaded;
+- replacing a remote regular file by another regular file (editors' atomic
+  save: write a temp file, rename it over the target) costs an upload, since
+  an upload overwrites in place;
+- a remote listing that arrives while changes are pending is merged without
+  undoing them: a remote path that a pending change claims (a doomed path,
+  or the origin of a moved node) stays hidden, and a local object that took
+  a name wins over the remote one, until the flush that pushes them.
+
+Invariants:
+- a node's inode number never changes and is never reused during a mount;
+- at most one attached node has a given origin;
+- a node is in ``pending`` iff it is dirty, has a mode change, a set mtime,
+  no origin (it needs creating), or an explicit move;
+- ``doomed`` holds remote paths as they are before the next flush, and no
+  attached node's origin is in it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import stat
+import time
+from collections.abc import Iterator
+
+from ..api.listing import RemoteEntry
+
+ROOT_INODE = 1
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def depth(path: bytes) -> int:
+    return path.count(b"/") + 1 if path else 0
+
+
+def is_ancestor_or_self(ancestor: bytes, path: bytes) -> bool:
+    return not ancestor or path == ancestor or path.startswith(ancestor + b"/")
+
+
+class Node:
+    __slots__ = (
+        "inode",
+        "parent",
+        "name",
+        "mode",
+        "size",
+        "mtime_ns",
+        "ctime_ns",
+        "atime_ns",
+        "origin",
+        "remote_size",
+        "remote_mtime_ns",
+        "remote_mode",
+        "stage",
+        "dirty",
+        "mtime_dirty",
+        "target",
+        "children",
+        "listed_at",
+        "lookups",
+        "open_count",
+        "write_count",
+        "content_version",
+        "kernel_version",
+    )
+
+    def __init__(self, inode: int, name: bytes, mode: int, *, origin: bytes | None) -> None:
+        now = time.time_ns()
+        self.inode = inode
+        self.parent: Node | None = None
+        self.name = name
+        self.mode = mode
+        self.size = 0
+        self.mtime_ns = self.ctime_ns = self.atime_ns = now
+        self.origin = origin
+        #: size, mtime and mode of the remote object at ``origin`` when last
+        #: seen; -1 when unknown (then the next listing settles them).
+        self.remote_size = -1
+        self.remote_mtime_ns = -1
+        self.remote_mode = -1
+        #: name of the staging file that holds this file's local content.
+        self.stage: str | None = None
+        #: the local content is not (yet) on the session.
+        self.dirty = False
+        self.mtime_dirty = False
+        self.target: bytes | None = None
+        self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
+        #: monotonic time of the last listing merge (directories with an origin).
+        self.listed_at: float | None = None
+        self.lookups = 0
+        self.open_count = 0
+        self.write_count = 0
+        #: bumped when the content changes; the kernel's page cache is kept
+        #: across opens only while it equals ``kernel_version``.
+        self.content_version = 0
+        self.kernel_version = -1
+
+    def __repr__(self) -> str:
+        return f"<Node {self.inode} {self.path!r}>"
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_regular(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def attached(self) -> bool:
+        node: Node | None = self
+        while node is not None and node.inode != ROOT_INODE:
+            if (
+                node.parent is None
+                or node.parent.children is None
+                or node.parent.children.get(node.name) is not node
+            ):
+                return False
+            node = node.parent
+        return True
+
+    @property
+    def path(self) -> bytes:
+        parts = []
+        node: Node | None = self
+        while node is not None and node.inode != ROOT_INODE:
+            parts.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(parts))
+
+    def implied_origin(self) -> bytes | None:
+        """Where this node's remote object is if only its ancestors moved."""
+        if self.parent is None:
+            return b""
+        parent_origin = self.parent.origin
+        return None if parent_origin is None else join(parent_origin, self.name)
+
+    @property
+    def mode_differs(self) -> bool:
+        """The permission bits here are not those of the remote object."""
+        return (
+            not self.is_symlink
+            and self.remote_mode >= 0
+            and stat.S_IMODE(self.mode) != stat.S_IMODE(self.remote_mode)
+        )
+
+    @property
+    def moved(self) -> bool:
+        return self.origin is not None and self.parent is not None and self.origin != self.implied_origin()
+
+    def set_remote(self, entry: RemoteEntry) -> None:
+        self.remote_size = entry.size
+        self.remote_mtime_ns = entry.mtime_ns
+        self.remote_mode = entry.mode
+
+    def take_remote_attributes(self, entry: RemoteEntry) -> None:
+        """Adopt a listing entry of this node's clean remote object.
+
+        While the remote object is the one last seen (same size and mtime, or
+        same size where the mtime was not known: a flush wrote it), the local
+        times are kept: they may be the times of a write made here, and tools
+        such as make, rsync and git must not see them jump.
+        """
+        changed = self.remote_size != entry.size or self.remote_mtime_ns not in (-1, entry.mtime_ns)
+        mode_changed = self.remote_mode != entry.mode
+        self.set_remote(entry)
+        if changed:
+            self.content_version += 1
+            if self.is_symlink:
+                self.target = None
+            self.size = entry.size
+            self.mtime_ns, self.ctime_ns, self.atime_ns = entry.mtime_ns, entry.ctime_ns, entry.atime_ns
+        if changed or mode_changed:
+            self.mode = entry.mode
+
+
+class Namespace:
+    def __init__(self) -> None:
+        self._inode_numbers = itertools.count(ROOT_INODE + 1)
+        self.root = Node(ROOT_INODE, b"", stat.S_IFDIR | 0o755, origin=b"")
+        self.root.lookups = 1
+        self.inodes: dict[int, Node] = {ROOT_INODE: self.root}
+        self.pending: set[Node] = set()
+        self.doomed: dict[bytes, int] = {}
+
+    def new_node(self, name: bytes, mode: int, *, origin: bytes | None) -> Node:
+        node = Node(next(self._inode_numbers), name, mode, origin=origin)
+        self.inodes[node.inode] = node
+        return node
+
+    def attach(self, parent: Node, node: Node) -> None:
+        assert parent.children is not None
+        node.parent = parent
+        parent.children[node.name] = node
+
+    def detach(self, node: Node) -> None:
+        parent = node.parent
+        if parent is not None and parent.children is not None and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+        for gone in self.walk(node):
+            self.pending.discard(gone)
+            self.release_if_unused(gone)
+
+    def release_if_unused(self, node: Node) -> None:
+        """Forget a node the tree and the kernel no longer reference."""
+        if node.lookups <= 0 and node.open_count <= 0 and not node.attached and node.inode != ROOT_INODE:
+            self.inodes.pop(node.inode, None)
+
+    def resolve(self, path: bytes) -> Node | None:
+        node = self.root
+        for name in path.split(b"/") if path else []:
+            if node.children is None or name not in node.children:
+                return None
+            node = node.children[name]
+        return node
+
+    def walk(self, node: Node) -> Iterator[Node]:
+        yield node
+        for child in list((node.children or {}).values()):
+            yield from self.walk(child)
+
+    def refresh_pending(self, node: Node) -> None:
+        if node.dirty or node.mtime_dirty or node.origin is None or node.moved or node.mode_differs:
+            self.pending.add(node)
+        else:
+            self.pending.discard(node)
+
+    def claimed(self) -> set[bytes]:
+        """Remote paths that pending changes remove or move away."""
+        claimed = set(self.doomed)
+        claimed.update(n.origin for n in self.pending if n.origin is not None and n.moved)
+        return claimed
+
+    def merge_listing(self, directory: Node, entries: list[RemoteEntry], hidden: set[bytes]) -> list[Node]:
+        """Fold a listing of ``directory.origin`` into the tree; returns nodes removed remotely."""
+        assert directory.children is not None and directory.origin is not None
+        claimed = self.claimed()
+        seen: set[bytes] = set()
+        removed: list[Node] = []
+        for entry in entries:
+            name = entry.name.encode("utf-8", "surrogateescape")
+            remote_path = join(directory.origin, name)
+            if name in hidden or remote_path in claimed:
+                continue
+            seen.add(name)
+            child = directory.children.get(name)
+            if child is None:
+                child = self.new_node(name, entry.mode, origin=remote_path)
+                child.take_remote_attributes(entry)
+                self.attach(directory, child)
+            elif child.origin != remote_path:
+                continue  # a local object took this name; it wins until flushed
+            elif stat.S_IFMT(child.mode) != stat.S_IFMT(entry.mode) and not child.dirty:
+                self.detach(child)
+                removed.append(child)
+                replacement = self.new_node(name, entry.mode, origin=remote_path)
+                replacement.take_remote_attributes(entry)
+                self.attach(directory, replacement)
+            elif child.stage is not None or child.mtime_dirty or child.mode_differs:
+                child.set_remote(entry)
+            else:
+                child.take_remote_attributes(entry)
+        for name, child in list(directory.children.items()):
+            if name in seen or child.origin != join(directory.origin, name):
+                continue
+            if child.dirty:
+                child.origin = None  # deleted remotely while edited here: upload it again
+                child.remote_mode = -1
+                self.refresh_pending(child)
+            else:
+                self.detach(child)
+                removed.append(child)
+        return removed
+
+    def add_local(self, parent: Node, name: bytes, mode: int) -> Node:
+        """A new object created here (file, directory or symlink)."""
+        node = self.new_node(name, mode, origin=None)
+        node.dirty = node.is_regular
+        self.attach(parent, node)
+        self.pending.add(node)
+        return node
+
+    def remove(self, node: Node) -> None:
+        """unlink/rmdir: the node leaves the tree; its remote objects are doomed."""
+        self._doom_remote(node)
+        self.detach(node)
+
+    def _doom_remote(self, node: Node) -> None:
+        """Doom the remote objects of a subtree that leaves the local view."""
+        if node.origin is not None:
+            self.doomed[node.origin] = node.remote_mode if node.remote_mode >= 0 else node.mode
+            if not node.moved:
+                return  # the remote subtree goes with it; moved-in children are handled below
+        for child in list((node.children or {}).values()):
+            if child.origin is None or child.moved or node.origin is None:
+                self._doom_remote(child)
+
+    def rename(self, node: Node, new_parent: Node, new_name: bytes) -> None:
+        """Move a node; an existing target (already checked replaceable) is removed."""
+        target = (new_parent.children or {}).get(new_name)
+        if target is node:
+            return
+        if target is not None:
+            self.remove(target)
+        old_parent = node.parent
+        assert old_parent is not None and old_parent.children is not None
+        del old_parent.children[node.name]
+        node.name = new_name
+        self.attach(new_parent, node)
+        self.refresh_pending(node)
+
+    def pending_changes(self) -> int:
+        return len(self.pending) + len(self.doomed)

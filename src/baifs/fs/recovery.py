@@ -1,0 +1,228 @@
+"""Recovery: rebuilding what an earlier mount of the session had not pushed.
+
+At mount time the journal (`journal`) holds the overlay as it was after the
+last flush (the ``state`` record) and the operations made after it. Both are
+replayed onto a fresh tree built from the session's listings:
+
+1. every remote object the state mentions is found by its remote path first,
+   before anything moves (an object a crashed flush had moved aside into
+   ``.baifs-tmp`` is found where the journal's ``script`` record says);
+2. the objects that must be elsewhere are detached, doomed paths removed,
+   then everything is attached where the state says, shallowest first, with
+   its mode, set mtime, staged content or symlink target;
+3. the later operations go through the normal `Filesystem` methods.
+
+Replay is idempotent in effect: a crashed flush may have done part of its
+work already, so an object found at its destination is taken as moved, a
+new object found already created is adopted, and an operation whose source
+is gone is skipped (and logged). Staging files no record refers to are
+deleted; the session's leftover scratch directories are noted for removal.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Any
+
+from ..api.errors import BaifsError, RemotePathError
+from .filesystem import Filesystem, FSError
+from .flush import REMOTE_TMP, remote_name
+from .journal import decode_path, overlay_state
+from .model import Node, join
+
+log = logging.getLogger(__name__)
+
+
+async def recover(fs: Filesystem) -> int:
+    """Replay the journal an earlier mount left; returns the number of changes recovered."""
+    contents = fs.journal.read()
+    recovered = 0
+    if not contents.empty:
+        parked = {
+            decode_path(origin): decode_path(where)
+            for record in contents.operations
+            if record["op"] == "script"
+            for origin, where in record.get("moves", [])
+        }
+        if contents.state is not None:
+            recovered += await _restore_state(fs, contents.state, parked)
+        for record in contents.operations:
+            try:
+                recovered += await _replay(fs, record)
+            except (FSError, BaifsError, OSError) as error:
+                log.warning("recovery: skipped %s (%s)", record.get("op"), error)
+    in_use = {node.stage for node in fs.namespace.walk(fs.namespace.root) if node.stage}
+    for orphan in fs.store.stages() - in_use:
+        fs.store.discard_stage(orphan)
+    await _note_leftover_scratch(fs)
+    fs.journal.checkpoint(overlay_state(fs.namespace))
+    fs.stats.recovered_changes = recovered
+    return recovered
+
+
+async def _resolve(fs: Filesystem, path: bytes) -> Node | None:
+    """The node at a path of the local view, listing directories as needed."""
+    node = fs.namespace.root
+    for name in path.split(b"/") if path else []:
+        try:
+            node = await fs.lookup(node, name)
+        except FSError:
+            return None
+    return node
+
+
+async def _remote_object(fs: Filesystem, remote_path: bytes) -> Node | None:
+    """A detached node for a remote object the view does not show (a parked one)."""
+    parent, _, name = remote_path.rpartition(b"/")
+    try:
+        entries = await fs.session.list_dir(remote_name(parent))
+    except (RemotePathError, BaifsError):
+        return None
+    for entry in entries:
+        if entry.name.encode("utf-8", "surrogateescape") == name:
+            node = fs.namespace.new_node(name, entry.mode, origin=remote_path)
+            node.take_remote_attributes(entry)
+            return node
+    return None
+
+
+async def _restore_state(fs: Filesystem, state: dict[str, Any], parked: dict[bytes, bytes]) -> int:
+    namespace = fs.namespace
+    records = state.get("nodes", [])
+    found: dict[int, Node] = {}
+    for index, record in enumerate(records):
+        if record["origin"] is None:
+            continue
+        origin, path = decode_path(record["origin"]), decode_path(record["path"])
+        node = await _resolve(fs, origin)
+        if node is None and origin in parked:
+            node = await _remote_object(fs, parked[origin])
+        if node is None and origin != path:
+            node = await _resolve(fs, path)  # the crashed flush moved it already
+        if node is None:
+            log.warning("recovery: %r is no longer in the session", remote_name(origin))
+            continue
+        found[index] = node
+    for node in found.values():
+        if node.attached and node.parent is not None:
+            assert node.parent.children is not None
+            del node.parent.children[node.name]
+    for path_text, mode in state.get("doomed", []):
+        path = decode_path(path_text)
+        node = namespace.resolve(path)
+        if node is not None and node.parent is not None and node.origin == path:
+            namespace.detach(node)
+        namespace.doomed[path] = mode
+    for index, record in enumerate(records):
+        path = decode_path(record["path"])
+        parent_path, _, name = path.rpartition(b"/")
+        parent = await _resolve(fs, parent_path)
+        if parent is None or parent.children is None:
+            log.warning("recovery: no directory for %r", remote_name(path))
+            continue
+        await fs.ensure_listed(parent)
+        occupant = parent.children.get(name)
+        node = found.get(index)
+        if node is None and record["origin"] is None:
+            kind = record["mode"] & 0o170000
+            if occupant is not None and occupant.origin is not None and (occupant.mode & 0o170000) == kind:
+                node = occupant  # a crashed flush created it already
+            else:
+                node = namespace.new_node(name, record["mode"], origin=None)
+        if node is None:
+            continue
+        if occupant is not None and occupant is not node:
+            namespace.remove(occupant)
+        node.name = name
+        namespace.attach(parent, node)
+        _apply_attributes(fs, node, record)
+    return len(records) + len(state.get("doomed", []))
+
+
+def _apply_attributes(fs: Filesystem, node: Node, record: dict[str, Any]) -> None:
+    node.mode = record["mode"]
+    if record.get("mtime_ns") is not None:
+        node.mtime_ns = int(record["mtime_ns"])
+        node.mtime_dirty = True
+    if record.get("target") is not None:
+        node.target = decode_path(record["target"])
+        node.size = len(node.target)
+    if record.get("stage") is not None and node.is_regular:
+        _adopt_stage(fs, node, record["stage"])
+    elif node.is_regular and node.origin is None and node.stage is None:
+        _adopt_stage(fs, node, fs.store.new_stage())
+    fs.namespace.refresh_pending(node)
+
+
+def _adopt_stage(fs: Filesystem, node: Node, stage: str) -> None:
+    staged_file = fs.store.stage_path(stage)
+    if not staged_file.exists():
+        log.warning("recovery: the staged content of %r is missing", remote_name(node.path))
+        return
+    node.stage = stage
+    node.size = staged_file.stat().st_size
+    node.content_version += 1
+    node.dirty = True
+    fs.namespace.refresh_pending(node)
+
+
+async def _replay(fs: Filesystem, record: dict[str, Any]) -> int:
+    op = record["op"]
+    if op == "script":
+        return 0
+    if op == "rename":
+        old, new = decode_path(record["old"]), decode_path(record["new"])
+        node = await _resolve(fs, old)
+        parent = await _resolve(fs, new.rpartition(b"/")[0])
+        if node is None or node.parent is None or parent is None:
+            return 0
+        await fs.rename(node.parent, node.name, parent, new.rpartition(b"/")[2], 0)
+        return 1
+    path = decode_path(record["path"])
+    parent_path, _, name = path.rpartition(b"/")
+    node = await _resolve(fs, path)
+    if op == "remove":
+        if node is None or node.parent is None:
+            return 0
+        fs.remove_tree(node)
+        return 1
+    if op == "create":
+        parent = await _resolve(fs, parent_path)
+        if parent is None or parent.children is None:
+            return 0
+        if node is None:
+            node = fs.namespace.add_local(parent, name, int(record["mode"]))
+            if "target" in record:
+                node.target = decode_path(record["target"])
+                node.size = len(node.target)
+        if "stage" in record and node.is_regular:
+            _adopt_stage(fs, node, record["stage"])
+        fs.journal.record(**record)
+        return 1
+    if node is None:
+        return 0
+    if op == "stage" and node.is_regular:
+        _adopt_stage(fs, node, record["stage"])
+        fs.journal.record(**record)
+        return 1
+    if op == "meta":
+        await fs.setattr(
+            node,
+            mode=record.get("mode"),
+            mtime_ns=record.get("mtime_ns"),
+        )
+        return 1
+    return 0
+
+
+async def _note_leftover_scratch(fs: Filesystem) -> None:
+    try:
+        entries = await fs.session.list_dir(remote_name(REMOTE_TMP))
+    except RemotePathError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+        return
+    fs.leftover_tmp.update(
+        join(REMOTE_TMP, entry.name.encode("utf-8", "surrogateescape")) for entry in entries
+    )

@@ -1,0 +1,118 @@
+"""Shell scripts that run inside the session: every path quoted, every step accounted for.
+
+Owns the one way a path reaches a shell. A path is a relative `bytes` path
+under ``/home/work`` (``b""`` is ``/home/work`` itself); in a script it
+becomes a single shell word:
+
+- if its bytes are UTF-8, `shlex.quote` of the text (names with quotes,
+  ``$(...)``, newlines or a leading ``-`` included; commands also get ``--``);
+- otherwise a variable set from ``printf`` octal escapes, so the script itself
+  stays plain UTF-8 for the JSON request that carries it, and raw bytes reach
+  the file system unchanged. A sentinel keeps trailing newlines, which command
+  substitution would strip.
+
+Scripts are POSIX ``sh`` (the agent runs ``/bin/sh -c``, often dash) and run
+in ``/home/work``, the runner's working directory, so paths stay relative.
+
+Each step reports how it went on its own line of standard output: ``ok N``,
+or ``gone N`` when the path it needs no longer exists (something in the
+session removed it), or ``baifs-failed N`` on standard error after the
+command's own message. A failed step does not stop the others; the script
+exits 1 if any failed. `StepResults` reads the report back; no file name ever
+appears in it, so names with newlines cannot confuse the parser.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+
+FAILURE_MARK = "baifs-failed"
+
+
+def is_utf8(path: bytes) -> bool:
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class ShellScript:
+    def __init__(self) -> None:
+        self._prelude: list[str] = []
+        self._lines: list[str] = []
+        self._variables = 0
+        self.descriptions: list[str] = []
+
+    def word(self, path: bytes) -> str:
+        """The shell word for a relative path."""
+        if not path:
+            return "."
+        if is_utf8(path):
+            return shlex.quote(path.decode("utf-8"))
+        self._variables += 1
+        name = f"p{self._variables}"
+        escaped = "".join(f"\\{byte:03o}" for byte in path)
+        self._prelude.append(f"{name}=$(printf '{escaped}x'); {name}=${{{name}%x}}")
+        return f'"${name}"'
+
+    def step(self, command: str, description: str, *, needs: str | None = None) -> int:
+        """Add a command and return its step number.
+
+        ``needs`` is a shell word for a path that must exist for the step to
+        make sense; when it does not, the step reports ``gone`` instead of
+        running.
+        """
+        number = len(self.descriptions)
+        self.descriptions.append(description)
+        attempt = (
+            f"if {{ {command}; }}; then echo 'ok {number}'; "
+            f"else echo '{FAILURE_MARK} {number}' >&2; failed=1; fi"
+        )
+        if needs is not None:
+            attempt = f"if [ -e {needs} ] || [ -L {needs} ]; then {attempt}; else echo 'gone {number}'; fi"
+        self._lines.append(attempt)
+        return number
+
+    def raw(self, line: str) -> None:
+        """A line that reports nothing (clean-up)."""
+        self._lines.append(line)
+
+    def __bool__(self) -> bool:
+        return bool(self.descriptions)
+
+    def render(self) -> str:
+        lines = ["failed=0", *self._prelude, *self._lines, 'exit "$failed"']
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class StepResults:
+    ok: set[int] = field(default_factory=set)
+    gone: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    descriptions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, stdout: str, stderr: str, descriptions: list[str]) -> StepResults:
+        """Read a script's report; steps that reported nothing count as failed."""
+        steps = len(descriptions)
+        results = cls(descriptions=list(descriptions))
+        for line in stdout.splitlines():
+            kind, _, number = line.partition(" ")
+            if number.isdigit() and kind in ("ok", "gone"):
+                (results.ok if kind == "ok" else results.gone).add(int(number))
+        for line in stderr.splitlines():
+            kind, _, number = line.partition(" ")
+            if kind == FAILURE_MARK and number.isdigit():
+                results.failed.add(int(number))
+        results.failed |= set(range(steps)) - results.ok - results.gone
+        return results
+
+    def failed_descriptions(self) -> list[str]:
+        return [self.descriptions[step] for step in sorted(self.failed)]
+
+    def done(self, step: int | None) -> bool:
+        """A step that did not exist counts as done."""
+        return step is None or step in self.ok

@@ -1,0 +1,113 @@
+"""Talking to a running mount from another process: status, flush, unmount.
+
+A mount answers through its control files: ``.baifs-status`` (read) and the
+``user.baifs.flush`` extended attribute on its root (set; returns when
+everything is on the session). ``baifs status``, ``sync``, ``umount`` and
+``run`` use these, so they need no socket and work with any mount a user can
+see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+
+from .api.errors import BaifsError
+
+STATUS_FILE = ".baifs-status"
+FLUSH_XATTR = "user.baifs.flush"
+
+
+class NotAMount(BaifsError):
+    pass
+
+
+def find_mount(start: Path) -> Path:
+    """The baifs mount containing ``start``."""
+    path = start.resolve()
+    for candidate in (path, *path.parents):
+        if os.path.ismount(candidate) and (candidate / STATUS_FILE).exists():
+            return candidate
+    raise NotAMount(f"{start} is not inside a baifs mount")
+
+
+def read_status(mountpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((mountpoint / STATUS_FILE).read_text())
+    except FileNotFoundError:
+        raise NotAMount(f"{mountpoint} is not a baifs mount") from None
+    except OSError as error:
+        raise NotAMount(f"{mountpoint} does not answer ({error.strerror}); is the mount dead?") from None
+
+
+def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
+    """Flush everything in the mount, showing files and bytes as they go."""
+    status = read_status(mountpoint)
+    pending = status["pending"]
+    if not pending["uploads"] and not pending["namespace_changes"]:
+        return
+    failure: list[OSError] = []
+
+    def set_flag() -> None:
+        try:
+            os.setxattr(mountpoint, FLUSH_XATTR, b"1")
+        except OSError as error:
+            failure.append(error)
+
+    worker = threading.Thread(target=set_flag, daemon=True)
+    worker.start()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        files = progress.add_task(f"{label} files", total=max(pending["uploads"], 1))
+        while worker.is_alive():
+            worker.join(0.25)
+            flushing = read_status(mountpoint).get("flush") or {}
+            if flushing:
+                progress.update(
+                    files, total=max(flushing["files_total"], 1), completed=flushing["files_done"]
+                )
+    if failure:
+        raise BaifsError(
+            f"flush failed ({failure[0].strerror}); the changes stay pending: see 'baifs status {mountpoint}' "
+            "and the mount's log"
+        )
+    console.print(
+        f"{label}: {pending['uploads']} file(s), {pending['upload_bytes']:,} bytes and "
+        f"{pending['namespace_changes']} namespace change(s) are on the session"
+    )
+
+
+def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
+    """Unmount and wait for the daemon to exit (it flushes what is left first)."""
+    pid = read_status(mountpoint).get("pid")
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    result = subprocess.run(
+        [fusermount, "-uz" if lazy else "-u", str(mountpoint)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        detail = result.stderr.strip()
+        if "busy" in detail.lower():
+            raise BaifsError(
+                f"{mountpoint} is busy: a program has a file or its working directory in it. "
+                "Close it, or detach now and finish when it lets go: baifs umount --lazy"
+            )
+        raise BaifsError(f"unmounting {mountpoint} failed: {detail}")
+    if pid is None or lazy:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise BaifsError(f"the mount daemon (pid {pid}) is still running after {timeout:.0f} s; see its log")

@@ -1,0 +1,187 @@
+"""Real mounts for the tests: ``baifs mount --foreground`` in a subprocess against `baifs serve`.
+
+Every mount gets its own state, cache and log directories (through the XDG
+variables), a fresh session on the shared server, and is always unmounted
+(``fusermount3 -u``, then ``-uz``) and its daemon stopped, whatever the test
+did to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import IMAGE, LocalServer, signed_request, unique_session_name
+
+FUSE_AVAILABLE = os.path.exists("/dev/fuse") and any(
+    os.access(os.path.join(directory, "fusermount3"), os.X_OK)
+    for directory in os.environ.get("PATH", "").split(os.pathsep)
+)
+needs_fuse = pytest.mark.skipif(not FUSE_AVAILABLE, reason="needs /dev/fuse and fusermount3")
+
+
+def create_session(server: LocalServer) -> str:
+    body = json.dumps({"name": unique_session_name(), "image": IMAGE}).encode()
+    response = signed_request(server, "POST", "/session", content=body)
+    response.raise_for_status()
+    return str(response.json()["sessionId"])
+
+
+def baifs_environment(server: LocalServer, home: Path) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "SORNA_", "XDG_"))}
+    environment.update(
+        BACKEND_ENDPOINT=server.endpoint,
+        BACKEND_ACCESS_KEY=server.credentials.access_key,
+        BACKEND_SECRET_KEY=server.credentials.secret_key,
+        XDG_STATE_HOME=str(home / "state"),
+        XDG_CACHE_HOME=str(home / "cache"),
+        XDG_DATA_HOME=str(home / "data"),
+        XDG_CONFIG_HOME=str(home / "config"),
+    )
+    return environment
+
+
+def baifs(
+    *args: str, env: dict[str, str], timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    finished = subprocess.run(
+        [sys.executable, "-m", "baifs", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check:
+        assert finished.returncode == 0, (
+            f"baifs {' '.join(args)} failed:\n{finished.stdout}\n{finished.stderr}"
+        )
+    return finished
+
+
+def force_unmount(path: Path) -> None:
+    for flags in ("-u", "-uz"):
+        if not os.path.ismount(path):
+            return
+        subprocess.run(["fusermount3", flags, str(path)], capture_output=True)
+        time.sleep(0.1)
+
+
+@dataclass
+class Mount:
+    path: Path
+    server: LocalServer
+    session_id: str
+    home: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def work(self) -> Path:
+        """The session's /home/work on the server's disk."""
+        return self.server.work_dir(self.session_id)
+
+    @property
+    def log(self) -> Path:
+        return self.home / "mount.log"
+
+    def start(self, *extra: str, timeout: float = 30) -> Mount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "baifs", "mount", self.session_id, str(self.path), "--foreground"]
+        argv += ["--log-level", "debug", "--log-file", str(self.log), *(extra or self.extra)]
+        self.process = subprocess.Popen(
+            argv, env=self.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.ismount(self.path) and (self.path / ".baifs-status").exists():
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"the mount did not come up:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+
+    def status(self) -> dict[str, Any]:
+        return json.loads((self.path / ".baifs-status").read_text())
+
+    def sync(self) -> None:
+        """Everything written is on the session when this returns (fsync of the root: fsyncdir)."""
+        descriptor = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def counters(self) -> dict[str, int]:
+        return self.server.counters()
+
+    def unmount(self, timeout: float = 120) -> None:
+        """Unmount as a user would (``fusermount3 -u``) and wait for the daemon to finish."""
+        subprocess.run(["fusermount3", "-u", str(self.path)], check=True, capture_output=True)
+        assert self.process is not None
+        self.process.wait(timeout)
+        self.process = None
+
+    def kill(self) -> None:
+        """``kill -9`` the daemon, then clear the dead mount."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.process = None
+        force_unmount(self.path)
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process = None
+        force_unmount(self.path)
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Requests per endpoint between two readings of the server's counters (not counting the readings)."""
+    keys = (set(before) | set(after)) - {"counters"}
+    return {
+        key: after.get(key, 0) - before.get(key, 0) for key in keys if after.get(key, 0) != before.get(key, 0)
+    }
+
+
+def tree(root: Path, *, modes: bool = False) -> dict[str, Any]:
+    """Files (content), directories and symlinks under ``root``, by relative path."""
+    found: dict[str, Any] = {}
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d != ".baifs-tmp" or directory != str(root)]
+        for name in subdirs + files:
+            full = Path(directory) / name
+            relative = str(full.relative_to(root))
+            if name == ".baifs-status" and directory == str(root):
+                continue
+            if full.is_symlink():
+                found[relative] = ("link", os.readlink(full))
+            elif full.is_dir():
+                found[relative] = ("dir", oct(full.stat().st_mode & 0o7777)) if modes else ("dir",)
+            else:
+                value = full.read_bytes()
+                found[relative] = (
+                    ("file", oct(full.stat().st_mode & 0o7777), value) if modes else ("file", value)
+                )
+    return found

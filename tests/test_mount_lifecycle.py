@@ -1,0 +1,195 @@
+"""Mounting, unmounting, crashing and failing: nothing written is ever lost, every failure is explained."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mounting import Mount, baifs, baifs_environment, force_unmount, needs_fuse
+from support import LocalServer, signed_request
+
+pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
+
+
+def write_pending(m: Mount, count: int = 30) -> dict[str, bytes]:
+    written = {}
+    for index in range(count):
+        name = f"pending/f{index:02d}.txt"
+        data = f"file {index}\n".encode() * (index + 1)
+        (m.path / name).parent.mkdir(exist_ok=True)
+        (m.path / name).write_bytes(data)
+        written[name] = data
+    os.rename(m.path / "pending/f00.txt", m.path / "renamed.txt")
+    written["renamed.txt"] = written.pop("pending/f00.txt")
+    return written
+
+
+def assert_on_session(m: Mount, written: dict[str, bytes]) -> None:
+    for name, data in written.items():
+        assert (m.work / name).read_bytes() == data, name
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_baifs_mount_daemonizes_and_umount_uploads_everything_first(mount: Mount) -> None:
+    mount.path.mkdir()
+    started = baifs("mount", mount.session_id, str(mount.path), "--write-back", "600", env=mount.env)
+    assert "mounted session" in started.stderr
+    assert os.path.ismount(mount.path)
+    pid = json.loads((mount.path / ".baifs-status").read_text())["pid"]
+    written = write_pending(mount)
+    status = baifs("status", str(mount.path), env=mount.env).stdout
+    assert "30 upload(s)" in status and "pending" in status, status
+    finished = baifs("umount", str(mount.path), env=mount.env)
+    assert "30 file(s)" in finished.stdout + finished.stderr, finished
+    assert not os.path.ismount(mount.path)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert_on_session(mount, written)
+
+
+def test_plain_fusermount_u_loses_nothing(mount: Mount) -> None:
+    m = mount.start("--write-back", "600")
+    written = write_pending(m)
+    m.unmount()
+    assert_on_session(m, written)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_flushes_then_unmounts(mount: Mount, signal_number: int) -> None:
+    m = mount.start("--write-back", "600")
+    written = write_pending(m)
+    assert m.process is not None
+    m.process.send_signal(signal_number)
+    assert m.process.wait(60) == 0
+    assert not os.path.ismount(m.path)
+    assert_on_session(m, written)
+
+
+def test_kill_9_with_uploads_pending_then_remount_recovers(mount: Mount) -> None:
+    m = mount.start("--write-back", "600")
+    written = write_pending(m)
+    (m.path / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    written["big.bin"] = (m.path / "big.bin").read_bytes()
+    os.chmod(m.path / "renamed.txt", 0o600)
+    m.kill()
+    assert not (m.work / "renamed.txt").exists()
+    m.start()
+    wait_for(
+        lambda: m.status()["recovered_changes"] > 0 and not m.status()["pending"]["uploads"], what="recovery"
+    )
+    m.sync()
+    assert_on_session(m, written)
+    assert os.stat(m.work / "renamed.txt").st_mode & 0o777 == 0o600
+    assert "recovered" in m.log_text()
+    assert (m.path / "renamed.txt").read_bytes() == written["renamed.txt"]
+
+
+def test_a_terminated_session_keeps_writes_pending_and_says_so(mount: Mount) -> None:
+    m = mount.start("--write-back", "600")
+    (m.path / "precious.txt").write_text("do not lose me\n")
+    signed_request(m.server, "DELETE", f"/session/{m.session_id}").raise_for_status()
+    with pytest.raises(OSError) as raised:
+        m.sync()
+    assert raised.value.errno == errno.EIO
+    status = m.status()
+    assert status["pending"]["uploads"] == 1
+    assert "No such session" in json.dumps(status["session_api"]["last_errors"])
+    text = baifs("status", str(m.path), env=m.env).stdout
+    assert "1 upload(s)" in text and "No such session" in text
+    staged = list((m.home / "state").rglob("staging/*"))
+    assert any(path.read_bytes() == b"do not lose me\n" for path in staged)
+
+
+def test_full_local_disk_fails_the_write_not_the_mount(mount: Mount, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        mount.env["XDG_STATE_HOME"] = str(small)
+        m = mount.start()
+        with pytest.raises(OSError) as raised:
+            (m.path / "huge.bin").write_bytes(b"x" * 4 * 1024 * 1024)
+        assert raised.value.errno == errno.ENOSPC
+        (m.path / "huge.bin").unlink()
+        (m.path / "after.txt").write_text("still works\n")
+        m.sync()
+        assert (m.work / "after.txt").read_text() == "still works\n"
+        assert not (m.work / "huge.bin").exists()
+    finally:
+        force_unmount(mount.path)
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_mount_fails_fast_with_a_clear_message(server: LocalServer, tmp_path: Path, mount: Mount) -> None:
+    mount.path.mkdir()
+    env = mount.env
+    cases = [
+        ({"BACKEND_SECRET_KEY": "wrong"}, [mount.session_id], "rejected the access key"),
+        ({}, ["no-such-session"], "no session 'no-such-session'"),
+        (
+            {"BACKEND_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
+            [mount.session_id],
+            "cannot reach the endpoint",
+        ),
+    ]
+    for change, session, message in cases:
+        started = time.monotonic()
+        result = baifs("mount", *session, str(mount.path), env={**env, **change}, check=False, timeout=60)
+        assert result.returncode == 1, result
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "wrong" not in result.stderr
+        assert time.monotonic() - started < 20
+        assert not os.path.ismount(mount.path)
+    result = baifs("mount", mount.session_id, str(tmp_path / "missing"), env=env, check=False)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    (mount.path / "occupied").write_text("x")
+    result = baifs("mount", mount.session_id, str(mount.path), env=env, check=False)
+    assert result.returncode == 1 and "not empty" in result.stderr
+
+
+def test_mount_local_starts_the_embedded_session(tmp_path: Path, server: LocalServer) -> None:
+    home = tmp_path / "home"
+    env = baifs_environment(server, home)
+    for key in ("BACKEND_ENDPOINT", "BACKEND_ACCESS_KEY", "BACKEND_SECRET_KEY"):
+        env.pop(key)
+    mountpoint = tmp_path / "local"
+    mountpoint.mkdir()
+    record = home / "data/baifs/local/serve.json"
+    try:
+        baifs("mount", "--local", str(mountpoint), env=env)
+        (mountpoint / "hello.txt").write_text("local\n")
+        baifs("umount", str(mountpoint), env=env)
+        sessions = list((home / "data/baifs/local/sessions").glob("*/work/hello.txt"))
+        assert [path.read_text() for path in sessions] == ["local\n"]
+        baifs("mount", "--local", str(mountpoint), env=env)
+        assert (mountpoint / "hello.txt").read_text() == "local\n"
+        baifs("umount", str(mountpoint), env=env)
+    finally:
+        force_unmount(mountpoint)
+        if record.exists():
+            os.kill(json.loads(record.read_text())["pid"], signal.SIGTERM)
