@@ -13,8 +13,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import trio
-
 from . import __version__
 from .api.errors import BaifsError
 from .server.compat import Compat
@@ -97,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "endpoint, keys and session first, then goes to the background once the mount works. "
         "Writes are uploaded a moment after files are closed; 'baifs umount' uploads what is "
         "left before unmounting.",
-        epilog="examples:\n  baifs mount my-session ~/work\n  baifs mount --create python:3.11 new-session ~/work\n"
+        epilog="examples:\n"
+        "  baifs mount my-session ~/work\n"
+        "  baifs mount --create python:3.11 new-session ~/work\n"
         "  baifs mount --local ~/work        (a private local session served by baifs itself)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--umask", type=lambda text: int(text, 8), metavar="OCTAL", help="permission bits to hide, e.g. 022"
     )
     mount.add_argument(
+        "--keep-runs",
+        type=int,
+        default=100,
+        metavar="N",
+        help="how many runs .runs/ keeps (default: %(default)s)",
+    )
+    mount.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users use the mount (implies default_permissions)",
@@ -166,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     umount = commands.add_parser(
         "umount",
         help="upload everything pending, then unmount",
-        description="Upload everything pending (showing files and bytes), unmount, and wait for the mount daemon to exit.",
+        description="Upload everything pending (showing files and bytes), unmount, and wait for the "
+        "mount daemon to exit.",
     )
     umount.add_argument("mountpoint", type=Path)
     umount.add_argument(
@@ -188,6 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status document")
     add_logging_options(status)
     status.set_defaults(handler=run_status)
+
+    run = commands.add_parser(
+        "run",
+        help="run a command in the session (a batch run) and stream its output",
+        description="Run COMMAND in the session as a batch run, after everything pending in the mount "
+        "is on the session. Standard output and error stream to this terminal as they arrive; the exit "
+        "status is the command's (127 when the build step failed, 130 after Ctrl-C, which interrupts "
+        "the command in the session, 255 when the run could not be carried out). One word is run as a "
+        "shell command as it stands ('make test && ./app'); several are quoted and joined. The run's "
+        "record stays in MOUNT/.runs/N/.",
+        epilog="examples:\n"
+        "  baifs run ~/work -- make test\n"
+        "  baifs run --build 'make' -- './app --fast'      (in the mount containing the current directory)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "mount",
+        type=Path,
+        nargs="?",
+        default=Path("."),
+        help="the mount (default: the one containing the current directory)",
+    )
+    run.add_argument("--build", default="", metavar="CMD", help="build step; a failure skips the command")
+    run.add_argument(
+        "--clean", default="", metavar="CMD", help="clean step, run first; its failure is ignored"
+    )
+    add_logging_options(run)
+    run.set_defaults(handler=run_run, command=[])
 
     sync = commands.add_parser("sync", help="upload everything pending and wait until it is on the session")
     sync.add_argument("mountpoint", type=Path, nargs="?", default=Path("."))
@@ -219,6 +255,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if args.data_dir is not None:
         options.data_dir = args.data_dir
+    import trio
+
     trio.run(serve, options)
     return 0
 
@@ -265,13 +303,17 @@ def run_mount_command(args: argparse.Namespace) -> int:
         create_image=create,
         allow_other=args.allow_other,
         cache_dir=args.cache_dir,
+        keep_runs=args.keep_runs,
     )
     from .daemon import run_detached, run_foreground
 
     if args.foreground:
+        request.log_file = args.log_file
         return run_foreground(request)
-    log_file = args.log_file or config.state_dir() / "logs" / f"mount-{mountpoint_path.name or 'root'}.log"
-    return run_detached(request, log_file)
+    request.log_file = (
+        args.log_file or config.state_dir() / "logs" / f"mount-{mountpoint_path.name or 'root'}.log"
+    )
+    return run_detached(request, request.log_file)
 
 
 def run_umount(args: argparse.Namespace) -> int:
@@ -299,48 +341,32 @@ def run_sync(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     import json
 
-    from .mountctl import find_mount, read_status
+    from .mountctl import find_mount, format_status, read_status
 
     document = read_status(find_mount(args.mountpoint))
-    if args.json:
-        print(json.dumps(document, indent=2))
-        return 0
-    pending, cache, api, flushes = (
-        document["pending"],
-        document["cache"],
-        document["session_api"],
-        document["flushes"],
-    )
-    lines = [
-        f"session     {document['session']} ({document['session_id']}) at {document['endpoint']}",
-        f"mountpoint  {document['mountpoint']}  (daemon pid {document['pid']})",
-        f"pending     {pending['uploads']} upload(s), {pending['upload_bytes']:,} bytes; "
-        f"{pending['namespace_changes']} namespace change(s)",
-    ]
-    if document["flush"]:
-        flushing = document["flush"]
-        lines.append(
-            f"flushing    {flushing['files_done']}/{flushing['files_total']} files, {flushing['bytes_done']:,}/{flushing['bytes_total']:,} bytes"
-        )
-    lines += [
-        f"cache       {cache['bytes']:,} of {cache['limit']:,} bytes; {cache['staged_bytes']:,} bytes staged",
-        f"flushes     {flushes['completed']} done, {flushes['uploaded_files']} files uploaded, {flushes['scripts']} scripts, {flushes['failures']} failed",
-        "requests    " + (", ".join(f"{name} {count}" for name, count in api["requests"].items()) or "none"),
-        f"retries     {api['retries']}",
-    ]
-    if flushes["last_error"]:
-        lines.append(f"last flush error: {flushes['last_error']}")
-    for error in api["last_errors"]:
-        lines.append(f"error       {error}")
-    if document.get("recovered_changes"):
-        lines.append(f"recovered   {document['recovered_changes']} change(s) from an earlier mount")
-    print("\n".join(lines))
+    print(json.dumps(document, indent=2) if args.json else format_status(document))
     return 0
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from .mountctl import find_mount
+    from .runctl import run
+
+    if not args.command:
+        raise BaifsError("put the command after --: baifs run [MOUNT] [--build CMD] -- COMMAND...")
+    return run(find_mount(args.mount), args.command, build=args.build, clean=args.clean)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if words[:1] == ["run"] and "--" in words:
+        split = words.index("--")
+        words, command = words[:split], words[split + 1 :]
+    args = parser.parse_args(words)
+    if args.handler is run_run:
+        args.command = command
     setup_logging(args.log_level, args.log_file)
     try:
         return int(args.handler(args))

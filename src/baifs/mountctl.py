@@ -77,8 +77,8 @@ def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
                 )
     if failure:
         raise BaifsError(
-            f"flush failed ({failure[0].strerror}); the changes stay pending: see 'baifs status {mountpoint}' "
-            "and the mount's log"
+            f"flush failed ({failure[0].strerror}); the changes stay pending: "
+            f"see 'baifs status {mountpoint}' and the mount's log"
         )
     console.print(
         f"{label}: {pending['uploads']} file(s), {pending['upload_bytes']:,} bytes and "
@@ -111,3 +111,38 @@ def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
             return
         time.sleep(0.1)
     raise BaifsError(f"the mount daemon (pid {pid}) is still running after {timeout:.0f} s; see its log")
+
+
+def format_status(document: dict[str, Any]) -> str:
+    """``baifs status`` for a person: what is pending, what the mount did, what went wrong."""
+    pending, cache = document["pending"], document["cache"]
+    api, flushes = document["session_api"], document["flushes"]
+    lines = [
+        f"session     {document['session']} ({document['session_id']}) at {document['endpoint']}",
+        f"mountpoint  {document['mountpoint']} (daemon pid {document['pid']})",
+        f"log         {document.get('log') or 'standard error of the daemon'}",
+        f"pending     {pending['uploads']} upload(s), {pending['upload_bytes']:,} bytes; "
+        f"{pending['namespace_changes']} namespace change(s)",
+    ]
+    lines += [f"            {path}" for path in pending["paths"]]
+    if document["flush"]:
+        flushing = document["flush"]
+        lines.append(
+            f"flushing    {flushing['files_done']}/{flushing['files_total']} files, "
+            f"{flushing['bytes_done']:,}/{flushing['bytes_total']:,} bytes"
+        )
+    lines += [
+        f"cache       {cache['bytes']:,} of {cache['limit']:,} bytes; {cache['staged_bytes']:,} bytes staged",
+        f"flushes     {flushes['completed']} done, {flushes['uploaded_files']} files uploaded, "
+        f"{flushes['scripts']} scripts, {flushes['failures']} failed",
+        "requests    " + (", ".join(f"{name} {count}" for name, count in api["requests"].items()) or "none"),
+        f"retries     {api['retries']}",
+    ]
+    if document.get("recovered_changes"):
+        lines.append(
+            f"recovered   {document['recovered_changes']} change(s) an earlier mount had not uploaded"
+        )
+    if flushes["last_error"]:
+        lines.append(f"last flush error: {flushes['last_error']}")
+    lines += [f"error       {error}" for error in api["last_errors"]]
+    return "\n".join(lines)

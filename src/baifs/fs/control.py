@@ -1,58 +1,215 @@
 """Control files: names at the mount's root that belong to baifs, not to the session.
 
-``.baifs-status`` is a read-only JSON document: pending uploads and namespace
-changes, an ongoing flush's progress, cache use, requests per endpoint,
-retries and recent errors. ``baifs status`` and ``baifs umount`` read it.
+The control tree::
 
-Control files live in a reserved inode range far above anything `model`
-allocates, are never listed from or sent to the session, and are owned by
-the mounting user. Commands go through extended attributes on the mount's
-root (S3QL's pattern): setting ``user.baifs.flush`` flushes everything and
-returns when it is on the session.
+    .baifs-status      read-only JSON: pending changes, flush progress, cache,
+                       requests per endpoint, retries, recent errors
+    .run               write a command (or clean/build/exec TOML) to start a run;
+                       read: the latest run's status and why the last write was refused
+    .runs/             one directory per run kept, and ``latest`` (a symlink)
+    .runs/N/           command, status, output, stdout, stderr, exit_code
+
+Control entries live in a reserved inode range far above anything `model`
+allocates, are never listed from or sent to the session (`filesystem`
+hides these names in listings), and are owned by the mounting user. Their
+attributes are never cached by the kernel (they change as runs go), and
+their files are read with direct I/O, so ``tail -f .runs/N/output`` follows
+a run as it goes.
+
+Commands other than runs go through extended attributes (S3QL's pattern):
+``user.baifs.flush`` on the root flushes everything and returns when it is
+on the session; ``user.baifs.interrupt`` on ``.run`` (value: a run number)
+interrupts that run in the session.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from .filesystem import Filesystem
+from .filesystem import Filesystem, FSError
+from .model import ROOT_INODE
+from .runs import RECORD_FILES, RunManager, RunRecord
 
+CONTROL_BASE = 1 << 48
+STATUS_INODE = CONTROL_BASE + 1
+RUN_INODE = CONTROL_BASE + 2
+RUNS_INODE = CONTROL_BASE + 3
+LATEST_INODE = CONTROL_BASE + 4
 STATUS_NAME = b".baifs-status"
-STATUS_INODE = 0xFFFF_FFFF_0000_0001
+RUN_NAME = b".run"
+RUNS_NAME = b".runs"
+LATEST_NAME = b"latest"
 FLUSH_XATTR = b"user.baifs.flush"
-CONTROL_MODE = stat.S_IFREG | 0o444
+INTERRUPT_XATTR = b"user.baifs.interrupt"
+_RUN_SHIFT = 4
 
 
-def status(filesystem: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
-    namespace = filesystem.namespace
-    pending_files = [n for n in namespace.pending if n.dirty and n.attached]
-    namespace_changes = len(namespace.doomed) + sum(
-        1 for n in namespace.pending if n.attached and not (n.dirty and n.is_regular)
-    )
-    connection = filesystem.session.connection
-    stats = filesystem.stats
+def run_directory_inode(number: int) -> int:
+    return CONTROL_BASE + (number << _RUN_SHIFT)
+
+
+@dataclass(frozen=True)
+class ControlEntry:
+    inode: int
+    name: bytes
+    mode: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class ControlTree:
+    def __init__(self, fs: Filesystem, runs: RunManager, identity: dict[str, Any]) -> None:
+        self.fs = fs
+        self.runs = runs
+        self.identity = identity
+        self.started_ns = time.time_ns()
+
+    @staticmethod
+    def owns(inode: int) -> bool:
+        return inode >= CONTROL_BASE
+
+    # -- the tree -----------------------------------------------------------
+
+    def root_entries(self) -> list[ControlEntry]:
+        return [self.entry(STATUS_INODE), self.entry(RUN_INODE), self.entry(RUNS_INODE)]
+
+    def entry(self, inode: int) -> ControlEntry:
+        if inode == STATUS_INODE:
+            return self._file(inode, STATUS_NAME, 0o444, self.status_document())
+        if inode == RUN_INODE:
+            return self._file(inode, RUN_NAME, 0o600, self.run_document())
+        if inode == RUNS_INODE:
+            return ControlEntry(inode, RUNS_NAME, stat.S_IFDIR | 0o555, 0, self._runs_mtime())
+        if inode == LATEST_INODE:
+            latest = self.runs.latest
+            if latest is None:
+                raise FSError(errno.ENOENT)
+            target = str(latest.number).encode()
+            return ControlEntry(inode, LATEST_NAME, stat.S_IFLNK | 0o777, len(target), self._runs_mtime())
+        number, index = divmod(inode - CONTROL_BASE, 1 << _RUN_SHIFT)
+        record = self.runs.records.get(number)
+        if record is None or index > len(RECORD_FILES):
+            raise FSError(errno.ENOENT)
+        if index == 0:
+            return ControlEntry(inode, str(number).encode(), stat.S_IFDIR | 0o555, 0, _ns(record.queued_at))
+        path = record.directory / RECORD_FILES[index - 1]
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise FSError(errno.ENOENT) from None
+        return ControlEntry(inode, path.name.encode(), stat.S_IFREG | 0o444, info.st_size, info.st_mtime_ns)
+
+    def _file(self, inode: int, name: bytes, permissions: int, content: bytes) -> ControlEntry:
+        return ControlEntry(inode, name, stat.S_IFREG | permissions, len(content), time.time_ns())
+
+    def _runs_mtime(self) -> int:
+        latest = self.runs.latest
+        return _ns(latest.queued_at) if latest is not None else self.started_ns
+
+    def lookup(self, parent: int, name: bytes) -> ControlEntry:
+        for entry in self.root_entries() if parent == ROOT_INODE else self.children(parent):
+            if entry.name == name:
+                return entry
+        raise FSError(errno.ENOENT)
+
+    def children(self, inode: int) -> list[ControlEntry]:
+        if inode == RUNS_INODE:
+            entries = [self.entry(run_directory_inode(number)) for number in sorted(self.runs.records)]
+            return entries + ([self.entry(LATEST_INODE)] if self.runs.records else [])
+        if self.owns(inode) and self.entry(inode).is_dir:
+            base = inode
+            return [
+                self.entry(base + 1 + index)
+                for index, name in enumerate(RECORD_FILES)
+                if (self._record(inode).directory / name).exists()
+            ]
+        raise FSError(errno.ENOTDIR)
+
+    def _record(self, directory_inode: int) -> RunRecord:
+        record = self.runs.records.get((directory_inode - CONTROL_BASE) >> _RUN_SHIFT)
+        if record is None:
+            raise FSError(errno.ENOENT)
+        return record
+
+    def readlink(self, inode: int) -> bytes:
+        latest = self.runs.latest
+        if inode != LATEST_INODE or latest is None:
+            raise FSError(errno.EINVAL)
+        return str(latest.number).encode()
+
+    def read(self, inode: int, offset: int, size: int) -> bytes:
+        """File content at this moment (run output files grow while their run goes)."""
+        if inode == STATUS_INODE:
+            return self.status_document()[offset : offset + size]
+        if inode == RUN_INODE:
+            return self.run_document()[offset : offset + size]
+        number, index = divmod(inode - CONTROL_BASE, 1 << _RUN_SHIFT)
+        record = self.runs.records.get(number)
+        if record is None or not 1 <= index <= len(RECORD_FILES):
+            raise FSError(errno.ENOENT)
+        try:
+            with open(record.directory / RECORD_FILES[index - 1], "rb") as handle:
+                handle.seek(offset)
+                return handle.read(size)
+        except FileNotFoundError:
+            raise FSError(errno.ENOENT) from None
+
+    # -- documents ----------------------------------------------------------
+
+    def run_document(self, record: RunRecord | None = None) -> bytes:
+        """What reading ``.run`` shows: one run's status, or the latest and the last refusal."""
+        if record is not None:
+            return _json(record.status())
+        latest = self.runs.latest
+        queued = [r.number for r in self.runs.records.values() if r.state == "queued"]
+        return _json(
+            {
+                "latest": latest.status() if latest is not None else None,
+                "queued": sorted(queued),
+                "last_rejected": self.runs.last_rejection,
+            }
+        )
+
+    def status_document(self) -> bytes:
+        return _json(status(self.fs, self.identity))
+
+
+def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
+    """The mount's state for ``baifs status`` and ``.baifs-status``."""
+    namespace = fs.namespace
+    pending = [n for n in namespace.pending if n.attached]
+    uploads = [n for n in pending if n.dirty and n.is_regular]
+    namespace_changes = len(namespace.doomed) + sum(1 for n in pending if not (n.dirty and n.is_regular))
+    stats = fs.stats
     return {
         **identity,
         "version": __version__,
         "pid": os.getpid(),
         "time": time.time(),
         "pending": {
-            "uploads": len(pending_files),
-            "upload_bytes": sum(n.size for n in pending_files),
+            "uploads": len(uploads),
+            "upload_bytes": sum(n.size for n in uploads),
             "namespace_changes": namespace_changes,
-            "paths": sorted(os.fsdecode(n.path) for n in list(namespace.pending)[:20] if n.attached),
+            "paths": sorted(os.fsdecode(n.path) for n in pending)[:20],
         },
-        "flush": dict(filesystem.flush_progress),
+        "flush": dict(fs.flush_progress),
         "cache": {
-            "bytes": filesystem.store.cached_bytes,
-            "limit": filesystem.store.cache_limit,
-            "staged_bytes": filesystem.store.staged_bytes,
+            "bytes": fs.store.cached_bytes,
+            "limit": fs.store.cache_limit,
+            "staged_bytes": fs.store.staged_bytes,
         },
-        "session_api": connection.stats.as_dict(),
+        "session_api": fs.session.connection.stats.as_dict(),
         "flushes": {
             "completed": stats.flushes,
             "uploaded_files": stats.uploaded_files,
@@ -62,5 +219,13 @@ def status(filesystem: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
             "last_error": stats.last_flush_error,
         },
         "recovered_changes": stats.recovered_changes,
-        "phase_behaviour": filesystem.executor.phase_behaviour,
+        "phase_behaviour": fs.executor.phase_behaviour,
     }
+
+
+def _json(document: Any) -> bytes:
+    return (json.dumps(document, indent=2) + "\n").encode()
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1_000_000_000)

@@ -37,10 +37,12 @@ from ..api.batch import BatchExecutor
 from ..api.client import Connection, SessionClient
 from ..api.errors import AuthenticationFailed, BaifsError, EndpointUnreachable, SessionNotFound
 from .content import ContentStore
+from .control import ControlTree
 from .filesystem import Filesystem, MountOptions
-from .journal import Journal
+from .journal import Journal, overlay_state
 from .operations import Operations
 from .recovery import recover
+from .runs import DEFAULT_KEEP, RunManager
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class MountRequest:
     create_image: str | None = None
     allow_other: bool = False
     cache_dir: Path | None = None
+    log_file: Path | None = None
+    keep_runs: int = DEFAULT_KEEP
 
 
 def check_mountpoint(path: Path) -> None:
@@ -199,9 +203,13 @@ async def run_mount(request: MountRequest, ready: Callable[[str], None]) -> None
                 "endpoint": request.credentials.endpoint,
                 "mountpoint": str(request.mountpoint),
                 "state_dir": str(state),
+                "log": str(request.log_file) if request.log_file else None,
             }
             recovered = await recover(filesystem)
-            await _serve(filesystem, Operations(filesystem, identity), request, recovered, ready)
+            runs = RunManager(filesystem, state / "runs", keep=request.keep_runs)
+            operations = Operations(filesystem, ControlTree(filesystem, runs, identity))
+            runs.after_run = operations.forget_kernel_caches
+            await _serve(filesystem, runs, operations, request, recovered, ready)
         finally:
             journal.close()
             lock.release()
@@ -209,6 +217,7 @@ async def run_mount(request: MountRequest, ready: Callable[[str], None]) -> None
 
 async def _serve(
     filesystem: Filesystem,
+    runs: RunManager,
     operations: Operations,
     request: MountRequest,
     recovered: int,
@@ -222,6 +231,7 @@ async def _serve(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(filesystem.run_background)
+            await nursery.start(runs.run_background)
             nursery.start_soon(_handle_signals, filesystem)
             message = f"mounted session {request.session} at {request.mountpoint}"
             if recovered:
@@ -273,7 +283,11 @@ async def _final_flush(filesystem: Filesystem) -> None:
     for attempt in range(FINAL_FLUSH_ATTEMPTS):
         try:
             await filesystem.flush_all()
+            filesystem.journal.checkpoint(overlay_state(filesystem.namespace))
             return
+        except SessionNotFound as error:
+            log.error("final flush failed: %s", error)
+            break
         except BaifsError as error:
             log.error("final flush failed (attempt %d): %s", attempt + 1, error)
             await trio.sleep(2**attempt)

@@ -1,42 +1,55 @@
-"""The pyfuse3 adapter: kernel requests in, `Filesystem` calls out, errnos back.
+"""The pyfuse3 adapter: kernel requests in, `Filesystem` and `ControlTree` calls out, errnos back.
 
 Thin by design: no HTTP and no policy here. What this layer owns is what the
 kernel protocol demands:
 
 - lookup counts (every entry returned by lookup, create, mkdir, symlink and
-  each entry ``readdir`` accepts counts one; ``forget`` takes them back);
+  each entry ``readdir`` accepts counts one; ``forget`` takes them back;
+  control entries are permanent and not counted);
 - stable ``readdir`` cookies: a directory handle holds the listing it was
   opened with, and a cookie is a position in that snapshot;
-- attribute and entry timeouts, negative entries for names that do not exist;
-- control files at the root (`control`) and extended attributes;
+- attribute and entry timeouts, negative entries for names that do not
+  exist, and dropping the kernel's caches after a run changed the session
+  (from a worker thread, never inside a handler: those calls block);
+- routing the reserved names at the root to the control tree (`control`);
 - the rule that no handler may take the mount down: `FSError` becomes its
-  errno, any other exception is logged with its traceback and answered EIO.
+  errno, a failed remote call EIO, and anything else is logged with its
+  traceback and answered EIO.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
-import stat
-import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from ..api.errors import BaifsError
-from .control import CONTROL_MODE, FLUSH_XATTR, STATUS_INODE, STATUS_NAME, status
+from .control import (
+    FLUSH_XATTR,
+    INTERRUPT_XATTR,
+    RUN_INODE,
+    RUNS_INODE,
+    ControlEntry,
+    ControlTree,
+)
 from .filesystem import HIDDEN_AT_ROOT, Filesystem, FSError, Handle
 from .model import ROOT_INODE, Node
+from .runs import RunRecord, RunRejected
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = ParamSpec("P")
 CONTROL_HANDLE_BASE = 1 << 40
+#: Names looked up in vain, remembered so a run's new files do not hide behind them.
+MAX_NEGATIVE_NAMES = 10_000
 
 
 def handler(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -63,61 +76,70 @@ def handler(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
     return wrapper
 
 
+@dataclass
+class ControlHandle:
+    inode: int
+    writable: bool
+    request: bytearray = field(default_factory=bytearray)
+    record: RunRecord | None = None
+
+
+DirectoryEntry = tuple[bytes, Node | ControlEntry, bool]
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, filesystem: Filesystem, identity: dict[str, Any]) -> None:
+    def __init__(self, filesystem: Filesystem, control: ControlTree) -> None:
         super().__init__()
         self.fs = filesystem
-        self.identity = identity
+        self.control = control
         self.options = filesystem.options
-        self._dirs: dict[int, list[tuple[bytes, Node | None, bool]]] = {}
-        self._controls: dict[int, bytes] = {}
+        self._dirs: dict[int, list[DirectoryEntry]] = {}
+        self._controls: dict[int, ControlHandle] = {}
         self._next_dir = 1
-        self._started_ns = time.time_ns()
+        self._next_control = CONTROL_HANDLE_BASE
+        self._negative: set[tuple[int, bytes]] = set()
         filesystem.invalidate = self._invalidate
 
     # -- attributes -------------------------------------------------------
 
-    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attributes(self, item: Node | ControlEntry) -> pyfuse3.EntryAttributes:
         attributes = pyfuse3.EntryAttributes()
-        attributes.st_ino = node.inode
+        attributes.st_ino = item.inode
         attributes.generation = 0
-        attributes.entry_timeout = self.options.attr_timeout
-        attributes.attr_timeout = self.options.attr_timeout
-        mode = node.mode
-        if self.options.umask is not None:
-            mode &= ~self.options.umask
-        attributes.st_mode = mode
-        attributes.st_nlink = 2 if node.is_dir else 1
         attributes.st_uid = self.options.uid
         attributes.st_gid = self.options.gid
         attributes.st_rdev = 0
-        attributes.st_size = len(node.target) if node.is_symlink and node.target else node.size
         attributes.st_blksize = 65536
-        attributes.st_blocks = -(-node.size // 512)
-        attributes.st_atime_ns = node.atime_ns
-        attributes.st_mtime_ns = node.mtime_ns
-        attributes.st_ctime_ns = node.ctime_ns
-        return attributes
-
-    def _control_attributes(self) -> pyfuse3.EntryAttributes:
-        attributes = pyfuse3.EntryAttributes()
-        attributes.st_ino = STATUS_INODE
-        attributes.entry_timeout = attributes.attr_timeout = self.options.attr_timeout
-        attributes.st_mode = CONTROL_MODE
-        attributes.st_nlink = 1
-        attributes.st_uid = self.options.uid
-        attributes.st_gid = self.options.gid
-        attributes.st_blksize = 4096
-        attributes.st_atime_ns = attributes.st_mtime_ns = attributes.st_ctime_ns = self._started_ns
+        if isinstance(item, ControlEntry):
+            attributes.entry_timeout = attributes.attr_timeout = 0
+            attributes.st_mode = item.mode
+            attributes.st_nlink = 2 if item.is_dir else 1
+            attributes.st_size = item.size
+            attributes.st_atime_ns = attributes.st_mtime_ns = attributes.st_ctime_ns = item.mtime_ns
+        else:
+            attributes.entry_timeout = attributes.attr_timeout = self.options.attr_timeout
+            mode = item.mode
+            if self.options.umask is not None:
+                mode &= ~self.options.umask
+            attributes.st_mode = mode
+            attributes.st_nlink = 2 if item.is_dir else 1
+            attributes.st_size = len(item.target) if item.is_symlink and item.target else item.size
+            attributes.st_atime_ns = item.atime_ns
+            attributes.st_mtime_ns = item.mtime_ns
+            attributes.st_ctime_ns = item.ctime_ns
+        attributes.st_blocks = -(-attributes.st_size // 512)
         return attributes
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
         return self._attributes(node)
+
+    def _is_control_name(self, parent_inode: int, name: bytes) -> bool:
+        return (parent_inode == ROOT_INODE and name in HIDDEN_AT_ROOT) or self.control.owns(parent_inode)
 
     # -- lookups ----------------------------------------------------------
 
@@ -125,8 +147,8 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INODE and name == STATUS_NAME:
-            return self._control_attributes()
+        if self._is_control_name(parent_inode, name):
+            return self._attributes(self.control.lookup(parent_inode, name))
         parent = self.fs.node(parent_inode)
         if name == b".":
             return self._entry(parent)
@@ -137,6 +159,8 @@ class Operations(pyfuse3.Operations):
         except FSError as error:
             if error.errno != errno.ENOENT:
                 raise
+            if len(self._negative) < MAX_NEGATIVE_NAMES:
+                self._negative.add((parent_inode, name))
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
             negative.entry_timeout = self.options.negative_timeout
@@ -151,8 +175,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode == STATUS_INODE:
-            return self._control_attributes()
+        if self.control.owns(inode):
+            return self._attributes(self.control.entry(inode))
         return self._attributes(await self.fs.refresh(self.fs.node(inode)))
 
     @handler
@@ -164,8 +188,11 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if inode == STATUS_INODE:
-            raise FSError(errno.EACCES)
+        if self.control.owns(inode):
+            # Truncating .run (shell redirection opens it with O_TRUNC) is all one may do.
+            if inode != RUN_INODE or fields.update_mode or fields.update_uid or fields.update_gid:
+                raise FSError(errno.EPERM)
+            return self._attributes(self.control.entry(inode))
         node = await self.fs.setattr(
             self.fs.node(inode),
             size=attr.st_size if fields.update_size else None,
@@ -177,6 +204,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.control.owns(inode):
+            return self.control.readlink(inode)
         return await self.fs.readlink(self.fs.node(inode))
 
     # -- directories ------------------------------------------------------
@@ -184,15 +213,21 @@ class Operations(pyfuse3.Operations):
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         """Snapshot the directory: readdir cookies are positions in this snapshot."""
-        directory = self.fs.node(inode)
-        children = await self.fs.list_children(directory)
-        entries: list[tuple[bytes, Node | None, bool]] = [
-            (b".", directory, False),
-            (b"..", directory.parent or directory, False),
-        ]
-        entries += [(n.name, n, True) for n in children]
-        if inode == ROOT_INODE:
-            entries.append((STATUS_NAME, None, False))
+        entries: list[DirectoryEntry]
+        if self.control.owns(inode):
+            here = self.control.entry(inode)
+            parent: Node | ControlEntry = (
+                self.fs.namespace.root if inode == RUNS_INODE else self.control.entry(RUNS_INODE)
+            )
+            entries = [(b".", here, False), (b"..", parent, False)]
+            entries += [(entry.name, entry, False) for entry in self.control.children(inode)]
+        else:
+            directory = self.fs.node(inode)
+            children = await self.fs.list_children(directory)
+            entries = [(b".", directory, False), (b"..", directory.parent or directory, False)]
+            entries += [(node.name, node, True) for node in children]
+            if inode == ROOT_INODE:
+                entries += [(entry.name, entry, False) for entry in self.control.root_entries()]
         number = self._next_dir
         self._next_dir += 1
         self._dirs[number] = entries
@@ -202,12 +237,11 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = self._dirs[fh]
         for index in range(start_id, len(entries)):
-            name, node, counted = entries[index]
-            attributes = self._attributes(node) if node is not None else self._control_attributes()
-            if not pyfuse3.readdir_reply(token, name, attributes, index + 1):
+            name, item, counted = entries[index]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(item), index + 1):
                 return
-            if counted and node is not None:
-                node.lookups += 1
+            if counted and isinstance(item, Node):
+                item.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -270,29 +304,30 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if not stat.S_ISREG(mode):
-            raise FSError(errno.EPERM)
         self._refuse_control(parent_inode, name)
+        if (mode & 0o170000) != 0o100000:
+            raise FSError(errno.EPERM)  # devices, fifos and sockets cannot be made through uploads
         number, handle = await self.fs.create(self.fs.node(parent_inode), name, mode, os.O_WRONLY)
         await self.fs.release(number)
         return self._entry(handle.node)
 
     def _refuse_control(self, parent_inode: int, name: bytes) -> None:
-        """Reserved names at the root belong to baifs, not to the session."""
-        if parent_inode == ROOT_INODE and name in HIDDEN_AT_ROOT:
+        """Reserved names at the root and everything under them belong to baifs, not to the session."""
+        if self._is_control_name(parent_inode, name):
             raise FSError(errno.EPERM)
 
     # -- files ------------------------------------------------------------
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if inode == STATUS_INODE:
-            if flags & os.O_ACCMODE != os.O_RDONLY:
+        if self.control.owns(inode):
+            writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+            if writable and inode != RUN_INODE:
                 raise FSError(errno.EACCES)
-            number = CONTROL_HANDLE_BASE + len(self._controls) + 1
-            while number in self._controls:
-                number += 1
-            self._controls[number] = (json.dumps(status(self.fs, self.identity), indent=2) + "\n").encode()
+            self.control.entry(inode)
+            number = self._next_control
+            self._next_control += 1
+            self._controls[number] = ControlHandle(inode, writable)
             return pyfuse3.FileInfo(fh=number, direct_io=True, keep_cache=False)
         number, handle = await self.fs.open(self.fs.node(inode), flags)
         return self._file_info(number, handle)
@@ -313,16 +348,40 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        if fh in self._controls:
-            return self._controls[fh][off : off + size]
-        return await self.fs.read(fh, off, size)
+        control = self._controls.get(fh)
+        if control is None:
+            return await self.fs.read(fh, off, size)
+        if control.record is not None:
+            return self.control.run_document(control.record)[off : off + size]
+        return self.control.read(control.inode, off, size)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.fs.write(fh, off, buf)
+        control = self._controls.get(fh)
+        if control is None:
+            return await self.fs.write(fh, off, buf)
+        if not control.writable:
+            raise FSError(errno.EBADF)
+        request = control.request
+        if off > len(request):
+            request.extend(b"\0" * (off - len(request)))
+        request[off : off + len(buf)] = buf
+        return len(buf)
 
+    @handler
     async def flush(self, fh: int) -> None:
-        return None
+        """close(): a run request written to ``.run`` is submitted here, so a bad one fails close()."""
+        control = self._controls.get(fh)
+        if control is not None and control.request:
+            self._submit(control)
+
+    def _submit(self, control: ControlHandle) -> None:
+        request, control.request = bytes(control.request), bytearray()
+        try:
+            control.record = self.control.runs.submit(request)
+        except RunRejected as error:
+            log.warning("refused a run request: %s", error)
+            raise FSError(errno.EINVAL) from None
 
     @handler
     async def release(self, fh: int) -> None:
@@ -331,6 +390,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
+        control = self._controls.get(fh)
+        if control is not None:
+            if control.request:
+                self._submit(control)
+            return
         handle = self.fs.handles.get(fh)
         if handle is not None:
             await self.fs.fsync(handle.node)
@@ -341,6 +405,13 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode == ROOT_INODE and name == FLUSH_XATTR:
             await self._flush_everything()
+            return
+        if inode == RUN_INODE and name == INTERRUPT_XATTR:
+            try:
+                number = int(value.decode().strip())
+            except ValueError:
+                raise FSError(errno.EINVAL) from None
+            await self.control.runs.interrupt(number)
             return
         raise FSError(errno.ENOTSUP)
 
@@ -372,3 +443,26 @@ class Operations(pyfuse3.Operations):
         for node in nodes:
             if node.parent is not None:
                 pyfuse3.invalidate_entry_async(node.parent.inode, node.name, ignore_enoent=True)
+
+    async def forget_kernel_caches(self) -> None:
+        """After a run: the kernel asks again about every name and attribute it cached.
+
+        Runs in a worker thread, since the kernel calls block until requests
+        on the same inodes are answered by the handlers on this thread.
+        """
+        inodes = [inode for inode, node in self.fs.namespace.inodes.items() if node.lookups > 0]
+        negative, self._negative = self._negative, set()
+
+        def invalidate() -> None:
+            for inode in inodes:
+                try:
+                    pyfuse3.invalidate_inode(inode, attr_only=True)
+                except OSError:
+                    pass  # the kernel forgot it meanwhile
+            for parent, name in negative:
+                try:
+                    pyfuse3.invalidate_entry(parent, name)
+                except OSError:
+                    pass
+
+        await trio.to_thread.run_sync(invalidate)

@@ -155,16 +155,17 @@ def _apply_attributes(fs: Filesystem, node: Node, record: dict[str, Any]) -> Non
     fs.namespace.refresh_pending(node)
 
 
-def _adopt_stage(fs: Filesystem, node: Node, stage: str) -> None:
+def _adopt_stage(fs: Filesystem, node: Node, stage: str) -> int:
+    """Give a node the content a journal record names; 1 if it was still there."""
     staged_file = fs.store.stage_path(stage)
     if not staged_file.exists():
-        log.warning("recovery: the staged content of %r is missing", remote_name(node.path))
-        return
+        return 0  # uploaded and retired into the cache before the journal was checkpointed
     node.stage = stage
     node.size = staged_file.stat().st_size
     node.content_version += 1
     node.dirty = True
     fs.namespace.refresh_pending(node)
+    return 1
 
 
 async def _replay(fs: Filesystem, record: dict[str, Any]) -> int:
@@ -191,21 +192,18 @@ async def _replay(fs: Filesystem, record: dict[str, Any]) -> int:
         parent = await _resolve(fs, parent_path)
         if parent is None or parent.children is None:
             return 0
+        created = node is None
         if node is None:
             node = fs.namespace.add_local(parent, name, int(record["mode"]))
             if "target" in record:
                 node.target = decode_path(record["target"])
                 node.size = len(node.target)
-        if "stage" in record and node.is_regular:
-            _adopt_stage(fs, node, record["stage"])
-        fs.journal.record(**record)
-        return 1
+        staged = _adopt_stage(fs, node, record["stage"]) if "stage" in record and node.is_regular else 0
+        return int(created) or staged
     if node is None:
         return 0
     if op == "stage" and node.is_regular:
-        _adopt_stage(fs, node, record["stage"])
-        fs.journal.record(**record)
-        return 1
+        return _adopt_stage(fs, node, record["stage"])
     if op == "meta":
         await fs.setattr(
             node,

@@ -1,0 +1,300 @@
+"""Batch runs started from the mount: what a write to ``.run`` does, and the records behind ``.runs/``.
+
+A write to ``.run`` is a *run request*: either a shell command (the exec
+step) or a small TOML document with ``clean``, ``build`` and ``exec`` keys.
+`parse_request` accepts or rejects it (`RunRejected` says why; the FUSE
+layer answers EINVAL). An accepted request becomes a `RunRecord` numbered
+1, 2, 3, ... and queues for the session's execution slot, so runs go one at
+a time and in order. A run then:
+
+1. flushes everything pending in the mount while holding the slot (the
+   barrier: a run sees everything written before it);
+2. runs its steps as one batch execution, appending the console to
+   ``output`` (both streams in arrival order), ``stdout`` and ``stderr`` as
+   it arrives;
+3. ends ``finished`` with its exit code, or ``failed`` with the cause (the
+   barrier failed, the session stopped answering, the mount ended);
+4. makes the mount look again: every listing expires and the kernel's
+   cached attributes and names are dropped, so what the run changed shows
+   at once.
+
+Records live in ``<state>/runs/<number>/`` (``command``, ``status`` as
+JSON, the three output files, ``exit_code`` once finished), survive a
+remount, and only the newest ``keep`` are kept. A record left ``queued`` or
+``running`` by a mount that ended is marked failed when the next mount loads
+it (the run itself, if it was going, is concluded by `mount`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+from ..api.batch import BatchSteps
+from ..api.errors import BaifsError
+from .filesystem import Filesystem
+
+log = logging.getLogger(__name__)
+
+STEP_KEYS = ("clean", "build", "exec")
+#: A command longer than this could not reach the session's shell (one argument is capped at 128 KiB).
+MAX_COMMAND_BYTES = 64 * 1024
+RECORD_FILES = ("command", "status", "output", "stdout", "stderr", "exit_code")
+DEFAULT_KEEP = 100
+
+
+class RunRejected(BaifsError):
+    """A write to ``.run`` that is not a run request."""
+
+
+def parse_request(data: bytes) -> BatchSteps:
+    """The steps a write to ``.run`` asks for: a TOML table of steps, or else one command."""
+    if len(data) > MAX_COMMAND_BYTES:
+        raise RunRejected(f"the request has {len(data):,} bytes; at most {MAX_COMMAND_BYTES:,} are allowed")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RunRejected("the request is not UTF-8 text") from None
+    if "\0" in text:
+        raise RunRejected("the request contains a NUL byte")
+    if not text.strip():
+        raise RunRejected("the request is empty: write a command, or a TOML table with clean, build and exec")
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return BatchSteps(exec=text.strip())
+    unknown = sorted(set(document) - set(STEP_KEYS))
+    if unknown:
+        raise RunRejected(
+            f"unknown key(s) {', '.join(map(repr, unknown))}: a structured request has only "
+            'clean, build and exec (to run a command that looks like TOML, write exec = "...")'
+        )
+    if not all(isinstance(document.get(key, ""), str) for key in STEP_KEYS):
+        raise RunRejected("clean, build and exec must be strings")
+    steps = BatchSteps(**{key: document.get(key, "").strip() for key in STEP_KEYS})
+    if not (steps.clean or steps.build or steps.exec):
+        raise RunRejected("every step is empty")
+    return steps
+
+
+@dataclass
+class RunRecord:
+    number: int
+    directory: Path
+    command: str
+    steps: BatchSteps
+    state: str = "queued"
+    exit_code: int | None = None
+    run_id: str | None = None
+    queued_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: str | None = None
+    #: open output files while the run goes (output, stdout, stderr).
+    sinks: dict[str, IO[bytes]] = field(default_factory=dict, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "failed")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "state": self.state,
+            "exit_code": self.exit_code,
+            "run_id": self.run_id,
+            "steps": {key: getattr(self.steps, key) for key in STEP_KEYS},
+            "queued_at": self.queued_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "error": self.error,
+        }
+
+    def save(self) -> None:
+        temporary = self.directory / "status.tmp"
+        temporary.write_text(json.dumps(self.status(), indent=2) + "\n")
+        temporary.replace(self.directory / "status")
+        if self.state == "finished" and self.exit_code is not None:
+            (self.directory / "exit_code").write_text(f"{self.exit_code}\n")
+
+    def append(self, stream: str, text: str) -> None:
+        data = text.encode("utf-8", "surrogateescape")
+        for name in ("output", stream):
+            self.sinks[name].write(data)
+            self.sinks[name].flush()
+
+    @classmethod
+    def load(cls, directory: Path) -> RunRecord:
+        document = json.loads((directory / "status").read_text())
+        steps = BatchSteps(**{key: document["steps"].get(key, "") for key in STEP_KEYS})
+        record = cls(
+            number=int(document["number"]),
+            directory=directory,
+            command=(directory / "command").read_text(errors="replace"),
+            steps=steps,
+            state=document["state"],
+            exit_code=document["exit_code"],
+            run_id=document["run_id"],
+            queued_at=document["queued_at"],
+            started_at=document["started_at"],
+            ended_at=document["ended_at"],
+            error=document["error"],
+        )
+        return record
+
+
+class RunManager:
+    """Queues, carries out and remembers the mount's runs."""
+
+    def __init__(
+        self,
+        fs: Filesystem,
+        directory: Path,
+        *,
+        keep: int = DEFAULT_KEEP,
+        after_run: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.fs = fs
+        self.directory = directory
+        self.keep = max(1, keep)
+        self.after_run = after_run
+        self.records: dict[int, RunRecord] = {}
+        #: why the last write to ``.run`` was refused (shown when ``.run`` is read).
+        self.last_rejection: str | None = None
+        self._nursery: trio.Nursery | None = None
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._load()
+
+    def _load(self) -> None:
+        for entry in self.directory.iterdir():
+            if not entry.name.isdigit() or not (entry / "status").exists():
+                continue
+            try:
+                record = RunRecord.load(entry)
+            except (OSError, ValueError, KeyError) as error:
+                log.warning("run record %s is unreadable (%s); ignoring it", entry, error)
+                continue
+            if not record.done:
+                record.state = "failed"
+                record.error = "the mount ended before this run finished; its output may be incomplete"
+                record.ended_at = record.ended_at or time.time()
+                record.save()
+            self.records[record.number] = record
+
+    @property
+    def latest(self) -> RunRecord | None:
+        return self.records[max(self.records)] if self.records else None
+
+    async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._abandon_all()
+
+    def submit(self, data: bytes) -> RunRecord:
+        """Accept a run request and queue it; `RunRejected` says why not."""
+        try:
+            steps = parse_request(data)
+        except RunRejected as error:
+            self.last_rejection = str(error)
+            raise
+        self.last_rejection = None
+        number = max(self.records, default=0) + 1
+        directory = self.directory / str(number)
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(mode=0o700)
+        (directory / "command").write_bytes(data)
+        record = RunRecord(number, directory, data.decode("utf-8"), steps)
+        for name in ("output", "stdout", "stderr"):
+            record.sinks[name] = open(directory / name, "wb")
+        record.save()
+        self.records[number] = record
+        self._prune()
+        assert self._nursery is not None, "runs are taken only while the mount serves"
+        self._nursery.start_soon(self._carry_out, record)
+        log.info("run %d queued: %s", number, record.command.strip()[:200])
+        return record
+
+    async def _carry_out(self, record: RunRecord) -> None:
+        executor = self.fs.executor
+        try:
+            async with executor.slot():
+                record.state, record.started_at = "running", time.time()
+                record.save()
+                try:
+                    await self.fs.flush_in_slot()
+                except BaifsError as error:
+                    raise RunFailed(
+                        f"the pending changes could not be put on the session first: {error}"
+                    ) from error
+                record.run_id = secrets.token_hex(16)
+                record.save()
+                outcome = await executor.run_held(record.steps, self._sink(record), record.run_id)
+            record.state, record.exit_code = "finished", outcome.exit_code
+            log.info("run %d finished with exit code %d", record.number, outcome.exit_code)
+        except BaifsError as error:
+            record.state, record.error = "failed", str(error)
+            log.error("run %d failed: %s", record.number, error)
+        finally:
+            record.ended_at = time.time()
+            self._close(record)
+            with trio.CancelScope(shield=True):
+                self.fs.expire_listings()
+                if self.after_run is not None:
+                    await self.after_run()
+
+    def _sink(self, record: RunRecord) -> Callable[[str, str], Awaitable[None]]:
+        async def sink(stream: str, text: str) -> None:
+            record.append(stream, text)
+
+        return sink
+
+    def _close(self, record: RunRecord) -> None:
+        for handle in record.sinks.values():
+            handle.close()
+        record.sinks.clear()
+        record.save()
+
+    def _abandon_all(self) -> None:
+        """The mount is ending: runs not done are failed (a going one is concluded by the next mount)."""
+        for record in self.records.values():
+            if not record.done:
+                record.state = "failed"
+                record.error = (
+                    "the mount ended before this run started"
+                    if record.started_at is None
+                    else "the mount ended while this run was going; its output after that is lost"
+                )
+                record.ended_at = time.time()
+                self._close(record)
+
+    async def interrupt(self, number: int) -> None:
+        """Ask the session to interrupt run ``number`` if it is the one going."""
+        record = self.records.get(number)
+        if record is None or record.state != "running" or self.fs.executor.current_run_id != record.run_id:
+            return
+        log.info("interrupting run %d", number)
+        await self.fs.executor.interrupt()
+
+    def _prune(self) -> None:
+        for number in sorted(self.records)[: -self.keep]:
+            if self.records[number].done:
+                shutil.rmtree(self.records.pop(number).directory, ignore_errors=True)
+
+
+class RunFailed(BaifsError):
+    """A run could not be carried out; the message is the cause recorded in its status."""
