@@ -1,0 +1,1 @@
+"""Benchmarks: baifs against sshfs and a native directory, with and without network latency."""
