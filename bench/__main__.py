@@ -30,8 +30,8 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run that finishes in a few minutes")
     parser.add_argument("--latencies", default="0,20", help="round trips to emulate, in ms (default: 0,20)")
-    parser.add_argument("--runs", type=int, help="measured runs per figure (default: 5, quick: 3)")
-    parser.add_argument("--files", type=int, help="files in the tree (default: 1000, quick: 200)")
+    parser.add_argument("--runs", type=int, help="measured runs per figure (default: 5, quick: 1)")
+    parser.add_argument("--files", type=int, help="files in the tree (default: 1000, quick: 100)")
     parser.add_argument("--big-mb", type=int, help="size of the large file (default: 100, quick: 20)")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/baifs-bench"), help="scratch directory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
@@ -47,8 +47,8 @@ def main() -> int:
     if missing:
         print(f"bench: missing {', '.join(missing)}; bench/run installs them", file=sys.stderr)
         return 2
-    runs = args.runs or (3 if args.quick else 5)
-    files = args.files or (200 if args.quick else 1000)
+    runs = args.runs or (1 if args.quick else 5)
+    files = args.files or (100 if args.quick else 1000)
     big_mb = args.big_mb or (20 if args.quick else 100)
     latencies = [float(value) for value in args.latencies.split(",")]
     command = "bash bench/run" + (" --quick" if args.quick else "")

@@ -42,7 +42,7 @@ class Processes:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, argv: list[str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
-        handle = open(log, "ab")
+        handle = open(log, "wb")
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle, **kwargs)
         self.started.append(process)
         return process

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,8 @@ class Dataset:
         marker = self.root / f".made-{self.files}-{self.big_mb}"
         if marker.exists():
             return
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
         rng = random.Random(20261125)
         for index in range(self.files):
             directory = self.tree / f"dir{index % 20:02d}"
@@ -193,7 +196,7 @@ class Bench:
         )
 
     def git(self) -> None:
-        """5. git status (warm) in a repository of the tree, and git add -A && git commit of 20 changed files."""
+        """5. git status (warm) in a repository of the tree; git add -A && git commit of 20 changed files."""
         git = "git -c user.name=bench -c user.email=bench@example.com -c init.defaultBranch=main"
         sh(
             f"cp -r {shlex.quote(str(self.data.tree))} repo && cd repo && {git} init -q && {git} add -A "

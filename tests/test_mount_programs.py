@@ -16,7 +16,7 @@ from mounting import Mount, needs_fuse, tree
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(240)]
 
-needs = pytest.mark.skipif
+GIT = ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
 
 
 def program(name: str) -> pytest.MarkDecorator:
@@ -50,6 +50,15 @@ def make_source_tree(root: Path, files: int = 220) -> Path:
     os.symlink("pkg0/mod0/file000.txt", root / "link-to-file")
     os.symlink("pkg1", root / "link-to-dir")
     return root
+
+
+def executables(root: Path) -> set[str]:
+    """Executable files outside .git."""
+    return {
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file() and path.stat().st_mode & 0o111 and ".git" not in path.relative_to(root).parts
+    }
 
 
 def mtimes(root: Path) -> dict[str, int]:
@@ -173,67 +182,43 @@ def test_git_init_add_commit_status_checkout(mount: Mount, tmp_path: Path) -> No
     m = mount.start()
     repo = m.path / "repo"
     repo.mkdir()
-    git = [
-        "git",
-        "-c",
-        "user.name=Test",
-        "-c",
-        "user.email=test@example.com",
-        "-c",
-        "init.defaultBranch=main",
-    ]
-    run([*git, "init", "-q"], cwd=repo)
+    run([*GIT, "init", "-q"], cwd=repo)
     make_source_tree(repo / "src", files=60)
-    run([*git, "add", "-A"], cwd=repo)
-    run([*git, "commit", "-q", "-m", "first"], cwd=repo)
-    assert run([*git, "status", "--porcelain"], cwd=repo) == ""
-    run([*git, "checkout", "-q", "-b", "feature"], cwd=repo)
+    run([*GIT, "add", "-A"], cwd=repo)
+    run([*GIT, "commit", "-q", "-m", "first"], cwd=repo)
+    assert run([*GIT, "status", "--porcelain"], cwd=repo) == ""
+    run([*GIT, "checkout", "-q", "-b", "feature"], cwd=repo)
     (repo / "src" / "pkg0" / "mod0" / "file000.txt").write_text("changed on feature\n")
     (repo / "feature.txt").write_text("new\n")
-    run([*git, "add", "-A"], cwd=repo)
-    run([*git, "commit", "-q", "-m", "feature work"], cwd=repo)
-    run([*git, "checkout", "-q", "main"], cwd=repo)
+    run([*GIT, "add", "-A"], cwd=repo)
+    run([*GIT, "commit", "-q", "-m", "feature work"], cwd=repo)
+    run([*GIT, "checkout", "-q", "main"], cwd=repo)
     assert not (repo / "feature.txt").exists()
-    assert run([*git, "status", "--porcelain"], cwd=repo) == ""
+    assert run([*GIT, "status", "--porcelain"], cwd=repo) == ""
     m.sync()
     remote = m.work / "repo"
-    assert run([*git, "fsck", "--strict"], cwd=remote) == ""
-    assert run([*git, "log", "--format=%s", "feature"], cwd=remote).split() == ["feature", "work", "first"]
-    assert run([*git, "status", "--porcelain"], cwd=remote) == ""
+    assert run([*GIT, "fsck", "--strict"], cwd=remote) == ""
+    assert run([*GIT, "log", "--format=%s", "feature"], cwd=remote).split() == ["feature", "work", "first"]
+    assert run([*GIT, "status", "--porcelain"], cwd=remote) == ""
     assert tree(remote / "src") == tree(repo / "src")
 
 
 @program("git")
 def test_git_clone_into_the_mount(mount: Mount, tmp_path: Path) -> None:
     origin = tmp_path / "origin"
-    git = [
-        "git",
-        "-c",
-        "user.name=Test",
-        "-c",
-        "user.email=test@example.com",
-        "-c",
-        "init.defaultBranch=main",
-    ]
     origin.mkdir()
-    run([*git, "init", "-q"], cwd=origin)
+    run([*GIT, "init", "-q"], cwd=origin)
     make_source_tree(origin, files=120)
-    run([*git, "add", "-A"], cwd=origin)
-    run([*git, "commit", "-q", "-m", "import"], cwd=origin)
+    run([*GIT, "add", "-A"], cwd=origin)
+    run([*GIT, "commit", "-q", "-m", "import"], cwd=origin)
     m = mount.start()
-    run([*git, "clone", "-q", "--no-local", str(origin), "clone"], cwd=m.path)
-    assert run([*git, "status", "--porcelain"], cwd=m.path / "clone") == ""
+    run([*GIT, "clone", "-q", "--no-local", str(origin), "clone"], cwd=m.path)
+    assert run([*GIT, "status", "--porcelain"], cwd=m.path / "clone") == ""
     m.sync()
     remote = m.work / "clone"
-    assert run([*git, "fsck", "--strict"], cwd=remote) == ""
-    assert run([*git, "status", "--porcelain"], cwd=remote) == ""
+    assert run([*GIT, "fsck", "--strict"], cwd=remote) == ""
+    assert run([*GIT, "status", "--porcelain"], cwd=remote) == ""
     expected = {k: v for k, v in tree(origin).items() if not k.startswith(".git")}
     actual = {k: v for k, v in tree(remote).items() if not k.startswith(".git")}
     assert actual == expected
-
-    def executables(root: Path) -> set[str]:  # git keeps only the executable bit
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and os.access(p, os.X_OK)}
-
-    assert executables(remote) - {p for p in executables(remote) if p.startswith(".git")} == executables(
-        origin
-    ) - {p for p in executables(origin) if p.startswith(".git")}
+    assert executables(remote) == executables(origin)  # git keeps only the executable bit

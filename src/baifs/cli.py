@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,16 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
         help="how much to log (default: %(default)s)",
     )
     parser.add_argument("--log-file", type=Path, help="log to this file instead of standard error")
+
+
+def add_mount_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument(
+        name,
+        type=Path,
+        nargs="?",
+        default=Path("."),
+        help="the mount (default: the one containing the current directory)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,19 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     umount.set_defaults(handler=run_umount)
 
     status = commands.add_parser("status", help="show pending uploads, cache and requests of a mount")
-    status.add_argument(
-        "mountpoint",
-        type=Path,
-        nargs="?",
-        default=Path("."),
-        help="the mount (default: the one containing the current directory)",
-    )
+    add_mount_argument(status, "mountpoint")
     status.add_argument("--json", action="store_true", help="print the raw status document")
     add_logging_options(status)
     status.set_defaults(handler=run_status)
 
     run = commands.add_parser(
         "run",
+        usage="baifs run [MOUNT] [--build CMD] [--clean CMD] -- COMMAND...",
         help="run a command in the session (a batch run) and stream its output",
         description="Run COMMAND in the session as a batch run, after everything pending in the mount "
         "is on the session. Standard output and error stream to this terminal as they arrive; the exit "
@@ -211,13 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  baifs run --build 'make' -- './app --fast'      (in the mount containing the current directory)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument(
-        "mount",
-        type=Path,
-        nargs="?",
-        default=Path("."),
-        help="the mount (default: the one containing the current directory)",
-    )
+    add_mount_argument(run, "mount")
     run.add_argument("--build", default="", metavar="CMD", help="build step; a failure skips the command")
     run.add_argument(
         "--clean", default="", metavar="CMD", help="clean step, run first; its failure is ignored"
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=run_run, command=[])
 
     sync = commands.add_parser("sync", help="upload everything pending and wait until it is on the session")
-    sync.add_argument("mountpoint", type=Path, nargs="?", default=Path("."))
+    add_mount_argument(sync, "mountpoint")
     add_logging_options(sync)
     sync.set_defaults(handler=run_sync)
     return parser
@@ -279,6 +279,9 @@ def run_mount_command(args: argparse.Namespace) -> int:
         credentials = config.load_credentials(args.profile)
         (session, mountpoint), create = args.target, args.create
     mountpoint_path = Path(mountpoint).expanduser().resolve()
+    if mounted_session(mountpoint_path) == session:
+        print(f"baifs: session {session} is already mounted at {mountpoint_path}", file=sys.stderr)
+        return 0
     check_mountpoint(mountpoint_path)
     options = MountOptions(
         attr_timeout=args.attr_timeout,
@@ -314,6 +317,18 @@ def run_mount_command(args: argparse.Namespace) -> int:
         args.log_file or config.state_dir() / "logs" / f"mount-{mountpoint_path.name or 'root'}.log"
     )
     return run_detached(request, request.log_file)
+
+
+def mounted_session(path: Path) -> str | None:
+    """The session a baifs mount at ``path`` serves, if there is one."""
+    from .mountctl import NotAMount, read_status
+
+    if not os.path.ismount(path):
+        return None
+    try:
+        return str(read_status(path).get("session"))
+    except NotAMount:
+        return None
 
 
 def run_umount(args: argparse.Namespace) -> int:

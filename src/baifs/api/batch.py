@@ -110,6 +110,9 @@ class BatchExecutor:
         self.runs_started = 0
         self._lock = trio.Lock()
         self._current_run: str | None = None
+        self._nursery: trio.Nursery | None = None
+        #: set once the last run's trailing markers are read (runs concluded in the background).
+        self._concluding: trio.Event | None = None
 
     @property
     def current_run_id(self) -> str | None:
@@ -128,9 +131,21 @@ class BatchExecutor:
         slipping in (a flush, then a user's run) holds the slot across both and
         starts runs with `run_held`.
         """
-        with trio.move_on_after(queue_timeout) as waiting:
-            await self._lock.acquire()
-        if waiting.cancelled_caught:
+        acquired = ready = False
+        try:
+            with trio.move_on_after(queue_timeout):
+                await self._lock.acquire()
+                acquired = True
+                if self._concluding is not None:
+                    await self._concluding.wait()  # the previous run's trailing markers
+                ready = True
+        except BaseException:
+            if acquired:
+                self._lock.release()
+            raise
+        if not ready:
+            if acquired:
+                self._lock.release()
             raise SessionBusy(
                 f"the session is still busy with run {self._current_run} after {queue_timeout:.0f} s"
             )
@@ -161,11 +176,16 @@ class BatchExecutor:
         self._current_run = run_id
         self._tell(run_id)
         try:
-            outcome = await self._drive(steps, run_id, on_console)
+            return await self._drive(steps, run_id, on_console)
         finally:
             self._current_run = None
-        self._tell(None)
-        return outcome
+
+    async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Where runs are concluded after their caller has its result (see `_drive`)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     def _tell(self, run_id: str | None) -> None:
         if self.on_run is not None:
@@ -233,15 +253,33 @@ class BatchExecutor:
             await _deliver(result, sink)
             status = result["status"]
             if status == "clean-finished":
-                exit_code = _exit_code(result)
-                await self._conclude(run_id)
-                return BatchOutcome(run_id, exit_code)
+                # Everything is known: the composed script ran in the clean step.
+                # The trailing markers are read in the background when there is a
+                # background (the next user of the slot waits for that), so the
+                # caller has its result one or two round trips sooner.
+                if self._nursery is None:
+                    await self._conclude(run_id)
+                    self._tell(None)
+                else:
+                    self._concluding = trio.Event()
+                    self._nursery.start_soon(self._conclude_later, run_id, self._concluding)
+                return BatchOutcome(run_id, _exit_code(result))
             if status == "finished":
+                self._tell(None)
                 return BatchOutcome(run_id, _exit_code(result))
             if status == "exec-timeout":
                 raise SessionWedged(f"run {run_id}: the session reported exec-timeout")
             mode, code = ("input", "") if status == "waiting-input" else ("continue", "")
             result = await self._poll(run_id, mode, code)
+
+    async def _conclude_later(self, run_id: str, done: trio.Event) -> None:
+        try:
+            await self._conclude(run_id)
+            self._tell(None)
+        except (SessionWedged, APIError, EndpointUnreachable) as error:
+            log.warning("run %s: could not read it to its end: %s", run_id, error)
+        finally:
+            done.set()
 
     async def _poll(self, run_id: str, mode: str = "continue", code: str = "") -> dict[str, Any]:
         """A ``continue`` (or ``input``) request, retried a few times since it only reads."""

@@ -419,7 +419,9 @@ class SessionClient:
         )
         return parse_listing(response.json(), remote_path)
 
-    async def upload(self, files: Sequence[UploadFile]) -> dict[str, list[RemoteEntry]]:
+    async def upload(
+        self, files: Sequence[UploadFile], *, verify: bool = True
+    ) -> dict[str, list[RemoteEntry]]:
         """Upload up to 20 files; returns the verifying listings, by parent directory.
 
         Raises `LimitExceeded` without sending anything when the batch breaks a
@@ -434,7 +436,7 @@ class SessionClient:
             log.warning("this agent wants absolute upload names; switching")
             self._absolute_upload_names = True
             await self._post_upload(files)
-        if not self.connection.swallows_upload_errors:
+        if not verify or not self.connection.swallows_upload_errors:
             return {}
         return await self._verify_upload(files)
 
@@ -449,26 +451,29 @@ class SessionClient:
         """Upload any number of files in batches of 20, ``parallel`` requests at a time.
 
         At most ``memory`` bytes of content are read into memory at once.
-        ``on_batch`` is called after each batch is on the session. Returns the
-        verifying listings of every batch, merged (see `upload`).
+        ``on_batch`` is called after each batch is sent. Where a 204 does not
+        prove a write, every directory written to is listed once at the end
+        (see `upload`); returns those listings.
         """
         for item in files:
             check_upload_batch([item])
-        batches = [files[i : i + MAX_UPLOAD_FILES] for i in range(0, len(files), MAX_UPLOAD_FILES)]
-        listings: dict[str, list[RemoteEntry]] = {}
+        ordered = sorted(files, key=lambda item: item.name.rpartition("/")[0])
+        batches = [ordered[i : i + MAX_UPLOAD_FILES] for i in range(0, len(ordered), MAX_UPLOAD_FILES)]
         limiter = trio.CapacityLimiter(parallel)
         budget = ByteBudget(memory)
 
         async def send(batch: Sequence[UploadFile]) -> None:
             async with limiter, budget.hold(sum(item.size for item in batch)):
-                listings.update(await self.upload(batch))
+                await self.upload(batch, verify=False)
             if on_batch is not None:
                 on_batch(batch)
 
         async with trio.open_nursery() as nursery:
             for batch in batches:
                 nursery.start_soon(send, batch)
-        return listings
+        if not files or not self.connection.swallows_upload_errors:
+            return {}
+        return await self._verify_upload(files)
 
     async def _post_upload(self, files: Sequence[UploadFile]) -> None:
         contents = [await trio.to_thread.run_sync(item.read) for item in files]
@@ -493,8 +498,11 @@ class SessionClient:
             by_parent.setdefault(parent, {})[base] = item.size
         listings: dict[str, list[RemoteEntry]] = {}
 
+        limiter = trio.CapacityLimiter(4)
+
         async def verify(parent: str) -> None:
-            listings[parent] = await self.list_dir(parent)
+            async with limiter:
+                listings[parent] = await self.list_dir(parent)
 
         async with trio.open_nursery() as nursery:
             for parent in by_parent:

@@ -13,9 +13,11 @@ single chunk (the first read of a file, or a random access) travels inline,
 base64 in the run's output: one run, nothing left behind. A wider window is
 cut with ``dd`` into parts under ``.baifs-tmp/read-<token>/``, which are then
 downloaded five to a request, several requests at a time, and removed by the
-next script that runs in the session. Sequential reads double the window up
-to `MAX_WINDOW_CHUNKS`. Reading the first kilobyte of a 1 GB file therefore
-moves one chunk, not the gigabyte.
+next script that runs in the session. Sequential reads widen the window
+fourfold up to `MAX_WINDOW_CHUNKS` and fetch the next window ahead while the
+current one is read; a reader waits only for the chunks it needs, each
+usable as soon as it arrives. Reading the first kilobyte of a 1 GB file
+therefore moves one chunk, not the gigabyte.
 
 Invariant: content is stored only under the (size, mtime) the listing gave;
 when the session reports something else the file changed remotely, and
@@ -28,6 +30,7 @@ import base64
 import logging
 import secrets
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -44,6 +47,9 @@ from .shell import ShellScript
 log = logging.getLogger(__name__)
 
 SCAN_WINDOW_SECONDS = 3.0
+#: What one scan queues ahead at most; a later miss in the same scan queues more.
+PREFETCH_FILES = 64
+PREFETCH_BYTES = 32 * 1024 * 1024
 #: The widest ranged read: this many chunks cut and downloaded by one run.
 MAX_WINDOW_CHUNKS = 32
 #: How long a ranged read waits for the session's execution slot.
@@ -65,6 +71,17 @@ class Want:
     error: BaseException | None = None
 
 
+@dataclass
+class RangeState:
+    """Ranged reads of one version of a large file: what is on its way, where reading goes."""
+
+    entry: CacheEntry
+    in_flight: dict[int, trio.Event] = field(default_factory=dict)
+    next_offset: int = -1
+    window: int = 1
+    error: BaseException | None = None
+
+
 class Fetcher:
     def __init__(
         self, session: SessionClient, executor: BatchExecutor, store: ContentStore, *, parallel: int = 4
@@ -76,31 +93,40 @@ class Fetcher:
         self._wants: dict[bytes, Want] = {}
         self._idle_workers = trio.lowlevel.ParkingLot()
         self._recent_misses: dict[bytes, float] = {}
-        self._windows: dict[bytes, tuple[int, int]] = {}
+        self._ranges: dict[tuple[bytes, int, int], RangeState] = {}
+        self._nursery: trio.Nursery | None = None
+        #: downloads of cut parts in flight, across every file being read.
+        self._part_downloads = trio.CapacityLimiter(parallel)
         self._litter: set[bytes] = set()
 
     async def run_workers(self) -> None:
+        """The download workers, and the home of background ranged reads."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for _ in range(self.parallel):
                 nursery.start_soon(self._worker)
 
     # -- small files ------------------------------------------------------
 
-    async def whole_small(self, node: Node, siblings: list[Node]) -> CacheEntry:
-        """Bring a small file into the cache (and, during a scan, its siblings)."""
+    async def whole_small(self, node: Node, siblings: list[Node], *, scanning: bool = False) -> CacheEntry:
+        """Bring a small file into the cache (and, during a scan, the siblings after it).
+
+        A scan is what the caller saw (the directory was just enumerated) or a
+        second cache miss in the same directory within `SCAN_WINDOW_SECONDS`.
+        """
         assert node.origin is not None
         entry = self.store.lookup(node.origin, node.remote_size, node.remote_mtime_ns)
         if entry is not None and entry.complete:
             return entry
         parent = node.origin.rpartition(b"/")[0]
         now = time.monotonic()
-        scanning = now - self._recent_misses.get(parent, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
+        scanning = (
+            scanning or now - self._recent_misses.get(parent, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
+        )
         self._recent_misses[parent] = now
         want = self._want(node, demanded=True)
         if scanning:
-            for sibling in siblings:
-                if sibling is not node and self._prefetchable(sibling):
-                    self._want(sibling, demanded=False)
+            self.prefetch([s for s in siblings if s is not node], after=node.name)
         await want.done.wait()
         if want.error is not None:
             raise want.error
@@ -108,6 +134,18 @@ class Fetcher:
         if entry is None or not entry.complete:
             raise StaleContent(f"{node.origin!r} changed while it was read")
         return entry
+
+    def prefetch(self, nodes: list[Node], *, after: bytes = b"") -> None:
+        """Queue small files in a scan's order (names after ``after`` first), within bounds."""
+        ordered = sorted(nodes, key=lambda s: (s.name < after, s.name))
+        files = size = 0
+        for sibling in ordered:
+            if files >= PREFETCH_FILES or size >= PREFETCH_BYTES:
+                return
+            if self._prefetchable(sibling):
+                self._want(sibling, demanded=False)
+                files += 1
+                size += sibling.remote_size
 
     def _prefetchable(self, node: Node) -> bool:
         if (
@@ -195,24 +233,77 @@ class Fetcher:
     # -- large files ------------------------------------------------------
 
     async def ensure_range(self, entry: CacheEntry, offset: int, length: int) -> None:
-        """Bring the chunks covering a byte range into the cache; sequential reads widen the window."""
-        missing = entry.missing_chunks(offset, length)
-        if not missing:
-            return
-        first = missing[0]
-        last_end, window = self._windows.get(entry.remote_path, (-1, 1))
-        window = min(window * 2, MAX_WINDOW_CHUNKS) if first == last_end else 1
-        wanted = sorted(set(missing) | set(range(first, min(entry.chunk_total, first + window))))
-        wanted = [index for index in wanted if index not in entry.chunks]
-        await self._read_chunks(entry, wanted)
-        self._windows[entry.remote_path] = (wanted[-1] + 1, window)
+        """Bring the chunks covering a byte range into the cache.
+
+        A read that continues the previous one is sequential: its window
+        grows (4×, up to `MAX_WINDOW_CHUNKS`) and the next window is fetched
+        ahead, in the background, while this one is read. Each chunk is usable
+        as soon as it arrives.
+        """
+        state = self._range_state(entry)
+        sequential = offset == state.next_offset and offset > 0
+        state.next_offset = offset + length
+        needed = entry.missing_chunks(offset, length)
+        if sequential:
+            state.window = min(state.window * 4, MAX_WINDOW_CHUNKS)
+            ahead = max(needed, default=(offset + length - 1) // CHUNK_BYTES)
+            self._request(entry, state, range(ahead, min(entry.chunk_total, ahead + 2 * state.window)))
+        else:
+            state.window = 1
+            self._request(entry, state, needed)
+        await self._wait_for(entry, state, needed)
 
     async def ensure_all(self, entry: CacheEntry) -> None:
+        state = self._range_state(entry)
         missing = [index for index in range(entry.chunk_total) if index not in entry.chunks]
-        for start in range(0, len(missing), MAX_WINDOW_CHUNKS):
-            await self._read_chunks(entry, missing[start : start + MAX_WINDOW_CHUNKS])
+        self._request(entry, state, missing)
+        await self._wait_for(entry, state, missing)
 
-    async def _read_chunks(self, entry: CacheEntry, indices: list[int]) -> None:
+    def _range_state(self, entry: CacheEntry) -> RangeState:
+        key = (entry.remote_path, entry.size, entry.mtime_ns)
+        state = self._ranges.get(key)
+        if state is None or state.entry is not entry:
+            state = self._ranges[key] = RangeState(entry)
+        return state
+
+    def _request(self, entry: CacheEntry, state: RangeState, indices: Iterable[int]) -> None:
+        """Start fetching the chunks that are neither cached nor on their way, in windows."""
+        wanted = [i for i in indices if i not in entry.chunks and i not in state.in_flight]
+        for start in range(0, len(wanted), MAX_WINDOW_CHUNKS):
+            window = wanted[start : start + MAX_WINDOW_CHUNKS]
+            for index in window:
+                state.in_flight[index] = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._fetch_window, entry, state, window)
+
+    async def _wait_for(self, entry: CacheEntry, state: RangeState, indices: list[int]) -> None:
+        for index in indices:
+            event = state.in_flight.get(index)
+            if event is not None:
+                await event.wait()
+            if index not in entry.chunks:
+                raise state.error or StaleContent(f"chunk {index} of {entry.remote_path!r} did not arrive")
+
+    async def _fetch_window(self, entry: CacheEntry, state: RangeState, indices: list[int]) -> None:
+        def arrived(index: int) -> None:
+            event = state.in_flight.pop(index, None)
+            if event is not None:
+                event.set()
+
+        try:
+            await self._read_chunks(entry, indices, arrived)
+        except Exception as error:
+            state.error = error
+            log.info("reading %r in the session failed: %s", entry.remote_path, error)
+        finally:
+            for index in indices:
+                arrived(index)
+            if entry.complete:
+                self._ranges.pop((entry.remote_path, entry.size, entry.mtime_ns), None)
+
+    async def _read_chunks(
+        self, entry: CacheEntry, indices: list[int], arrived: Callable[[int], None]
+    ) -> None:
         """One chunk travels inline in the run's output; several are cut in the session and downloaded."""
         shell = ShellScript()
         path = shell.word(entry.remote_path)
@@ -246,18 +337,20 @@ class Fetcher:
         if len(indices) == 1:
             for index, data in inline.items():
                 await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+                arrived(index)
             return
         try:
-            await self._download_parts(entry, staging, indices)
+            await self._download_parts(entry, staging, indices, arrived)
         finally:
             self._litter.add(staging)
 
-    async def _download_parts(self, entry: CacheEntry, staging: bytes, indices: list[int]) -> None:
+    async def _download_parts(
+        self, entry: CacheEntry, staging: bytes, indices: list[int], arrived: Callable[[int], None]
+    ) -> None:
         batches = [indices[i : i + MAX_DOWNLOAD_PATHS] for i in range(0, len(indices), MAX_DOWNLOAD_PATHS)]
-        limiter = trio.CapacityLimiter(self.parallel)
 
         async def fetch(batch: list[int]) -> None:
-            async with limiter:
+            async with self._part_downloads:
                 paths = [remote_name(join(staging, str(index).encode())) for index in batch]
                 archives = await self.session.download(paths)
             for index, archive in zip(batch, archives, strict=True):
@@ -266,6 +359,7 @@ class Fetcher:
                 if len(data) != expected:
                     raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
                 await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+                arrived(index)
 
         async with trio.open_nursery() as nursery:
             for batch in batches:

@@ -46,7 +46,7 @@ from ..api.batch import BatchExecutor
 from ..api.client import SessionClient, UploadFile
 from ..api.errors import BaifsError, RemotePathError, SessionBusy
 from .content import DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
-from .fetch import Fetcher, StaleContent
+from .fetch import SCAN_WINDOW_SECONDS, Fetcher, StaleContent
 from .flush import (
     INLINE_SCRIPT_MAX,
     REMOTE_TMP,
@@ -71,6 +71,8 @@ NAME_MAX = 255
 HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
 RENAME_NOREPLACE = 1
 WRITE_BACK_RETRY_MAX = 60.0
+#: Listings taken ahead of a tree walk at the same time.
+PREFETCH_LISTINGS = 4
 
 
 class FSError(Exception):
@@ -142,6 +144,9 @@ class Filesystem:
         self._flush_lock = trio.Lock()
         self._changed = trio.Event()
         self._last_change = 0.0
+        self._nursery: trio.Nursery | None = None
+        self._enumerated: dict[int, float] = {}
+        self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_LISTINGS)
         #: flush directories a failed script left in the session.
         self.leftover_tmp: set[bytes] = set()
         #: called with nodes whose kernel entries must be dropped (set by the FUSE layer).
@@ -152,6 +157,7 @@ class Filesystem:
 
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self.fetcher.run_workers)
             nursery.start_soon(self._write_back_loop)
             task_status.started()
@@ -276,11 +282,65 @@ class Filesystem:
         return child
 
     async def list_children(self, directory: Node) -> list[Node]:
+        """A directory's entries, for readdir; a tree walk lists what comes next ahead of it."""
         if not directory.is_dir:
             raise FSError(errno.ENOTDIR)
         await self._remote(self.ensure_listed(directory))
         assert directory.children is not None
+        now = time.monotonic()
+        parent = directory.parent
+        if (
+            parent is not None
+            and now - self._enumerated.get(parent.inode, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
+        ):
+            # A directory enumerated right after its parent: ls -R, find, du, grep -r, git status.
+            ahead = [n for n in (*(parent.children or {}).values(), *directory.children.values()) if n.is_dir]
+            self._prefetch_listings(ahead)
+        if len(self._enumerated) > 10_000:
+            self._enumerated = {k: t for k, t in self._enumerated.items() if now - t < SCAN_WINDOW_SECONDS}
+        self._enumerated[directory.inode] = now
         return sorted(directory.children.values(), key=lambda n: n.name)
+
+    def _prefetch_next_directory(self, node: Node) -> None:
+        """In a tree walk (grep -r), the files of the directory after this one are read next."""
+        directory = node.parent
+        parent = directory.parent if directory is not None else None
+        if directory is None or parent is None or not self.recently_enumerated(parent):
+            return
+        following = sorted(
+            (
+                d
+                for d in (parent.children or {}).values()
+                if d.is_dir and d.name > directory.name and d.listed_at
+            ),
+            key=lambda d: d.name,
+        )
+        if following:
+            self.fetcher.prefetch(list((following[0].children or {}).values()))
+
+    def recently_enumerated(self, directory: Node | None) -> bool:
+        when = self._enumerated.get(directory.inode) if directory is not None else None
+        return when is not None and time.monotonic() - when < SCAN_WINDOW_SECONDS
+
+    def _prefetch_listings(self, directories: list[Node]) -> None:
+        """List, in the background, directories whose listing is missing or stale."""
+        now = time.monotonic()
+        for directory in directories:
+            stale = directory.listed_at is None or now - directory.listed_at >= self.options.dir_ttl
+            if (
+                stale
+                and directory.origin is not None
+                and directory.inode not in self._listing
+                and self._nursery
+            ):
+                self._nursery.start_soon(self._list_quietly, directory)
+
+    async def _list_quietly(self, directory: Node) -> None:
+        async with self._prefetch_limiter:
+            try:
+                await self.ensure_listed(directory)
+            except (FSError, BaifsError) as error:
+                log.debug("listing ahead of %r: %s", directory.path, error)
 
     async def readlink(self, node: Node) -> bytes:
         if not node.is_symlink:
@@ -328,7 +388,10 @@ class Filesystem:
             try:
                 if node.remote_size <= DIRECT_DOWNLOAD_MAX:
                     siblings = list((node.parent.children or {}).values()) if node.parent else []
-                    return await self._remote(self.fetcher.whole_small(node, siblings))
+                    scanning = self.recently_enumerated(node.parent)
+                    if scanning:
+                        self._prefetch_next_directory(node)
+                    return await self._remote(self.fetcher.whole_small(node, siblings, scanning=scanning))
                 entry = self.store.entry_for(node.origin, node.remote_size, node.remote_mtime_ns)
                 if whole:
                     await self._remote(self.fetcher.ensure_all(entry))

@@ -230,6 +230,7 @@ async def _serve(
     unmounted_cleanly = False
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(filesystem.executor.run_background)
             await nursery.start(filesystem.run_background)
             await nursery.start(runs.run_background)
             nursery.start_soon(_handle_signals, filesystem)

@@ -421,8 +421,9 @@ class Operations(pyfuse3.Operations):
         # itself, instead of asking before each write (security.capability).
         raise FSError(errno.ENOSYS)
 
+    @handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return []
+        raise FSError(errno.ENOSYS)  # none, and the kernel stops asking (ls -l asks for every file)
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
