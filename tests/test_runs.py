@@ -101,7 +101,8 @@ def test_output_is_readable_while_the_run_goes(mount: Mount) -> None:
 
 def test_tail_f_follows_a_run(mount: Mount) -> None:
     m = mount.start()
-    (m.path / ".run").write_text("for i in 1 2 3 4; do echo tick $i; sleep 0.5; done\n")
+    # GNU tail polls a FUSE file once a second: the run lasts long enough to be caught going.
+    (m.path / ".run").write_text("for i in 1 2 3 4 5 6 7 8 9 10; do echo tick $i; sleep 0.5; done\n")
     tail = subprocess.Popen(
         ["tail", "-f", "-n", "+1", str(m.path / ".runs/1/output")], stdout=subprocess.PIPE
     )

@@ -107,7 +107,6 @@ class BatchExecutor:
         self.on_run = on_run
         #: "unknown", "resume" or "detach" (see the module docstring).
         self.phase_behaviour = "unknown"
-        self.runs_started = 0
         self._lock = trio.Lock()
         self._current_run: str | None = None
         self._nursery: trio.Nursery | None = None
@@ -246,7 +245,6 @@ class BatchExecutor:
 
     async def _drive(self, steps: BatchSteps, run_id: str, sink: ConsoleSink | None) -> BatchOutcome:
         options = {"clean": steps.script(), "build": None, "exec": None, "buildLog": False}
-        self.runs_started += 1
         log.debug("run %s: starting", run_id)
         result = await self.session.execute("batch", run_id, options=options, timeout=self.request_timeout)
         while True:

@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -295,7 +296,7 @@ class Connection:
         endpoint: str,
         query: str = "",
         content: bytes | None = None,
-        files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
+        files: list[tuple[str, tuple[str, Any, str]]] | None = None,
         idempotent: bool,
         timeout: float | None = None,
     ) -> httpx.Response:
@@ -476,17 +477,25 @@ class SessionClient:
         return await self._verify_upload(files)
 
     async def _post_upload(self, files: Sequence[UploadFile]) -> None:
-        contents = [await trio.to_thread.run_sync(item.read) for item in files]
-        for item, data in zip(files, contents, strict=True):
-            if len(data) != item.size:
-                raise LimitExceeded(f"{item.name!r} changed size while it was uploaded")
-        parts = [
-            ("src", (self._upload_name(item.name), data, "application/octet-stream"))
-            for item, data in zip(files, contents, strict=True)
-        ]
-        await self.connection.request(
-            "POST", f"{self._prefix}/upload", endpoint="upload", files=parts, idempotent=True
-        )
+        # The content travels in buffers closed right after the request: httpx keeps
+        # the request alive in reference cycles, and a batch is up to 20 MiB.
+        buffers: list[io.BytesIO] = []
+        try:
+            for item in files:
+                data = await trio.to_thread.run_sync(item.read)
+                if len(data) != item.size:
+                    raise LimitExceeded(f"{item.name!r} changed size while it was uploaded")
+                buffers.append(io.BytesIO(data))
+            parts: list[tuple[str, tuple[str, Any, str]]] = [
+                ("src", (self._upload_name(item.name), buffer, "application/octet-stream"))
+                for item, buffer in zip(files, buffers, strict=True)
+            ]
+            await self.connection.request(
+                "POST", f"{self._prefix}/upload", endpoint="upload", files=parts, idempotent=True
+            )
+        finally:
+            for buffer in buffers:
+                buffer.close()
 
     def _upload_name(self, name: str) -> str:
         return f"{WORK_DIR}/{name}" if self._absolute_upload_names else name
@@ -520,7 +529,7 @@ class SessionClient:
                 )
         return listings
 
-    async def download(self, paths: Sequence[str]) -> list[bytes]:
+    async def download(self, paths: Sequence[str]) -> list[memoryview]:
         """Tar archives of up to 5 paths, in the order asked."""
         if not paths:
             return []
@@ -539,7 +548,7 @@ class SessionClient:
         parts = decode_multipart(response.headers.get("content-type", ""), response.content)
         if len(parts) != len(paths):
             raise ProtocolError(f"asked for {len(paths)} archives, received {len(parts)}")
-        return [bytes(part.body) for part in parts]
+        return [part.body for part in parts]
 
     async def _download_request(self, query: str, body: bytes) -> httpx.Response:
         return await self.connection.request(

@@ -77,7 +77,6 @@ class RangeState:
 
     entry: CacheEntry
     in_flight: dict[int, trio.Event] = field(default_factory=dict)
-    next_offset: int = -1
     window: int = 1
     error: BaseException | None = None
 
@@ -241,16 +240,21 @@ class Fetcher:
         as soon as it arrives.
         """
         state = self._range_state(entry)
-        sequential = offset == state.next_offset and offset > 0
-        state.next_offset = offset + length
         needed = entry.missing_chunks(offset, length)
-        if sequential:
-            state.window = min(state.window * 4, MAX_WINDOW_CHUNKS)
-            ahead = max(needed, default=(offset + length - 1) // CHUNK_BYTES)
-            self._request(entry, state, range(ahead, min(entry.chunk_total, ahead + 2 * state.window)))
-        else:
+        first = needed[0] if needed else offset // CHUNK_BYTES
+        # Sequential: the chunk before is here or on its way. Robust to the
+        # kernel's readahead, which sends several reads at once, out of order.
+        sequential = first > 0 and (first - 1 in entry.chunks or first - 1 in state.in_flight)
+        if not sequential:
             state.window = 1
             self._request(entry, state, needed)
+        else:
+            state.window = min(state.window * 4, MAX_WINDOW_CHUNKS)
+            frontier = first
+            while frontier < entry.chunk_total and (frontier in entry.chunks or frontier in state.in_flight):
+                frontier += 1
+            if frontier - first < state.window:  # less than a window ahead: fetch the next one
+                self._request(entry, state, range(frontier, min(entry.chunk_total, frontier + state.window)))
         await self._wait_for(entry, state, needed)
 
     async def ensure_all(self, entry: CacheEntry) -> None:

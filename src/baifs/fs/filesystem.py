@@ -9,6 +9,11 @@ with an errno; `operations` adapts it to pyfuse3. It owns:
 - opening, reading and writing: reads come from the staging file (content
   written here) or the cache (content from the session, fetched by
   `Fetcher`); the first write to a file stages a full copy of it;
+- reading ahead of tree walks: a directory enumerated right after its
+  parent (``ls -R``, ``find``, ``grep -r``, ``git status``) lists its
+  siblings and children ahead, and a read miss in a directory just
+  enumerated queues the small files that follow (and those of the next
+  directory) for prefetch;
 - namespace changes, recorded in the overlay (`model`) and the journal;
 - write-back: a flush ``write_back`` seconds after the last change, leaving
   files still open for writing for later; ``fsync`` of one file uploads that
