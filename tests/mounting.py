@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import IMAGE, LocalServer, signed_request, unique_session_name
+from support import IMAGE, LocalServer, signed_request, stop_process, unique_session_name
 
 FUSE_AVAILABLE = os.path.exists("/dev/fuse") and any(
     os.access(os.path.join(directory, "fusermount3"), os.X_OK)
@@ -148,13 +148,7 @@ class Mount:
     def stop(self) -> None:
         force_unmount(self.path)
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(60)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            stop_process(self.process, 60)
             self.process = None
         force_unmount(self.path)
 
