@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import open_session
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import LocalServer
 
@@ -279,7 +279,9 @@ async def drive_utime(fs: Filesystem, relative: str, seconds: int) -> None:
 
 
 async def drive_flush(fs: Filesystem) -> None:
-    await fs.flush_all()
+    """One flush puts everything on the session: nothing may be left for a second one."""
+    await fs.flush()
+    assert not fs.namespace.pending_changes(), f"left pending: {fs.namespace.pending} {fs.namespace.doomed}"
 
 
 async def drive_fsync(fs: Filesystem, relative: str) -> None:
@@ -398,6 +400,18 @@ async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> N
     ],
 )
 @given(operations=st.lists(operation_st, min_size=1, max_size=25))
+# A file moved out of a directory that moves too: settled in the wrong order, it stayed pending.
+@example(
+    operations=[
+        ("mkdir", "d"),
+        ("mkdir", "a"),
+        ("write", "d/a", (65, 10)),
+        ("flush",),
+        ("rename", "d/a", "a/b"),
+        ("rename", "d", "b"),
+        ("flush",),
+    ]
+)
 def test_overlay_matches_a_real_directory(
     server: LocalServer, tmp_path_factory: pytest.TempPathFactory, operations: list[tuple]
 ) -> None:

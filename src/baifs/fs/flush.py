@@ -535,7 +535,9 @@ class Flusher:
         for path, mode in flush_plan.doomed.items():
             if not steps.done(flush_plan.removal_steps.get(path)):
                 namespace.doomed.setdefault(path, mode)
-        for move in flush_plan.moves:
+        # Deepest origins first, as phase 1 moved them: a directory's move then
+        # relocates only what was still inside it.
+        for move in sorted(flush_plan.moves, key=lambda m: -depth(m.origin)):
             self._settle_move(move, steps, report)
         for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
             self._settle_creation(creation, steps)
