@@ -492,7 +492,7 @@ class Filesystem:
         """Return once this file (and what it depends on) is on the session."""
         if not node.attached or node not in self.namespace.pending:
             return
-        self.journal.sync()
+        await self.journal.sync()
         path = node.path
         for other in list(self.namespace.pending):
             if other is not node and other.moved and other.origin == path and other.is_regular:
@@ -799,7 +799,7 @@ class Filesystem:
             self._remote_quiet.set()
             self.flush_progress = {}
         self.flusher.apply(flush_plan, listings, results, report)
-        self.journal.checkpoint(overlay_state(self.namespace))
+        await self.journal.checkpoint(overlay_state(self.namespace))
         self.stats.flushes += 1
         self.stats.uploaded_files += report.uploaded_files
         self.stats.uploaded_bytes += report.uploaded_bytes

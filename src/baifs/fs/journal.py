@@ -14,6 +14,8 @@ line:
 
 Each record is written before the operation returns. After each flush,
 `checkpoint` replaces the file with a fresh ``state`` record, atomically.
+The ``fsync`` calls run in a worker thread, never on the thread that
+answers the kernel.
 File content lives in staging files beside the journal; a ``stage`` record
 only names one.
 
@@ -34,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from .model import Namespace, depth
 
@@ -77,31 +81,51 @@ class JournalContents:
 
 
 class Journal:
+    """The journal file. Records are written at once; ``fsync`` runs in a worker
+    thread, so a handler never waits for the disk, and records made while it
+    runs are carried into the new file of a checkpoint."""
+
     def __init__(self, directory: Path) -> None:
         self.path = directory / JOURNAL_FILE
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._handle = open(self.path, "a", encoding="utf-8")
+        #: the file is being synced or replaced; records made meanwhile, for a checkpoint.
+        self._swapping = trio.Lock()
+        self._meanwhile: list[str] | None = None
 
     def close(self) -> None:
         self._handle.close()
 
     def record(self, op: str, **fields: Any) -> None:
-        self._handle.write(json.dumps({"op": op, **fields}) + "\n")
+        line = json.dumps({"op": op, **fields}) + "\n"
+        self._handle.write(line)
         self._handle.flush()
+        if self._meanwhile is not None:
+            self._meanwhile.append(line)
 
-    def sync(self) -> None:
-        os.fsync(self._handle.fileno())
+    async def sync(self) -> None:
+        async with self._swapping:
+            await trio.to_thread.run_sync(os.fsync, self._handle.fileno())
 
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        """Replace the journal with one ``state`` record (written to disk before the swap)."""
-        temporary = self.path.with_suffix(".tmp")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(state) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._handle.close()
-        temporary.replace(self.path)
-        self._handle = open(self.path, "a", encoding="utf-8")
+    async def checkpoint(self, state: dict[str, Any]) -> None:
+        """Replace the journal with one ``state`` record, on disk before the swap.
+
+        Records made while the new file is synced follow the state in it.
+        """
+        async with self._swapping:
+            temporary = self.path.with_suffix(".tmp")
+            self._meanwhile = []
+            try:
+                with open(temporary, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(state) + "\n")
+                    handle.flush()
+                    await trio.to_thread.run_sync(os.fsync, handle.fileno())
+                    handle.writelines(self._meanwhile)
+                self._handle.close()
+                temporary.replace(self.path)
+                self._handle = open(self.path, "a", encoding="utf-8")
+            finally:
+                self._meanwhile = None
 
     def read(self) -> JournalContents:
         contents = JournalContents()

@@ -284,7 +284,7 @@ async def _final_flush(filesystem: Filesystem) -> None:
     for attempt in range(FINAL_FLUSH_ATTEMPTS):
         try:
             await filesystem.flush_all()
-            filesystem.journal.checkpoint(overlay_state(filesystem.namespace))
+            await filesystem.journal.checkpoint(overlay_state(filesystem.namespace))
             return
         except SessionNotFound as error:
             log.error("final flush failed: %s", error)

@@ -251,7 +251,7 @@ class Operations(pyfuse3.Operations):
         await self._flush_everything()
 
     async def _flush_everything(self) -> None:
-        self.fs.journal.sync()
+        await self.fs.journal.sync()
         await self.fs.flush_all()
 
     @handler

@@ -56,7 +56,7 @@ async def recover(fs: Filesystem) -> int:
     for orphan in fs.store.stages() - in_use:
         fs.store.discard_stage(orphan)
     await _note_leftover_scratch(fs)
-    fs.journal.checkpoint(overlay_state(fs.namespace))
+    await fs.journal.checkpoint(overlay_state(fs.namespace))
     fs.stats.recovered_changes = recovered
     return recovered
 
