@@ -86,9 +86,9 @@ class ControlTree:
 
     def entry(self, inode: int) -> ControlEntry:
         if inode == STATUS_INODE:
-            return self._file(inode, STATUS_NAME, 0o444, self.status_document())
+            return self._file(inode, STATUS_NAME, 0o444, self.document(inode))
         if inode == RUN_INODE:
-            return self._file(inode, RUN_NAME, 0o600, self.run_document())
+            return self._file(inode, RUN_NAME, 0o600, self.document(inode))
         if inode == RUNS_INODE:
             return ControlEntry(inode, RUNS_NAME, stat.S_IFDIR | 0o555, 0, self._runs_mtime())
         if inode == LATEST_INODE:
@@ -110,8 +110,8 @@ class ControlTree:
             raise FSError(errno.ENOENT) from None
         return ControlEntry(inode, path.name.encode(), stat.S_IFREG | 0o444, info.st_size, info.st_mtime_ns)
 
-    def _file(self, inode: int, name: bytes, permissions: int, content: bytes) -> ControlEntry:
-        return ControlEntry(inode, name, stat.S_IFREG | permissions, len(content), time.time_ns())
+    def _file(self, inode: int, name: bytes, permissions: int, content: bytes | None) -> ControlEntry:
+        return ControlEntry(inode, name, stat.S_IFREG | permissions, len(content or b""), time.time_ns())
 
     def _runs_mtime(self) -> int:
         latest = self.runs.latest
@@ -149,11 +149,7 @@ class ControlTree:
         return str(latest.number).encode()
 
     def read(self, inode: int, offset: int, size: int) -> bytes:
-        """File content at this moment (run output files grow while their run goes)."""
-        if inode == STATUS_INODE:
-            return self.status_document()[offset : offset + size]
-        if inode == RUN_INODE:
-            return self.run_document()[offset : offset + size]
+        """A run file's content at this moment (the output files grow while their run goes)."""
         number, index = divmod(inode - CONTROL_BASE, 1 << _RUN_SHIFT)
         record = self.runs.records.get(number)
         if record is None or not 1 <= index <= len(RECORD_FILES):
@@ -167,10 +163,16 @@ class ControlTree:
 
     # -- documents ----------------------------------------------------------
 
-    def run_document(self, record: RunRecord | None = None) -> bytes:
-        """What reading ``.run`` shows: one run's status, or the latest and the last refusal."""
-        if record is not None:
-            return _json(record.status())
+    def document(self, inode: int) -> bytes | None:
+        """The generated content of ``.baifs-status`` and ``.run`` (None for run files).
+
+        A descriptor reads the document as it was when it was opened, so
+        several reads never mix two versions of it.
+        """
+        if inode == STATUS_INODE:
+            return _json(status(self.fs, self.identity))
+        if inode != RUN_INODE:
+            return None
         latest = self.runs.latest
         queued = [r.number for r in self.runs.records.values() if r.state == "queued"]
         return _json(
@@ -181,8 +183,10 @@ class ControlTree:
             }
         )
 
-    def status_document(self) -> bytes:
-        return _json(status(self.fs, self.identity))
+    @staticmethod
+    def run_status(record: RunRecord) -> bytes:
+        """What a ``.run`` descriptor that submitted a run reads: that run's status, now."""
+        return _json(record.status())
 
 
 def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,8 @@ def handler(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
 class ControlHandle:
     inode: int
     writable: bool
+    #: the document as it was at open (``.baifs-status``, ``.run``); None for run files.
+    snapshot: bytes | None
     request: bytearray = field(default_factory=bytearray)
     record: RunRecord | None = None
 
@@ -324,10 +326,12 @@ class Operations(pyfuse3.Operations):
             writable = (flags & os.O_ACCMODE) != os.O_RDONLY
             if writable and inode != RUN_INODE:
                 raise FSError(errno.EACCES)
-            self.control.entry(inode)
+            snapshot = self.control.document(inode)
+            if snapshot is None:
+                self.control.entry(inode)  # a run file: ENOENT if its run was pruned
             number = self._next_control
             self._next_control += 1
-            self._controls[number] = ControlHandle(inode, writable)
+            self._controls[number] = ControlHandle(inode, writable, snapshot)
             return pyfuse3.FileInfo(fh=number, direct_io=True, keep_cache=False)
         number, handle = await self.fs.open(self.fs.node(inode), flags)
         return self._file_info(number, handle)
@@ -352,7 +356,9 @@ class Operations(pyfuse3.Operations):
         if control is None:
             return await self.fs.read(fh, off, size)
         if control.record is not None:
-            return self.control.run_document(control.record)[off : off + size]
+            return self.control.run_status(control.record)[off : off + size]
+        if control.snapshot is not None:
+            return control.snapshot[off : off + size]
         return self.control.read(control.inode, off, size)
 
     @handler
