@@ -288,7 +288,7 @@ def run_mount_command(args: argparse.Namespace) -> int:
         dir_ttl=args.dir_cache_time,
         negative_timeout=args.negative_timeout,
         write_back=args.write_back,
-        cache_limit=args.cache_size if isinstance(args.cache_size, int) else parse_size(args.cache_size),
+        cache_limit=args.cache_size,
         umask=args.umask,
     )
     if args.uid is not None:

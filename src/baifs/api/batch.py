@@ -231,10 +231,7 @@ class BatchExecutor:
                 return True
             silent = 0 if result.get("console") else silent + 1
             if silent == 2:
-                empty = {"clean": None, "build": None, "exec": None, "buildLog": False}
-                result = await self.session.execute(
-                    "batch", run_id, options=empty, timeout=self.request_timeout
-                )
+                result = await self._empty_batch(run_id)
                 if result["status"] in PHASE_MARKERS:
                     await self._conclude(run_id)
                     return True
@@ -311,11 +308,15 @@ class BatchExecutor:
             self.session.id_or_name,
         )
         self.phase_behaviour = "detach"
-        empty = {"clean": None, "build": None, "exec": None, "buildLog": False}
-        result = await self.session.execute("batch", run_id, options=empty, timeout=self.request_timeout)
+        result = await self._empty_batch(run_id)
         while result["status"] == "continued":
             result = await self._poll(run_id)
         await trio.sleep(DETACH_SETTLE_SECONDS)
+
+    async def _empty_batch(self, run_id: str) -> dict[str, Any]:
+        """An all-empty batch under the run's id: it concludes a run an agent detached (§3.5)."""
+        empty = {"clean": None, "build": None, "exec": None, "buildLog": False}
+        return await self.session.execute("batch", run_id, options=empty, timeout=self.request_timeout)
 
 
 async def _deliver(result: dict[str, Any], sink: ConsoleSink | None) -> None:

@@ -2,10 +2,9 @@
 
 Small files (up to `DIRECT_DOWNLOAD_MAX` bytes) come whole, five to a download
 request. Wanted files wait in one queue; up to `parallel` workers each take up
-to five of them, files someone is waiting for first, then prefetched ones. A
-scan of a directory (a second cache miss in the same directory within a few
-seconds, as ``grep -r`` or an IDE makes) queues every small sibling not yet
-cached, so a directory of files costs about one request per five files.
+to five of them, files someone is waiting for first, then prefetched ones.
+`prefetch` queues files a scan will read next (`filesystem` decides what is
+a scan), so a directory of files costs about one request per five files.
 
 Larger files are read in chunks of `CHUNK_BYTES`, through a run in the
 session that first checks the file's size and mtime against the listing. A
@@ -29,7 +28,6 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -46,7 +44,6 @@ from .shell import ShellScript
 
 log = logging.getLogger(__name__)
 
-SCAN_WINDOW_SECONDS = 3.0
 #: What one scan queues ahead at most; a later miss in the same scan queues more.
 PREFETCH_FILES = 64
 PREFETCH_BYTES = 32 * 1024 * 1024
@@ -91,7 +88,6 @@ class Fetcher:
         self.parallel = parallel
         self._wants: dict[bytes, Want] = {}
         self._idle_workers = trio.lowlevel.ParkingLot()
-        self._recent_misses: dict[bytes, float] = {}
         self._ranges: dict[tuple[bytes, int, int], RangeState] = {}
         self._nursery: trio.Nursery | None = None
         #: downloads of cut parts in flight, across every file being read.
@@ -107,25 +103,13 @@ class Fetcher:
 
     # -- small files ------------------------------------------------------
 
-    async def whole_small(self, node: Node, siblings: list[Node], *, scanning: bool = False) -> CacheEntry:
-        """Bring a small file into the cache (and, during a scan, the siblings after it).
-
-        A scan is what the caller saw (the directory was just enumerated) or a
-        second cache miss in the same directory within `SCAN_WINDOW_SECONDS`.
-        """
+    async def whole_small(self, node: Node) -> CacheEntry:
+        """Bring a small file into the cache, ahead of anything only prefetched."""
         assert node.origin is not None
         entry = self.store.lookup(node.origin, node.remote_size, node.remote_mtime_ns)
         if entry is not None and entry.complete:
             return entry
-        parent = node.origin.rpartition(b"/")[0]
-        now = time.monotonic()
-        scanning = (
-            scanning or now - self._recent_misses.get(parent, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
-        )
-        self._recent_misses[parent] = now
         want = self._want(node, demanded=True)
-        if scanning:
-            self.prefetch([s for s in siblings if s is not node], after=node.name)
         await want.done.wait()
         if want.error is not None:
             raise want.error

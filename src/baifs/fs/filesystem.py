@@ -51,7 +51,7 @@ from ..api.batch import BatchExecutor
 from ..api.client import SessionClient, UploadFile
 from ..api.errors import BaifsError, RemotePathError, SessionBusy
 from .content import DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
-from .fetch import SCAN_WINDOW_SECONDS, Fetcher, StaleContent
+from .fetch import Fetcher, StaleContent
 from .flush import (
     INLINE_SCRIPT_MAX,
     REMOTE_TMP,
@@ -76,6 +76,8 @@ NAME_MAX = 255
 HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
 RENAME_NOREPLACE = 1
 WRITE_BACK_RETRY_MAX = 60.0
+#: Enumerations and reads of a directory this close together are a scan (see `_note_scan`).
+SCAN_WINDOW_SECONDS = 3.0
 #: Listings taken ahead of a tree walk at the same time.
 PREFETCH_LISTINGS = 4
 
@@ -150,7 +152,8 @@ class Filesystem:
         self._changed = trio.Event()
         self._last_change = 0.0
         self._nursery: trio.Nursery | None = None
-        self._enumerated: dict[int, float] = {}
+        #: directories enumerated or read from, and when (see `_note_scan`).
+        self._scanned: dict[int, float] = {}
         self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_LISTINGS)
         #: flush directories a failed script left in the session.
         self.leftover_tmp: set[bytes] = set()
@@ -292,25 +295,41 @@ class Filesystem:
             raise FSError(errno.ENOTDIR)
         await self._remote(self.ensure_listed(directory))
         assert directory.children is not None
-        now = time.monotonic()
         parent = directory.parent
-        if (
-            parent is not None
-            and now - self._enumerated.get(parent.inode, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
-        ):
+        if parent is not None and self._recently_scanned(parent):
             # A directory enumerated right after its parent: ls -R, find, du, grep -r, git status.
             ahead = [n for n in (*(parent.children or {}).values(), *directory.children.values()) if n.is_dir]
             self._prefetch_listings(ahead)
-        if len(self._enumerated) > 10_000:
-            self._enumerated = {k: t for k, t in self._enumerated.items() if now - t < SCAN_WINDOW_SECONDS}
-        self._enumerated[directory.inode] = now
+        self._note_scan(directory)
         return sorted(directory.children.values(), key=lambda n: n.name)
 
-    def _prefetch_next_directory(self, node: Node) -> None:
-        """In a tree walk (grep -r), the files of the directory after this one are read next."""
+    def _note_scan(self, directory: Node) -> bool:
+        """Remember that ``directory`` was enumerated or read from; whether it was a moment ago too.
+
+        Within `SCAN_WINDOW_SECONDS` of each other, these are a scan: a tree
+        walk, grep -r, an IDE indexing.
+        """
+        now = time.monotonic()
+        recent = self._recently_scanned(directory)
+        if len(self._scanned) > 10_000:
+            self._scanned = {k: t for k, t in self._scanned.items() if now - t < SCAN_WINDOW_SECONDS}
+        self._scanned[directory.inode] = now
+        return recent
+
+    def _recently_scanned(self, directory: Node) -> bool:
+        return (
+            time.monotonic() - self._scanned.get(directory.inode, -SCAN_WINDOW_SECONDS) < SCAN_WINDOW_SECONDS
+        )
+
+    def _prefetch_small_files(self, node: Node) -> None:
+        """A scan reads the small files after this one, and in a tree walk those of the next directory."""
         directory = node.parent
-        parent = directory.parent if directory is not None else None
-        if directory is None or parent is None or not self.recently_enumerated(parent):
+        if directory is None:
+            return
+        siblings = [s for s in (directory.children or {}).values() if s is not node]
+        self.fetcher.prefetch(siblings, after=node.name)
+        parent = directory.parent
+        if parent is None or not self._recently_scanned(parent):
             return
         following = sorted(
             (
@@ -322,10 +341,6 @@ class Filesystem:
         )
         if following:
             self.fetcher.prefetch(list((following[0].children or {}).values()))
-
-    def recently_enumerated(self, directory: Node | None) -> bool:
-        when = self._enumerated.get(directory.inode) if directory is not None else None
-        return when is not None and time.monotonic() - when < SCAN_WINDOW_SECONDS
 
     def _prefetch_listings(self, directories: list[Node]) -> None:
         """List, in the background, directories whose listing is missing or stale."""
@@ -392,11 +407,12 @@ class Filesystem:
                 await self._remote(self.ensure_listed(node.parent, force=True))
             try:
                 if node.remote_size <= DIRECT_DOWNLOAD_MAX:
-                    siblings = list((node.parent.children or {}).values()) if node.parent else []
-                    scanning = self.recently_enumerated(node.parent)
-                    if scanning:
-                        self._prefetch_next_directory(node)
-                    return await self._remote(self.fetcher.whole_small(node, siblings, scanning=scanning))
+                    cached = self.store.lookup(node.origin, node.remote_size, node.remote_mtime_ns)
+                    if cached is not None and cached.complete:
+                        return cached
+                    if node.parent is not None and self._note_scan(node.parent):  # a second miss here
+                        self._prefetch_small_files(node)
+                    return await self._remote(self.fetcher.whole_small(node))
                 entry = self.store.entry_for(node.origin, node.remote_size, node.remote_mtime_ns)
                 if whole:
                     await self._remote(self.fetcher.ensure_all(entry))
@@ -607,13 +623,17 @@ class Filesystem:
     def remove_tree(self, node: Node) -> None:
         """Take a node (and what is below it) out of the view; its remote objects are doomed."""
         self.journal.record("remove", path=encode_path(node.path))
+        self._drop_subtree(node)
+        self._note_change()
+
+    def _drop_subtree(self, node: Node) -> None:
+        """Remove a subtree from the tree (dooming its remote objects) with its local content."""
         gone = list(self.namespace.walk(node))
         self.namespace.remove(node)
         self._discard_stages(gone)
         for each in gone:
             if each.origin is not None:
                 self.store.forget(each.origin)
-        self._note_change()
 
     def _discard_stages(self, nodes: list[Node]) -> None:
         """Local content of nodes that left the tree, unless a descriptor still uses it."""
@@ -654,12 +674,7 @@ class Filesystem:
             "rename", old=encode_path(node.path), new=encode_path(join(new_parent.path, new_name))
         )
         if target is not None:
-            replaced = list(self.namespace.walk(target))
-            self.namespace.remove(target)
-            self._discard_stages(replaced)
-            for gone in replaced:
-                if gone.origin is not None:
-                    self.store.forget(gone.origin)
+            self._drop_subtree(target)
         self.namespace.rename(node, new_parent, new_name)
         self._note_change()
 

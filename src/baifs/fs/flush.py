@@ -197,36 +197,52 @@ def _new_upload(node: Node) -> Upload:
     return Upload(node, node.path, node.stage, node.content_version, node.size, target=node.path)
 
 
-def _forget_old_content(namespace: Namespace, node: Node) -> None:
-    """A moved file with new content: the old remote object is not worth moving."""
-    assert node.origin is not None
-    namespace.doomed[node.origin] = node.remote_mode if node.remote_mode >= 0 else DEFAULT_FILE_MODE
-    node.origin = None
-    node.remote_mode = -1
+def _forget_old_content(namespace: Namespace, nodes: Collection[Node]) -> None:
+    """Moved files with new content: their old remote objects are not worth moving, only removing."""
+    for node in nodes:
+        if node.attached and _new_content(node) and node.moved:
+            assert node.origin is not None
+            namespace.doomed[node.origin] = node.remote_mode if node.remote_mode >= 0 else DEFAULT_FILE_MODE
+            node.origin = None
+            node.remote_mode = -1
+
+
+def _new_content(node: Node) -> bool:
+    return node.is_regular and node.dirty and node.stage is not None
+
+
+def _upload_directly(
+    flush_plan: FlushPlan, node: Node, doomed: dict[bytes, int], sources: set[bytes], targets: set[bytes]
+) -> Upload | None:
+    """The upload of ``node`` to its own name, if nothing the script does is in the way.
+
+    A doomed regular file at that name is overwritten in place, so it is
+    taken out of ``doomed``; new parent directories come with the upload.
+    """
+    path = node.path
+    overwritten = _overwritten(doomed, path)
+    if not _direct_ok(path, node.size, sources - ({path} if overwritten is not None else set()), targets):
+        return None
+    upload = _new_upload(node)
+    if overwritten is not None:
+        flush_plan.overwrites[path] = doomed.pop(path)
+        upload.remote_mode = overwritten
+    elif node.origin is not None and node.remote_mode >= 0:
+        upload.remote_mode = node.remote_mode
+    _note_implied_directories(flush_plan, node)
+    return upload
 
 
 def plan_uploads(namespace: Namespace, scope: Collection[Node]) -> FlushPlan:
     """A plan of only those uploads among ``scope`` that need no script."""
     flush_plan = FlushPlan(secrets.token_hex(6).encode())
-    for node in scope:
-        if node.attached and node.is_regular and node.dirty and node.stage is not None and node.moved:
-            _forget_old_content(namespace, node)
+    _forget_old_content(namespace, scope)
     sources, targets = _script_paths(namespace, namespace.doomed)
     for node in sorted(scope, key=lambda n: depth(n.path)):
-        if not (node.attached and node.is_regular and node.dirty and node.stage is not None):
-            continue
-        path = node.path
-        overwritten = _overwritten(namespace.doomed, path)
-        if not _direct_ok(path, node.size, sources - ({path} if overwritten is not None else set()), targets):
-            continue
-        upload = _new_upload(node)
-        if overwritten is not None:
-            flush_plan.overwrites[path] = namespace.doomed.pop(path)
-            upload.remote_mode = overwritten
-        elif node.origin is not None and node.remote_mode >= 0:
-            upload.remote_mode = node.remote_mode
-        flush_plan.uploads.append(upload)
-        _note_implied_directories(flush_plan, node)
+        if node.attached and _new_content(node):
+            upload = _upload_directly(flush_plan, node, namespace.doomed, sources, targets)
+            if upload is not None:
+                flush_plan.uploads.append(upload)
     return flush_plan
 
 
@@ -250,26 +266,15 @@ def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collecti
     nodes = sorted(
         (n for n in namespace.pending if n.attached and n not in defer), key=lambda n: depth(n.path)
     )
-    for node in nodes:
-        if node.is_regular and node.dirty and node.stage is not None and node.moved:
-            _forget_old_content(namespace, node)
+    _forget_old_content(namespace, nodes)
     doomed = dict(namespace.doomed)
     namespace.doomed.clear()
     sources, targets = _script_paths(namespace, doomed)
 
-    content = [n for n in nodes if n.is_regular and n.dirty and n.stage is not None]
-    for node in content:
-        path = node.path
-        upload = _new_upload(node)
-        overwritten = _overwritten(doomed, path)
-        if _direct_ok(path, node.size, sources - ({path} if overwritten is not None else set()), targets):
-            if overwritten is not None:
-                flush_plan.overwrites[path] = doomed.pop(path)
-                upload.remote_mode = overwritten
-            elif node.origin is not None and node.remote_mode >= 0:
-                upload.remote_mode = node.remote_mode
-            _note_implied_directories(flush_plan, node)
-        else:
+    for node in filter(_new_content, nodes):
+        upload = _upload_directly(flush_plan, node, doomed, sources, targets)
+        if upload is None:
+            upload = _new_upload(node)
             upload.target = join(flush_plan.tmp, f"u{len(flush_plan.uploads)}".encode())
             if node.size > MAX_UPLOAD_BYTES:
                 count = -(-node.size // MAX_UPLOAD_BYTES)

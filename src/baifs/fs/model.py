@@ -317,12 +317,8 @@ class Namespace:
                 self._doom_remote(child)
 
     def rename(self, node: Node, new_parent: Node, new_name: bytes) -> None:
-        """Move a node; an existing target (already checked replaceable) is removed."""
-        target = (new_parent.children or {}).get(new_name)
-        if target is node:
-            return
-        if target is not None:
-            self.remove(target)
+        """Move a node to a free name (the caller removed what was there)."""
+        assert new_name not in (new_parent.children or {})
         old_parent = node.parent
         assert old_parent is not None and old_parent.children is not None
         del old_parent.children[node.name]
