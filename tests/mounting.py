@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,11 @@ def create_session(server: LocalServer) -> str:
     return str(response.json()["sessionId"])
 
 
-def baifs_environment(server: LocalServer, home: Path) -> dict[str, str]:
+def baifs_environment(server: LocalServer, home: Path, endpoint: str | None = None) -> dict[str, str]:
+    """The environment of a baifs command: the server's keys (reached at ``endpoint``), private XDG dirs."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "SORNA_", "XDG_"))}
     environment.update(
-        BACKEND_ENDPOINT=server.endpoint,
+        BACKEND_ENDPOINT=endpoint or server.endpoint,
         BACKEND_ACCESS_KEY=server.credentials.access_key,
         BACKEND_SECRET_KEY=server.credentials.secret_key,
         XDG_STATE_HOME=str(home / "state"),
@@ -137,6 +139,10 @@ class Mount:
         self.process.wait(timeout)
         self.process = None
 
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def kill(self) -> None:
         """``kill -9`` the daemon, then clear the dead mount."""
         assert self.process is not None
@@ -151,6 +157,16 @@ class Mount:
             stop_process(self.process, 60)
             self.process = None
         force_unmount(self.path)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -36,6 +36,7 @@ class LocalServer:
     credentials: Credentials = field(
         default_factory=lambda: Credentials("http://invalid", TEST_ACCESS_KEY, TEST_SECRET_KEY)
     )
+    compat: tuple[str, ...] = ()
 
     def work_dir(self, session_id: str) -> Path:
         return self.data_dir / "sessions" / session_id / "work"
@@ -48,6 +49,17 @@ class LocalServer:
 
     def stop(self) -> None:
         stop_process(self.process, 10)
+
+    def kill(self) -> None:
+        """``kill -9`` the server: what it was doing is cut off mid-way."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self) -> None:
+        """Start the server again on the same port and data (after `kill` or `stop`)."""
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        again = start_server(self.data_dir.parent, *self.compat, port=port)
+        self.process, self.log_path = again.process, again.log_path
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -68,11 +80,11 @@ def server_environment() -> dict[str, str]:
     return environment
 
 
-def start_server(directory: Path, *compat: str, latency_ms: float = 0) -> LocalServer:
+def start_server(directory: Path, *compat: str, latency_ms: float = 0, port: int = 0) -> LocalServer:
     directory.mkdir(parents=True, exist_ok=True)
     data_dir = directory / "serve-data"
-    log_path = directory / "serve.log"
-    argv = [sys.executable, "-m", "baifs", "serve", "--port", "0", "--data-dir", str(data_dir)]
+    log_path = directory / f"serve-{next(_names)}.log"
+    argv = [sys.executable, "-m", "baifs", "serve", "--port", str(port), "--data-dir", str(data_dir)]
     argv += [f"--compat={name}" for name in compat]
     if latency_ms:
         argv += ["--latency-ms", str(latency_ms)]
@@ -84,7 +96,7 @@ def start_server(directory: Path, *compat: str, latency_ms: float = 0) -> LocalS
     while time.monotonic() < deadline:
         match = re.search(r"listening on (http://\S+),", log_path.read_text())
         if match:
-            server = LocalServer(process, match.group(1), data_dir, log_path)
+            server = LocalServer(process, match.group(1), data_dir, log_path, compat=compat)
             server.credentials = Credentials(match.group(1), TEST_ACCESS_KEY, TEST_SECRET_KEY)
             return server
         if process.poll() is not None:
@@ -135,3 +147,55 @@ def signed_request(
 
 def minutes_ago(minutes: float) -> datetime:
     return datetime.now(UTC) - timedelta(minutes=minutes)
+
+
+@dataclass
+class FaultProxy:
+    """`tests/faultproxy.py` in a subprocess, in front of a server; rules are set while it runs."""
+
+    process: subprocess.Popen[bytes]
+    endpoint: str
+    upstream: LocalServer
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.endpoint, TEST_ACCESS_KEY, TEST_SECRET_KEY)
+
+    def set(self, *rules: dict[str, object], seed: int | None = None) -> dict[str, object]:
+        """Replace the rules (each: endpoint, fault, rate, and status/seconds/count as needed)."""
+        document: dict[str, object] = {"rules": list(rules)}
+        if seed is not None:
+            document["seed"] = seed
+        response = httpx.put(self.endpoint + "/_faults", json=document, timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def clear(self) -> None:
+        self.set()
+
+    def state(self) -> dict[str, object]:
+        response = httpx.get(self.endpoint + "/_faults", timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def stop(self) -> None:
+        stop_process(self.process, 5)
+
+
+def start_proxy(directory: Path, upstream: LocalServer, *, seed: int = 0) -> FaultProxy:
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / f"proxy-{next(_names)}.log"
+    script = Path(__file__).with_name("faultproxy.py")
+    argv = [sys.executable, str(script), "--upstream", upstream.endpoint, "--seed", str(seed)]
+    log = open(log_path, "wb")
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        match = re.search(r"listening on (http://\S+)", log_path.read_text())
+        if match:
+            return FaultProxy(process, match.group(1), upstream)
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"the fault proxy did not start:\n{log_path.read_text()}")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mounting import Mount, baifs, baifs_environment, force_unmount, needs_fuse
+from mounting import Mount, baifs, baifs_environment, force_unmount, needs_fuse, wait_for
 from support import LocalServer, signed_request
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
@@ -34,15 +34,6 @@ def write_pending(m: Mount, count: int = 30) -> dict[str, bytes]:
 def assert_on_session(m: Mount, written: dict[str, bytes]) -> None:
     for name, data in written.items():
         assert (m.work / name).read_bytes() == data, name
-
-
-def wait_for(predicate, timeout: float = 30, what: str = "") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_baifs_mount_daemonizes_and_umount_uploads_everything_first(mount: Mount) -> None:

@@ -27,14 +27,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import LocalServer
 
-from baifs.api.batch import BatchExecutor
 from baifs.api.client import Connection, SessionClient
-from baifs.fs.content import ContentStore
 from baifs.fs.filesystem import Filesystem, FSError, MountOptions
-from baifs.fs.journal import Journal
 from baifs.fs.model import Node
-from baifs.fs.mount import RunMarker, conclude_abandoned_run
-from baifs.fs.recovery import recover
+from baifs.fs.state import build_filesystem, start_filesystem
 
 NAMES = ["a", "b", "d", "we ird'$(x)"]
 PATHS = NAMES + [f"{p}/{c}" for p in ("a", "d") for c in ("a", "b", "e")]
@@ -176,22 +172,29 @@ class Mount:
 
     @classmethod
     async def start(cls, nursery: trio.Nursery, session: SessionClient, state: Path, cache: Path) -> Mount:
-        store = ContentStore(cache, state / "staging", 1 << 30)
-        executor = BatchExecutor(session, on_run=RunMarker(state).record)
-        await conclude_abandoned_run(executor, state)
-        fs = Filesystem(session, executor, store, Journal(state), MountOptions(write_back=3600, dir_ttl=3600))
-        await recover(fs)
+        fs = build_filesystem(session, state, cache, MountOptions(write_back=3600, dir_ttl=3600))
         scope = trio.CancelScope()
 
-        async def background() -> None:
+        async def background(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
-                await fs.run_background()
+                async with trio.open_nursery() as inner:
+                    await start_filesystem(fs, inner)
+                    task_status.started()
 
-        nursery.start_soon(background)
+        await nursery.start(background)
         return cls(fs, scope)
 
-    def stop(self) -> None:
+    def crash(self) -> None:
+        """The daemon's memory is lost: nothing more reaches the session, the state directory stays."""
         self.cancel.cancel()
+        self.fs.journal.close()
+
+    async def unmount(self) -> None:
+        """As a mount ends: write-back stops, the background goes, the last run is read to its end."""
+        await self.fs.sync.stop()
+        self.cancel.cancel()
+        async with self.fs.executor.slot():
+            pass
         self.fs.journal.close()
 
 
@@ -280,7 +283,7 @@ async def drive_utime(fs: Filesystem, relative: str, seconds: int) -> None:
 
 async def drive_flush(fs: Filesystem) -> None:
     """One flush puts everything on the session: nothing may be left for a second one."""
-    await fs.flush()
+    await fs.sync.flush()
     assert not fs.namespace.pending_changes(), f"left pending: {fs.namespace.pending} {fs.namespace.doomed}"
 
 
@@ -363,8 +366,8 @@ async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> N
                 continue
             if op[0] == "crash":
                 with trio.move_on_after(op[1]):
-                    await mount.fs.flush_all()
-                mount.stop()
+                    await mount.fs.sync.flush_all()
+                mount.crash()
                 lives += 1
                 mount = await Mount.start(nursery, session, state, tmp / f"cache{lives}")
                 continue
@@ -377,15 +380,15 @@ async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> N
                 assert actual == expected, f"step {step} {op}: errno {actual}, expected {expected}"
         wanted = snapshot(ref_root)
         assert not differences(wanted, await view(mount.fs)), "local view"
-        await mount.fs.flush_all()
+        await mount.fs.sync.flush_all()
         assert not mount.fs.namespace.pending_changes()
         assert not differences(wanted, snapshot(work)), "session after flush"
         assert not (work / ".baifs-tmp").exists(), "scratch left in the session"
         await check_mtimes(reference, work)
-        mount.stop()
+        await mount.unmount()
         fresh = await Mount.start(nursery, session, tmp / "fresh-state", tmp / "fresh-cache")
         assert not differences(wanted, await view(fresh.fs)), "fresh mount"
-        fresh.stop()
+        await fresh.unmount()
         nursery.cancel_scope.cancel()
 
 

@@ -229,6 +229,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_mount_argument(sync, "mountpoint")
     add_logging_options(sync)
     sync.set_defaults(handler=run_sync)
+
+    salvage = commands.add_parser(
+        "salvage",
+        help="recover changes a session never received (it ended, or was deleted)",
+        description="A mount keeps the changes it could not push in its state directory on this machine. "
+        "When the session is gone they would stay there: 'salvage' lists them, exports them to a local "
+        "directory (same tree, modes and mtimes, with a report of what only the session had), replays "
+        "them onto another session, or forgets them.",
+        epilog="examples:\n"
+        "  baifs salvage list\n"
+        "  baifs salvage export 3f2a9c ~/rescued        (KEY: from the list, or the old session's name)\n"
+        "  baifs salvage replay 3f2a9c new-session\n"
+        "  baifs salvage forget 3f2a9c --yes",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = salvage.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every state directory that holds changes, with whose they are")
+    listing.add_argument("--paths", action="store_true", help="also list the pending paths")
+    exporting = actions.add_parser("export", help="write the pending changes into an empty local directory")
+    exporting.add_argument("key", metavar="KEY")
+    exporting.add_argument("directory", type=Path)
+    replaying = actions.add_parser(
+        "replay", help="push the pending changes to another (running) session, as its mount would"
+    )
+    replaying.add_argument("key", metavar="KEY")
+    replaying.add_argument("session", help="the session to push them to (name or id)")
+    replaying.add_argument("--profile", help="credentials profile in ~/.config/baifs/config.toml")
+    replaying.add_argument("--create", metavar="IMAGE", help="create the session with this image first")
+    forgetting = actions.add_parser("forget", help="delete a state directory and the changes it holds")
+    forgetting.add_argument("key", metavar="KEY")
+    forgetting.add_argument("--yes", action="store_true", help="really delete them")
+    for each in (salvage, listing, exporting, replaying, forgetting):
+        add_logging_options(each)
+    salvage.set_defaults(handler=run_salvage)
     return parser
 
 
@@ -365,11 +399,77 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_run(args: argparse.Namespace) -> int:
     from .mountctl import find_mount
-    from .runctl import run
+    from .runctl import RUN_FAILED_EXIT, MountGone, run
 
     if not args.command:
         raise BaifsError("put the command after --: baifs run [MOUNT] [--build CMD] -- COMMAND...")
-    return run(find_mount(args.mount), args.command, build=args.build, clean=args.clean)
+    try:
+        return run(find_mount(args.mount), args.command, build=args.build, clean=args.clean)
+    except MountGone as error:
+        print(f"baifs: error: {error}", file=sys.stderr)
+        return RUN_FAILED_EXIT
+
+
+def run_salvage(args: argparse.Namespace) -> int:
+    from .fs import salvage
+
+    if args.action == "list":
+        found = salvage.list_pending()
+        if not found:
+            print("no state on this machine holds changes a session has not received")
+        for pending in found:
+            print(pending.describe())
+            identity = pending.identity
+            if identity is not None and identity.mountpoint:
+                print(f"    last mounted at {identity.mountpoint}; state in {pending.directory}")
+            if args.paths:
+                tree = salvage.PendingTree.read(pending.directory)
+                for path in sorted(tree.entries):
+                    print(f"    {os.fsdecode(path)}")
+                for path in sorted(tree.removed):
+                    print(f"    (remove) {os.fsdecode(path)}")
+        return 0
+    pending = salvage.find_state(args.key)
+    if args.action == "export":
+        report = salvage.export(pending.directory, args.directory.expanduser())
+        for line in salvage.iter_report(report):
+            print(line)
+        return 0
+    if args.action == "forget":
+        if not args.yes:
+            raise BaifsError(f"this deletes {pending.describe()}; add --yes to do it")
+        import shutil
+
+        shutil.rmtree(pending.directory)
+        print(f"forgot {pending.key}")
+        return 0
+    return replay_salvage(args, pending.directory)
+
+
+def replay_salvage(args: argparse.Namespace, state: Path) -> int:
+    import trio
+
+    from . import config
+    from .fs.filesystem import MountOptions
+    from .fs.mount import MountRequest, open_session
+    from .fs.salvage import replay
+
+    request = MountRequest(
+        session=args.session,
+        mountpoint=Path("."),
+        credentials=config.load_credentials(args.profile),
+        options=MountOptions(),
+        create_image=args.create,
+    )
+
+    async def push() -> int:
+        connection, session, _ = await open_session(request)
+        async with connection:
+            return await replay(state, session)
+
+    recovered = trio.run(push)
+    print(f"replayed {recovered} change(s) onto session {args.session}; they are on it now")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

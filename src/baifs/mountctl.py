@@ -113,14 +113,32 @@ def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
     raise BaifsError(f"the mount daemon (pid {pid}) is still running after {timeout:.0f} s; see its log")
 
 
+def _remote_state(remote: dict[str, Any]) -> str:
+    if remote.get("terminated"):
+        return (
+            f"TERMINATED: {remote['terminated']}; what is cached still reads, pending changes are kept "
+            "(recover them with 'baifs salvage')"
+        )
+    state = "reachable"
+    if not remote.get("reachable", True):
+        state = f"away for {remote.get('away_for_seconds')} s ({remote.get('last_failure')})"
+    if remote.get("unresolved_flush"):
+        state += f"; the outcome of flush run {remote['unresolved_flush']} is not known yet"
+    elif remote.get("unconcluded_run"):
+        state += f"; run {remote['unconcluded_run']} is still to be read to its end"
+    return state
+
+
 def format_status(document: dict[str, Any]) -> str:
     """``baifs status`` for a person: what is pending, what the mount did, what went wrong."""
     pending, cache = document["pending"], document["cache"]
     api, flushes = document["session_api"], document["flushes"]
+    remote = document.get("remote") or {}
     lines = [
         f"session     {document['session']} ({document['session_id']}) at {document['endpoint']}",
         f"mountpoint  {document['mountpoint']} (daemon pid {document['pid']})",
         f"log         {document.get('log') or 'standard error of the daemon'}",
+        f"remote      {_remote_state(remote)}",
         f"pending     {pending['uploads']} upload(s), {pending['upload_bytes']:,} bytes; "
         f"{pending['namespace_changes']} namespace change(s)",
     ]

@@ -40,6 +40,10 @@ class RunRefused(BaifsError):
     """The mount refused the run request; the message says why."""
 
 
+class MountGone(BaifsError):
+    """The mount stopped answering while a run was submitted or followed."""
+
+
 def command_line(words: list[str]) -> str:
     """One word is a shell command as it stands; several are quoted and joined."""
     return words[0] if len(words) == 1 else shlex.join(words)
@@ -61,10 +65,10 @@ def submit(mountpoint: Path, request: bytes) -> dict[str, Any]:
         try:
             os.fsync(descriptor)
         except OSError as error:
-            if error.errno != errno.EINVAL:
+            if error.errno not in (errno.EINVAL, errno.ENOSPC):
                 raise
             reason = json.loads((mountpoint / ".run").read_bytes()).get("last_rejected")
-            raise RunRefused(f"the mount refused the run: {reason or 'invalid request'}") from None
+            raise RunRefused(f"the mount refused the run: {reason or error.strerror}") from None
         return json.loads(os.pread(descriptor, 1 << 20, 0))
     finally:
         os.close(descriptor)
@@ -122,13 +126,20 @@ class Follower:
 
 def run(mountpoint: Path, words: list[str], *, build: str = "", clean: str = "") -> int:
     """``baifs run``: the run's exit code (130 after Ctrl-C, 255 when the mount could not run it)."""
-    status = submit(mountpoint, request_text(command_line(words), build, clean))
-    follower = Follower(mountpoint, int(status["number"]), sys.stdout.buffer, sys.stderr.buffer)
-    previous = signal.signal(signal.SIGINT, follower.interrupt)
     try:
-        final = follower.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        status = submit(mountpoint, request_text(command_line(words), build, clean))
+        follower = Follower(mountpoint, int(status["number"]), sys.stdout.buffer, sys.stderr.buffer)
+        previous = signal.signal(signal.SIGINT, follower.interrupt)
+        try:
+            final = follower.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    except OSError as error:
+        raise MountGone(
+            f"the mount at {mountpoint} stopped answering ({error.strerror or error}); see 'baifs status'"
+        ) from None
+    if final.get("output_note"):
+        print(f"baifs: run {follower.number}: {final['output_note']}", file=sys.stderr)
     if final["state"] == "failed":
         print(f"baifs: run {follower.number} failed: {final['error']}", file=sys.stderr)
         return 130 if follower.interrupts else RUN_FAILED_EXIT

@@ -20,12 +20,26 @@ the exit code arrive before or with the first phase marker. Then:
   "detach", and the run is concluded by re-sending an all-empty batch under
   the same run id.
 
+A run whose end was not read (a response lost after the server acted on
+the request, a cancelled caller, a session that stopped answering, or a run
+an earlier process left: `adopt`) is *unconcluded*: the session keeps it
+current and would make every other run wait for it. The executor therefore
+concludes it, by ``continue`` on the same run id until its marker arrives,
+before it lets anyone else use the execution slot. A lost answer to the
+initial ``batch`` request is followed the same way, so the command is never
+sent twice and its remaining output still arrives; what the lost answer
+carried is reported as missing (`BatchOutcome.complete`).
+
 Invariants:
 - one execution in flight per session: a run holds the session's execution
   slot (`BatchExecutor.slot`) for its whole life, concluding requests
-  included;
+  included, and no run starts while another is unconcluded;
+- the run id is handed to ``on_run`` (which records it durably) before the
+  first request is sent, and ``on_run(None)`` is called only once the run is
+  concluded; if it cannot be recorded, nothing is sent;
 - every run is driven until the session has concluded it, or raises
-  `SessionWedged` naming the cause; a run never hangs silently;
+  `SessionWedged` naming the cause and stays unconcluded; a run never hangs
+  silently;
 - console output reaches the caller's sink as each response arrives;
 - the initial ``batch`` request is never repeated (the command must not run
   twice); ``continue`` requests, which only read output, are retried.
@@ -45,7 +59,7 @@ from typing import Any
 import trio
 
 from .client import SessionClient
-from .errors import APIError, EndpointUnreachable, SessionBusy, SessionWedged
+from .errors import APIError, BaifsError, EndpointUnreachable, ServerError, SessionBusy, SessionWedged
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +68,6 @@ PHASE_MARKERS = ("clean-finished", "build-finished")
 #: The exit code the runner reports when the build step failed (reference §3.1).
 BUILD_FAILED_EXIT = 127
 DETACH_SETTLE_SECONDS = 0.1
-#: How long a successor waits for an abandoned run before interrupting it.
-ABANDONED_RUN_PATIENCE = 120.0
 CONTINUE_ATTEMPTS = 3
 
 
@@ -87,7 +99,13 @@ class BatchSteps:
 @dataclass(frozen=True)
 class BatchOutcome:
     run_id: str
-    exit_code: int
+    #: the command's exit code; None when the answer that carried it was lost.
+    exit_code: int | None
+    #: False when an answer was lost on the way: some output may be missing.
+    complete: bool = True
+
+
+RunRecorder = Callable[[str | None], Awaitable[None]]
 
 
 class BatchExecutor:
@@ -98,7 +116,7 @@ class BatchExecutor:
         session: SessionClient,
         *,
         request_timeout: float = 30.0,
-        on_run: Callable[[str | None], None] | None = None,
+        on_run: RunRecorder | None = None,
     ) -> None:
         self.session = session
         self.request_timeout = request_timeout
@@ -109,6 +127,8 @@ class BatchExecutor:
         self.phase_behaviour = "unknown"
         self._lock = trio.Lock()
         self._current_run: str | None = None
+        #: a run whose end the session has not given us yet (see the module docstring).
+        self._unconcluded: str | None = None
         self._nursery: trio.Nursery | None = None
         #: set once the last run's trailing markers are read (runs concluded in the background).
         self._concluding: trio.Event | None = None
@@ -118,17 +138,26 @@ class BatchExecutor:
         return self._current_run
 
     @property
+    def unconcluded_run(self) -> str | None:
+        return self._unconcluded
+
+    @property
     def busy(self) -> bool:
         """Whether a run (or a caller holding the slot) has the session's execution slot."""
         return self._lock.locked()
+
+    def adopt(self, run_id: str) -> None:
+        """A run an earlier process left going: it is concluded before the next run starts."""
+        self._unconcluded = run_id
 
     @asynccontextmanager
     async def slot(self, queue_timeout: float = math.inf) -> AsyncIterator[None]:
         """Hold the session's one execution slot; `SessionBusy` after ``queue_timeout``.
 
-        A caller that must do other work between runs without another run
-        slipping in (a flush, then a user's run) holds the slot across both and
-        starts runs with `run_held`.
+        A run left unconcluded is concluded first, within the same wait. A
+        caller that must do other work between runs without another run
+        slipping in (a flush, then a user's run) holds the slot across both
+        and starts runs with `run_held`.
         """
         acquired = ready = False
         try:
@@ -137,6 +166,8 @@ class BatchExecutor:
                 acquired = True
                 if self._concluding is not None:
                     await self._concluding.wait()  # the previous run's trailing markers
+                if self._unconcluded is not None:
+                    await self._conclude_unconcluded(self._unconcluded)
                 ready = True
         except BaseException:
             if acquired:
@@ -145,9 +176,8 @@ class BatchExecutor:
         if not ready:
             if acquired:
                 self._lock.release()
-            raise SessionBusy(
-                f"the session is still busy with run {self._current_run} after {queue_timeout:.0f} s"
-            )
+            holder = self._current_run or self._unconcluded
+            raise SessionBusy(f"the session is still busy with run {holder} after {queue_timeout:.0f} s")
         try:
             yield
         finally:
@@ -172,8 +202,8 @@ class BatchExecutor:
         if not self._lock.locked():
             raise RuntimeError("run_held needs the execution slot")
         run_id = run_id or secrets.token_hex(16)
-        self._current_run = run_id
-        self._tell(run_id)
+        await self._tell(run_id)  # before anything is sent: a full disk stops the run here
+        self._current_run = self._unconcluded = run_id
         try:
             return await self._drive(steps, run_id, on_console)
         finally:
@@ -181,69 +211,92 @@ class BatchExecutor:
 
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Where runs are concluded after their caller has its result (see `_drive`)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None  # from now on runs are concluded by their callers
 
-    def _tell(self, run_id: str | None) -> None:
+    async def _tell(self, run_id: str | None) -> None:
         if self.on_run is not None:
-            self.on_run(run_id)
+            await self.on_run(run_id)
 
-    async def conclude_abandoned(self, run_id: str, *, patience: float = ABANDONED_RUN_PATIENCE) -> None:
-        """Read an abandoned run (of a process that died) to its end, so the session takes new runs.
+    async def _concluded(self, run_id: str) -> None:
+        if self._unconcluded == run_id:
+            self._unconcluded = None
+        await self._tell(None)
 
-        The session keeps a run current until someone reads its last marker,
-        and makes every other run wait for it. A command still running after
-        ``patience`` seconds is interrupted.
-        """
-        async with self.slot():
-            self._current_run = run_id
-            try:
-                with trio.move_on_after(patience):
-                    if await self._await_marker(run_id):
-                        return
-                log.warning("run %s: still running after %.0f s; interrupting it", run_id, patience)
-                await self.session.interrupt()
-                with trio.move_on_after(patience):
-                    if await self._await_marker(run_id):
-                        return
-                raise SessionWedged(f"run {run_id} of an earlier mount does not end")
-            finally:
-                self._current_run = None
-                self._tell(None)
+    async def _conclude_unconcluded(self, run_id: str) -> None:
+        """Read a run whose end we missed to its end, so the session takes new runs."""
+        log.info("run %s: reading it to its end before the next run", run_id)
+        self._current_run = run_id
+        try:
+            await self._await_marker(run_id)
+        finally:
+            self._current_run = None
+        await self._concluded(run_id)
+        log.info("run %s: concluded", run_id)
 
-    async def _await_marker(self, run_id: str) -> bool:
-        """Poll until a phase marker arrives, then conclude the run.
+    async def _await_marker(self, run_id: str, sink: ConsoleSink | None = None) -> int | None:
+        """Poll until a phase marker arrives, then conclude the run; the exit code it carried.
 
         Two silent polls in a row mean either a quiet command or an agent that
-        already concluded the run and lost its markers (reference §3.5); an
-        all-empty batch under the same run id ends the run in the second case
-        and only queues a no-op behind the command in the first.
+        already concluded the run and lost its markers (reference §3.5), or a
+        run that never started; an all-empty batch under the same run id ends
+        the run in the last two cases and only queues a no-op behind the
+        command in the first. A marker that follows that batch may be the
+        batch's own, so its exit code is not trusted.
         """
         silent = 0
+        probed = False
         while True:
             result = await self._poll(run_id)
-            if result["status"] == "finished":
-                return True
-            if result["status"] in PHASE_MARKERS:
-                await self._conclude(run_id)
-                return True
+            await _deliver(result, sink)
+            status = result["status"]
+            if status in PHASE_MARKERS or status == "finished":
+                trusted = status == "clean-finished" and not probed
+                if status != "finished":
+                    await self._conclude(run_id)
+                return _exit_code(result) if trusted else None
             silent = 0 if result.get("console") else silent + 1
-            if silent == 2:
+            if silent == 2 and not probed:
+                probed = True
                 result = await self._empty_batch(run_id)
                 if result["status"] in PHASE_MARKERS:
                     await self._conclude(run_id)
-                    return True
+                    return None
 
     async def interrupt(self) -> None:
         """Ask the session to interrupt the command of the current run."""
         await self.session.interrupt()
 
+    async def _start(self, run_id: str, options: dict[str, Any]) -> dict[str, Any] | None:
+        """The initial request; None when its answer was lost after the session may have acted."""
+        try:
+            return await self.session.execute("batch", run_id, options=options, timeout=self.request_timeout)
+        except EndpointUnreachable as error:
+            if not error.delivered:
+                await self._concluded(run_id)  # it never left this host: there is no run
+                raise
+            log.warning("run %s: the answer to its start was lost (%s); following the run", run_id, error)
+        except ServerError as error:
+            log.warning("run %s: the start was answered %s; following the run in case it went", run_id, error)
+        except APIError:
+            await self._concluded(run_id)  # refused: nothing runs
+            raise
+        return None
+
     async def _drive(self, steps: BatchSteps, run_id: str, sink: ConsoleSink | None) -> BatchOutcome:
         options = {"clean": steps.script(), "build": None, "exec": None, "buildLog": False}
         log.debug("run %s: starting", run_id)
-        result = await self.session.execute("batch", run_id, options=options, timeout=self.request_timeout)
+        result = await self._start(run_id, options)
+        if result is None:
+            exit_code = await self._await_marker(run_id, sink)
+            await self._concluded(run_id)
+            return BatchOutcome(run_id, exit_code, complete=False)
+        complete = True
         while True:
             await _deliver(result, sink)
             status = result["status"]
@@ -254,34 +307,46 @@ class BatchExecutor:
                 # caller has its result one or two round trips sooner.
                 if self._nursery is None:
                     await self._conclude(run_id)
-                    self._tell(None)
+                    await self._concluded(run_id)
                 else:
                     self._concluding = trio.Event()
                     self._nursery.start_soon(self._conclude_later, run_id, self._concluding)
-                return BatchOutcome(run_id, _exit_code(result))
+                return BatchOutcome(run_id, _exit_code(result), complete)
             if status == "finished":
-                self._tell(None)
-                return BatchOutcome(run_id, _exit_code(result))
+                await self._concluded(run_id)
+                return BatchOutcome(run_id, _exit_code(result), complete)
             if status == "exec-timeout":
                 raise SessionWedged(f"run {run_id}: the session reported exec-timeout")
-            mode, code = ("input", "") if status == "waiting-input" else ("continue", "")
-            result = await self._poll(run_id, mode, code)
+            mode = "input" if status == "waiting-input" else "continue"
+            result, lost = await self._poll_counting_losses(run_id, mode)
+            complete = complete and not lost
 
     async def _conclude_later(self, run_id: str, done: trio.Event) -> None:
         try:
             await self._conclude(run_id)
-            self._tell(None)
-        except (SessionWedged, APIError, EndpointUnreachable) as error:
-            log.warning("run %s: could not read it to its end: %s", run_id, error)
+            await self._concluded(run_id)
+        except BaifsError as error:
+            log.warning("run %s: could not read it to its end yet (%s); the next run will", run_id, error)
         finally:
             done.set()
 
-    async def _poll(self, run_id: str, mode: str = "continue", code: str = "") -> dict[str, Any]:
-        """A ``continue`` (or ``input``) request, retried a few times since it only reads."""
+    async def _poll(self, run_id: str, mode: str = "continue") -> dict[str, Any]:
+        result, _ = await self._poll_counting_losses(run_id, mode)
+        return result
+
+    async def _poll_counting_losses(self, run_id: str, mode: str = "continue") -> tuple[dict[str, Any], bool]:
+        """A ``continue`` (or empty ``input``), retried a few times since it only reads.
+
+        Also says whether an earlier attempt may have been answered and lost
+        (and the output it carried with it).
+        """
+        lost = False
         for attempt in range(CONTINUE_ATTEMPTS):
             try:
-                return await self.session.execute(mode, run_id, code=code, timeout=self.request_timeout)
-            except (EndpointUnreachable, APIError) as error:
+                result = await self.session.execute(mode, run_id, timeout=self.request_timeout)
+                return result, lost
+            except (EndpointUnreachable, ServerError) as error:
+                lost = lost or not isinstance(error, EndpointUnreachable) or error.delivered
                 if attempt + 1 == CONTINUE_ATTEMPTS:
                     raise SessionWedged(f"run {run_id}: the session stopped answering ({error})") from error
                 log.warning("run %s: %s; polling again", run_id, error)

@@ -19,7 +19,19 @@ Invariants:
 - only requests that are safe to repeat are retried (list, download, info,
   upload); an execute is retried only when it provably never left this host;
 - every request has a timeout, so no caller waits forever;
+- requests running side by side fail as one exception of the project's own
+  classes, never as an ``ExceptionGroup`` (`concurrency.gather`);
+- a session that answers "no such session" twice (the request, then an info
+  request that confirms it) is terminated for good: every later call raises
+  `SessionTerminated` without a request;
 - the secret key never leaves `Connection._sign`.
+
+`RemoteHealth` records what the connection learnt about the remote: a counter
+that moves whenever the remote makes progress (an answer, upload bytes
+sent), and since when it has been away. The file system uses the first to
+bound how long a system call waits for a remote that stopped answering, and
+the second to serve what it knows instead of waiting for a remote that is
+away.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import os
 import random
 import re
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +53,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from ..concurrency import gather
 from ..config import Credentials
 from . import signing
 from .archive import decode_multipart
@@ -56,6 +69,7 @@ from .errors import (
     RateLimited,
     ServerError,
     SessionNotFound,
+    SessionTerminated,
 )
 from .listing import RemoteEntry, parse_listing
 
@@ -108,6 +122,48 @@ class ClientStats:
             "retries": self.retries,
             "last_errors": list(self.errors),
         }
+
+
+@dataclass
+class RemoteHealth:
+    """What the connection knows of the remote's liveness."""
+
+    #: moves on every answer below 500 and on every chunk of upload content sent.
+    progress: int = 0
+    #: monotonic time of the first failure (transport error, 5xx) since the last answer.
+    away_since: float | None = None
+    last_failure: str = ""
+
+    def answered(self) -> None:
+        self.progress += 1
+        self.away_since = None
+
+    def failed(self, reason: str) -> None:
+        if self.away_since is None:
+            self.away_since = trio.current_time()
+        self.last_failure = reason
+
+    @property
+    def away(self) -> bool:
+        return self.away_since is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        away_for = None if self.away_since is None else round(trio.current_time() - self.away_since, 1)
+        return {"reachable": not self.away, "away_for_seconds": away_for, "last_failure": self.last_failure}
+
+
+class ProgressBuffer(io.BytesIO):
+    """Upload content that reports each chunk httpx reads from it as progress."""
+
+    def __init__(self, data: bytes, health: RemoteHealth) -> None:
+        super().__init__(data)
+        self._health = health
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        if chunk:
+            self._health.progress += 1
+        return chunk
 
 
 @dataclass(frozen=True)
@@ -211,6 +267,7 @@ class Connection:
         self.credentials = credentials
         self.retry = retry
         self.stats = ClientStats()
+        self.health = RemoteHealth()
         self.api_version = signing.LATEST_VERSION
         self.manager_version = ""
         base = credentials.endpoint.rstrip("/")
@@ -330,14 +387,19 @@ class Connection:
             except httpx.TransportError as exc:
                 never_sent = isinstance(exc, httpx.ConnectError)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.health.failed(f"{endpoint}: {reason}")
                 if attempt + 1 >= self.retry.attempts or not (idempotent or never_sent):
                     message = f"{endpoint}: cannot reach {self.credentials.endpoint} ({reason})"
                     self.stats.errors.append(message)
-                    raise EndpointUnreachable(message) from exc
+                    raise EndpointUnreachable(message, delivered=not never_sent) from exc
                 delay = self.retry.delay(attempt)
                 log.warning("%s: %s; retrying in %.1f s", endpoint, reason, delay)
             else:
                 status = response.status_code
+                if status < 500:
+                    self.health.answered()
+                else:
+                    self.health.failed(f"{endpoint}: HTTP {status}")
                 retryable = status == 429 or (status >= 500 and not is_deterministic_failure(response))
                 if not retryable or not idempotent or attempt + 1 >= self.retry.attempts:
                     return response
@@ -376,8 +438,9 @@ class Connection:
     async def create_session(self, name: str, image: str) -> dict[str, Any]:
         """Get-or-create a session by name; the answer holds ``sessionId`` and ``created``."""
         body = {"name": name, "image": image, "type": "interactive", "reuseIfExists": True}
+        # Get-or-create by name: repeating it finds what the first attempt made.
         response = await self.request(
-            "POST", "/session", endpoint="create", content=json_body(body), idempotent=False
+            "POST", "/session", endpoint="create", content=json_body(body), idempotent=True
         )
         return response.json()
 
@@ -394,23 +457,41 @@ class SessionClient:
         self._prefix = f"/session/{quote_component(id_or_name)}"
         self._download_method = "POST"
         self._absolute_upload_names = False
+        #: why the session is known to be gone for good (see `_request`), or None.
+        self.terminated: str | None = None
+
+    async def _request(self, method: str, path: str, *, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """A request to this session; "no such session", once confirmed, ends the session for good."""
+        if self.terminated is not None:
+            raise SessionTerminated(self.terminated, endpoint=endpoint)
+        try:
+            return await self.connection.request(method, path, endpoint=endpoint, **kwargs)
+        except SessionNotFound as error:
+            if endpoint != "info":
+                try:
+                    await self.connection.request("GET", self._prefix, endpoint="info", idempotent=True)
+                except SessionNotFound:
+                    pass
+                else:
+                    raise  # the session is there: this 404 was about something else
+            self.terminated = f"session {self.id_or_name} is terminated (the manager answered: {error})"
+            log.error("%s", self.terminated)
+            raise SessionTerminated(self.terminated, endpoint=endpoint) from error
 
     async def info(self) -> dict[str, Any]:
-        response = await self.connection.request("GET", self._prefix, endpoint="info", idempotent=True)
+        response = await self._request("GET", self._prefix, endpoint="info", idempotent=True)
         return response.json()
 
     async def destroy(self) -> None:
-        await self.connection.request("DELETE", self._prefix, endpoint="destroy", idempotent=True)
+        await self._request("DELETE", self._prefix, endpoint="destroy", idempotent=True)
 
     async def interrupt(self) -> None:
-        await self.connection.request(
-            "POST", f"{self._prefix}/interrupt", endpoint="interrupt", idempotent=True
-        )
+        await self._request("POST", f"{self._prefix}/interrupt", endpoint="interrupt", idempotent=True)
 
     async def list_dir(self, path: str) -> list[RemoteEntry]:
         """One directory level; ``path`` is relative to /home/work ("" is the root)."""
         remote_path = path or "."
-        response = await self.connection.request(
+        response = await self._request(
             "GET",
             f"{self._prefix}/files",
             endpoint="list",
@@ -429,17 +510,10 @@ class SessionClient:
         limit, and `ServerError` when a verifying listing shows a file missing.
         """
         check_upload_batch(files)
-        try:
-            await self._post_upload(files)
-        except ServerError as error:
-            if self._absolute_upload_names or "outside /home/work" not in error.msg:
-                raise
-            log.warning("this agent wants absolute upload names; switching")
-            self._absolute_upload_names = True
-            await self._post_upload(files)
+        sent = await self._upload_batch(files)
         if not verify or not self.connection.swallows_upload_errors:
             return {}
-        return await self._verify_upload(files)
+        return await self._verify_upload(sent)
 
     async def upload_all(
         self,
@@ -454,68 +528,82 @@ class SessionClient:
         At most ``memory`` bytes of content are read into memory at once.
         ``on_batch`` is called after each batch is sent. Where a 204 does not
         prove a write, every directory written to is listed once at the end
-        (see `upload`); returns those listings.
+        (see `upload`); returns those listings. The first batch that fails
+        stops the others and is raised as it is.
         """
         for item in files:
             check_upload_batch([item])
         ordered = sorted(files, key=lambda item: item.name.rpartition("/")[0])
         batches = [ordered[i : i + MAX_UPLOAD_FILES] for i in range(0, len(ordered), MAX_UPLOAD_FILES)]
-        limiter = trio.CapacityLimiter(parallel)
         budget = ByteBudget(memory)
+        sent: dict[str, int] = {}
 
-        async def send(batch: Sequence[UploadFile]) -> None:
-            async with limiter, budget.hold(sum(item.size for item in batch)):
-                await self.upload(batch, verify=False)
-            if on_batch is not None:
-                on_batch(batch)
+        def sender(batch: Sequence[UploadFile]) -> Callable[[], Awaitable[None]]:
+            async def send() -> None:
+                async with budget.hold(sum(item.size for item in batch)):
+                    sent.update(await self._upload_batch(batch))
+                if on_batch is not None:
+                    on_batch(batch)
 
-        async with trio.open_nursery() as nursery:
-            for batch in batches:
-                nursery.start_soon(send, batch)
+            return send
+
+        await gather(map(sender, batches), limit=parallel)
         if not files or not self.connection.swallows_upload_errors:
             return {}
-        return await self._verify_upload(files)
+        return await self._verify_upload(sent)
 
-    async def _post_upload(self, files: Sequence[UploadFile]) -> None:
+    async def _upload_batch(self, files: Sequence[UploadFile]) -> dict[str, int]:
+        """One upload request (switching to absolute names if the agent wants them); name → size sent."""
+        try:
+            return await self._post_upload(files)
+        except ServerError as error:
+            if self._absolute_upload_names or "outside /home/work" not in error.msg:
+                raise
+            log.warning("this agent wants absolute upload names; switching")
+            self._absolute_upload_names = True
+            return await self._post_upload(files)
+
+    async def _post_upload(self, files: Sequence[UploadFile]) -> dict[str, int]:
         # The content travels in buffers closed right after the request: httpx keeps
         # the request alive in reference cycles, and a batch is up to 20 MiB.
+        # A file that changed while it was read is sent as read; the caller knows
+        # its content moved on and does not take the upload as that content's.
         buffers: list[io.BytesIO] = []
+        sent: dict[str, int] = {}
         try:
             for item in files:
                 data = await trio.to_thread.run_sync(item.read)
-                if len(data) != item.size:
-                    raise LimitExceeded(f"{item.name!r} changed size while it was uploaded")
-                buffers.append(io.BytesIO(data))
+                sent[item.name] = len(data)
+                buffers.append(ProgressBuffer(data, self.connection.health))
             parts: list[tuple[str, tuple[str, Any, str]]] = [
                 ("src", (self._upload_name(item.name), buffer, "application/octet-stream"))
                 for item, buffer in zip(files, buffers, strict=True)
             ]
-            await self.connection.request(
+            await self._request(
                 "POST", f"{self._prefix}/upload", endpoint="upload", files=parts, idempotent=True
             )
         finally:
             for buffer in buffers:
                 buffer.close()
+        return sent
 
     def _upload_name(self, name: str) -> str:
         return f"{WORK_DIR}/{name}" if self._absolute_upload_names else name
 
-    async def _verify_upload(self, files: Sequence[UploadFile]) -> dict[str, list[RemoteEntry]]:
+    async def _verify_upload(self, sent: Mapping[str, int]) -> dict[str, list[RemoteEntry]]:
         by_parent: dict[str, dict[str, int]] = {}
-        for item in files:
-            parent, _, base = item.name.rpartition("/")
-            by_parent.setdefault(parent, {})[base] = item.size
+        for name, size in sent.items():
+            parent, _, base = name.rpartition("/")
+            by_parent.setdefault(parent, {})[base] = size
         listings: dict[str, list[RemoteEntry]] = {}
 
-        limiter = trio.CapacityLimiter(4)
-
-        async def verify(parent: str) -> None:
-            async with limiter:
+        def verifier(parent: str) -> Callable[[], Awaitable[None]]:
+            async def verify() -> None:
                 listings[parent] = await self.list_dir(parent)
 
-        async with trio.open_nursery() as nursery:
-            for parent in by_parent:
-                nursery.start_soon(verify, parent)
+            return verify
+
+        await gather(map(verifier, by_parent), limit=4)
         for parent, expected in by_parent.items():
             sizes = {entry.name: entry.size for entry in listings[parent] if entry.is_regular}
             wrong = sorted(name for name, size in expected.items() if sizes.get(name) != size)
@@ -551,7 +639,7 @@ class SessionClient:
         return [part.body for part in parts]
 
     async def _download_request(self, query: str, body: bytes) -> httpx.Response:
-        return await self.connection.request(
+        return await self._request(
             self._download_method,
             f"{self._prefix}/download",
             endpoint="download",
@@ -562,7 +650,7 @@ class SessionClient:
 
     async def download_single(self, path: str) -> bytes:
         """The raw bytes of one file (the same 1 MiB archive limit applies)."""
-        response = await self.connection.request(
+        response = await self._request(
             "POST",
             f"{self._prefix}/download_single",
             endpoint="download_single",
@@ -585,7 +673,7 @@ class SessionClient:
         body: dict[str, Any] = {"mode": mode, "code": code, "runId": run_id, "run_id": run_id}
         if options is not None:
             body["options"] = dict(options)
-        response = await self.connection.request(
+        response = await self._request(
             "POST",
             self._prefix,
             endpoint="execute",

@@ -77,8 +77,27 @@ class ServerError(APIError):
     """5xx: the manager or the agent failed."""
 
 
+class SessionTerminated(SessionNotFound):
+    """The session is gone for good (confirmed by a second request); nothing more is sent to it."""
+
+    def __init__(self, message: str, *, endpoint: str = "") -> None:
+        super().__init__(404, title="Session terminated", msg=message, endpoint=endpoint)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class EndpointUnreachable(BaifsError):
-    """The endpoint could not be reached, or did not answer in time, after retries."""
+    """The endpoint could not be reached, or did not answer in time, after retries.
+
+    ``delivered`` is False only when the request provably never left this host
+    (the connection could not be made); otherwise the server may have acted on it.
+    """
+
+    def __init__(self, message: str, *, delivered: bool = True) -> None:
+        super().__init__(message)
+        self.delivered = delivered
 
 
 class LimitExceeded(BaifsError, ValueError):
@@ -95,6 +114,16 @@ class SessionBusy(BaifsError):
 
 class SessionWedged(BaifsError):
     """A batch execution stopped making progress; later runs may be blocked."""
+
+
+class LocalStateError(BaifsError, OSError):
+    """A file of the mount's own state (a run record, the run marker) could not be written."""
+
+    def __init__(self, error: OSError, what: str) -> None:
+        OSError.__init__(self, error.errno, f"cannot write {what}: {error.strerror or error}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class RemotePathError(BaifsError, OSError):

@@ -14,7 +14,9 @@ Two directories with different rules:
 
 Invariants: a cache entry is returned only for the exact (size, mtime) it was
 stored with; staging files are only removed by `discard_stage`, after the
-content is on the session or the file was deleted.
+content is on the session or the file was deleted, and never while a flush
+reads them (`holding`): a file deleted while its upload is under way is
+removed when that upload is done.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import os
 import secrets
 import shutil
 import time
+from collections import Counter
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +74,10 @@ class ContentStore:
         self.staging_dir = staging_dir
         self.cache_limit = cache_limit
         self._entries: dict[bytes, CacheEntry] = {}
+        #: staging files being read by a flush, and how many flushes read each.
+        self._held: Counter[str] = Counter()
+        #: held staging files discarded meanwhile: removed when the last hold ends.
+        self._discarded: set[str] = set()
         shutil.rmtree(cache_dir, ignore_errors=True)
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         staging_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -173,6 +182,10 @@ class ContentStore:
         renamed into it; the content is then dropped (and downloaded if read).
         """
         entry = self.entry_for(remote_path, size, mtime_ns)
+        if self._held[stage]:  # a flush still reads it: drop it when that is done
+            self._drop(entry)
+            self.discard_stage(stage)
+            return
         try:
             self.stage_path(stage).replace(entry.file)
         except OSError:
@@ -182,10 +195,28 @@ class ContentStore:
         entry.chunks.update(range(entry.chunk_total))
 
     def discard_stage(self, stage: str) -> None:
-        self.stage_path(stage).unlink(missing_ok=True)
+        if self._held[stage]:
+            self._discarded.add(stage)
+        else:
+            self.stage_path(stage).unlink(missing_ok=True)
+
+    @contextmanager
+    def holding(self, stages: Collection[str]) -> Iterator[None]:
+        """Keep these staging files on disk while the block runs (a flush reads them)."""
+        self._held.update(stages)
+        try:
+            yield
+        finally:
+            self._held.subtract(stages)
+            for stage in stages:
+                if self._held[stage] <= 0:
+                    del self._held[stage]
+                    if stage in self._discarded:
+                        self._discarded.discard(stage)
+                        self.stage_path(stage).unlink(missing_ok=True)
 
     def stages(self) -> set[str]:
-        return {path.name for path in self.staging_dir.iterdir()}
+        return {path.name for path in self.staging_dir.iterdir() if not path.name.startswith(".")}
 
     @property
     def staged_bytes(self) -> int:

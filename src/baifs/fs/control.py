@@ -49,6 +49,8 @@ LATEST_NAME = b"latest"
 FLUSH_XATTR = b"user.baifs.flush"
 INTERRUPT_XATTR = b"user.baifs.interrupt"
 _RUN_SHIFT = 4
+#: Run files that grow while their run goes, read live.
+GROWING = ("output", "stdout", "stderr")
 
 
 def run_directory_inode(number: int) -> int:
@@ -164,15 +166,23 @@ class ControlTree:
     # -- documents ----------------------------------------------------------
 
     def document(self, inode: int) -> bytes | None:
-        """The generated content of ``.baifs-status`` and ``.run`` (None for run files).
+        """What a descriptor of this control file reads: a snapshot, or None for output that grows.
 
-        A descriptor reads the document as it was when it was opened, so
-        several reads never mix two versions of it.
+        ``.baifs-status``, ``.run`` and a run's ``status`` (replaced as the
+        run goes) are read as they were when opened, so several reads never
+        mix two versions; a run's output files are read as they grow.
         """
         if inode == STATUS_INODE:
             return _json(status(self.fs, self.identity))
         if inode != RUN_INODE:
-            return None
+            number, index = divmod(inode - CONTROL_BASE, 1 << _RUN_SHIFT)
+            record = self.runs.records.get(number)
+            if record is None or not 1 <= index <= len(RECORD_FILES) or RECORD_FILES[index - 1] in GROWING:
+                return None
+            try:
+                return (record.directory / RECORD_FILES[index - 1]).read_bytes()
+            except FileNotFoundError:
+                raise FSError(errno.ENOENT) from None
         latest = self.runs.latest
         queued = [r.number for r in self.runs.records.values() if r.state == "queued"]
         return _json(
@@ -195,7 +205,8 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
     pending = [n for n in namespace.pending if n.attached]
     uploads = [n for n in pending if n.dirty and n.is_regular]
     namespace_changes = len(namespace.doomed) + sum(1 for n in pending if not (n.dirty and n.is_regular))
-    stats = fs.stats
+    stats = fs.sync.stats
+    unresolved = fs.sync.unresolved
     return {
         **identity,
         "version": __version__,
@@ -207,7 +218,13 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
             "namespace_changes": namespace_changes,
             "paths": sorted(os.fsdecode(n.path) for n in pending)[:20],
         },
-        "flush": dict(fs.flush_progress),
+        "flush": dict(fs.sync.progress),
+        "remote": {
+            "terminated": fs.session.terminated,
+            **fs.session.connection.health.as_dict(),
+            "unconcluded_run": fs.executor.unconcluded_run,
+            "unresolved_flush": None if unresolved is None else unresolved.run_id,
+        },
         "cache": {
             "bytes": fs.store.cached_bytes,
             "limit": fs.store.cache_limit,

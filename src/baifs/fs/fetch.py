@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -36,7 +36,8 @@ import trio
 from ..api.archive import single_member
 from ..api.batch import BatchExecutor, BatchSteps
 from ..api.client import MAX_DOWNLOAD_PATHS, SessionClient
-from ..api.errors import BaifsError, ServerError
+from ..api.errors import BaifsError, ServerError, SessionWedged
+from ..concurrency import gather
 from .content import CHUNK_BYTES, DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
 from .flush import REMOTE_TMP, remote_name
 from .model import Node, join
@@ -49,8 +50,10 @@ PREFETCH_FILES = 64
 PREFETCH_BYTES = 32 * 1024 * 1024
 #: The widest ranged read: this many chunks cut and downloaded by one run.
 MAX_WINDOW_CHUNKS = 32
-#: How long a ranged read waits for the session's execution slot.
-RANGE_QUEUE_TIMEOUT = 60.0
+#: How long a ranged read waits for the session's execution slot (then EAGAIN).
+RANGE_QUEUE_TIMEOUT = 20.0
+#: Ranged reads whose output was lost on the way are read again this many times.
+RANGE_ATTEMPTS = 2
 
 
 class StaleContent(BaifsError):
@@ -316,9 +319,16 @@ class Fetcher:
             if stream == "stdout":
                 output.append(text)
 
-        outcome = await self.executor.run(
-            BatchSteps(exec=shell.render()), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
-        )
+        for _ in range(RANGE_ATTEMPTS):
+            output.clear()
+            outcome = await self.executor.run(
+                BatchSteps(exec=shell.render()), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
+            )
+            if outcome.complete:
+                break
+            log.info("reading %r: the session's answer was lost; reading again", entry.remote_path)
+        else:
+            raise SessionWedged(f"reading {entry.remote_path!r}: the session's answers keep getting lost")
         if outcome.exit_code != 0:
             raise StaleContent(f"could not read {entry.remote_path!r} in the session")
         inline = _parse_chunks("".join(output), entry.size, mtime)
@@ -337,21 +347,22 @@ class Fetcher:
     ) -> None:
         batches = [indices[i : i + MAX_DOWNLOAD_PATHS] for i in range(0, len(indices), MAX_DOWNLOAD_PATHS)]
 
-        async def fetch(batch: list[int]) -> None:
-            async with self._part_downloads:
-                paths = [remote_name(join(staging, str(index).encode())) for index in batch]
-                archives = await self.session.download(paths)
-            for index, archive in zip(batch, archives, strict=True):
-                _, data = await trio.to_thread.run_sync(single_member, archive)
-                expected = min(CHUNK_BYTES, entry.size - index * CHUNK_BYTES)
-                if len(data) != expected:
-                    raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
-                await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
-                arrived(index)
+        def fetcher(batch: list[int]) -> Callable[[], Awaitable[None]]:
+            async def fetch() -> None:
+                async with self._part_downloads:
+                    paths = [remote_name(join(staging, str(index).encode())) for index in batch]
+                    archives = await self.session.download(paths)
+                for index, archive in zip(batch, archives, strict=True):
+                    _, data = await trio.to_thread.run_sync(single_member, archive)
+                    expected = min(CHUNK_BYTES, entry.size - index * CHUNK_BYTES)
+                    if len(data) != expected:
+                        raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
+                    await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+                    arrived(index)
 
-        async with trio.open_nursery() as nursery:
-            for batch in batches:
-                nursery.start_soon(fetch, batch)
+            return fetch
+
+        await gather(map(fetcher, batches))
 
     @property
     def has_litter(self) -> bool:

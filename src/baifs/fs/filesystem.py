@@ -1,37 +1,35 @@
-"""The filesystem semantics: every POSIX operation on the local view, and when it reaches the session.
+"""The filesystem semantics: every POSIX operation on the local view, and when it needs the session.
 
 `Filesystem` is FUSE-agnostic: it works on `Node` objects and raises `FSError`
-with an errno; `operations` adapts it to pyfuse3. It owns:
+with an errno; `operations` adapts it to pyfuse3; `sync` pushes what it
+changes to the session. It owns:
 
 - directory listings with a TTL (``dir_ttl``), one request per directory at a
-  time however many callers wait, merged into the tree without undoing local
-  changes;
+  time however many callers wait, taken in the background and merged into
+  the tree without undoing local changes. A stale listing keeps serving
+  while its successor is slow (over `STALE_GRACE_SECONDS`) or the session is
+  away, so what the mount knows (files it made or listed) stays usable;
 - opening, reading and writing: reads come from the staging file (content
   written here) or the cache (content from the session, fetched by
-  `Fetcher`); the first write to a file stages a full copy of it;
+  `Fetcher`); the first write to a file stages a full copy of it; an open
+  descriptor follows the file's current content, so its size and what it
+  reads agree after the session changed the file;
 - reading ahead of tree walks: a directory enumerated right after its
   parent (``ls -R``, ``find``, ``grep -r``, ``git status``) lists its
   siblings and children ahead, and a read miss in a directory just
   enumerated queues the small files that follow (and those of the next
   directory) for prefetch;
-- namespace changes, recorded in the overlay (`model`) and the journal;
-- write-back: a flush ``write_back`` seconds after the last change, leaving
-  files still open for writing for later; ``fsync`` of one file uploads that
-  file alone when it can; everything is flushed on ``fsyncdir``, on unmount
-  and before runs.
+- namespace changes, recorded in the overlay (`model`) and the journal, and
+  handed to the sync engine (`sync`) as changes to push.
 
-Concurrency (one trio thread; handlers interleave only at ``await``):
+Every wait for the session in a system call is bounded by the session's
+progress (`watchdog`): no call waits more than 25 s for a session that does
+not answer.
 
-- one flush at a time (``_flush_lock``). A flush that needs a script takes
-  the session's execution slot *before* the flush lock, so waiting behind a
-  user's long run never blocks an ``fsync``; while a run holds the slot,
-  write-back uploads what needs no script and leaves the rest pending;
-- while a flush changes the session (uploads, script), remote paths are in
-  motion: listings wait for it or keep serving the previous listing
-  (``_remote_quiet``), and a listing that was in flight meanwhile is taken
-  again (``_remote_epoch``); namespace changes wait for a running script;
-- the tree changes only between awaits, so a handler never sees a half-done
-  change.
+Concurrency: one trio thread; handlers interleave only at ``await``, and the
+tree changes only between awaits, so a handler never sees a half-done
+change. Changes may go on while a flush runs: the sync engine commits what
+the session confirmed wherever the nodes went meanwhile.
 """
 
 from __future__ import annotations
@@ -48,24 +46,16 @@ from typing import Any, TypeVar
 import trio
 
 from ..api.batch import BatchExecutor
-from ..api.client import SessionClient, UploadFile
+from ..api.client import SessionClient
 from ..api.errors import BaifsError, RemotePathError, SessionBusy
+from ..concurrency import keep_running
 from .content import DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
 from .fetch import Fetcher, StaleContent
-from .flush import (
-    INLINE_SCRIPT_MAX,
-    REMOTE_TMP,
-    Flusher,
-    FlushPlan,
-    FlushReport,
-    plan,
-    plan_uploads,
-    remote_name,
-    restore,
-    script,
-)
-from .journal import Journal, encode_path, overlay_state
-from .model import ROOT_INODE, Namespace, Node, is_ancestor_or_self, join
+from .flush import REMOTE_TMP
+from .journal import Journal, encode_path
+from .model import ROOT_INODE, Namespace, Node, join
+from .sync import SyncEngine
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +65,10 @@ NAME_MAX = 255
 #: Names at the root of the session that the mount never shows (control files, flush scratch).
 HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
 RENAME_NOREPLACE = 1
-WRITE_BACK_RETRY_MAX = 60.0
+#: How long a stale listing waits for its successor before it serves as it is.
+STALE_GRACE_SECONDS = 5.0
+#: How long a system call waits for the execution slot when a run holds it.
+SLOT_WAIT_SECONDS = 20.0
 #: Enumerations and reads of a directory this close together are a scan (see `_note_scan`).
 SCAN_WINDOW_SECONDS = 3.0
 #: Listings taken ahead of a tree walk at the same time.
@@ -112,14 +105,11 @@ class Handle:
 
 
 @dataclass
-class FilesystemStats:
-    flushes: int = 0
-    uploaded_files: int = 0
-    uploaded_bytes: int = 0
-    scripts: int = 0
-    flush_failures: int = 0
-    last_flush_error: str = ""
-    recovered_changes: int = 0
+class Listing:
+    """A listing on its way; the callers that wait for it read ``error`` when it is done."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
 
 
 class Filesystem:
@@ -138,90 +128,98 @@ class Filesystem:
         self.options = options
         self.namespace = Namespace()
         self.fetcher = Fetcher(session, executor, store)
-        self.flusher = Flusher(session, executor, self.namespace, store)
-        self.stats = FilesystemStats()
+        self.sync = SyncEngine(
+            session,
+            executor,
+            self.namespace,
+            store,
+            journal,
+            self.fetcher,
+            write_back=options.write_back,
+            on_vanished=self._vanished,
+            expire_listings=self.expire_listings,
+        )
+        self.watchdog = Watchdog(session.connection.health)
         self.handles: dict[int, Handle] = {}
         self._next_handle = 1
-        self._listing: dict[int, trio.Event] = {}
-        self._remote_epoch = 0
-        self._remote_quiet = trio.Event()
-        self._remote_quiet.set()
-        self._script_idle = trio.Event()
-        self._script_idle.set()
-        self._flush_lock = trio.Lock()
-        self._changed = trio.Event()
-        self._last_change = 0.0
+        self._listing: dict[int, Listing] = {}
         self._nursery: trio.Nursery | None = None
         #: directories enumerated or read from, and when (see `_note_scan`).
         self._scanned: dict[int, float] = {}
         self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_LISTINGS)
-        #: flush directories a failed script left in the session.
-        self.leftover_tmp: set[bytes] = set()
         #: called with nodes whose kernel entries must be dropped (set by the FUSE layer).
         self.invalidate: Callable[[list[Node]], None] = lambda nodes: None
-        self.flush_progress: dict[str, Any] = {}
 
     # -- background work --------------------------------------------------
 
     async def run_background(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self.fetcher.run_workers)
-            nursery.start_soon(self._write_back_loop)
-            task_status.started()
-
-    async def _write_back_loop(self) -> None:
-        failures = 0
-        while True:
-            await self._changed.wait()
-            self._changed = trio.Event()
-            while (quiet := time.monotonic() - self._last_change) < self.options.write_back:
-                await trio.sleep(self.options.write_back - quiet)
-            try:
-                report = await self.flush(skip_open_writers=True)
-                failures = 0
-            except BaifsError as error:
-                failures += 1
-                delay = min(WRITE_BACK_RETRY_MAX, self.options.write_back * 2**failures)
-                log.error(
-                    "write-back failed (%s); the changes stay pending; retrying in %.0f s", error, delay
-                )
-                await trio.sleep(delay)
-                self._changed.set()
-                continue
-            if report.partial and self.namespace.pending_changes():
-                # A run held the execution slot: what needs a script is still to do.
-                await trio.sleep(self.options.write_back)
-                self._changed.set()
+        """Downloads, write-back, the watchdog and listings taken for callers; until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(keep_running, "the download workers", self.fetcher.run_workers)
+                nursery.start_soon(keep_running, "write-back", self.sync.run_write_back)
+                nursery.start_soon(keep_running, "the watchdog", self.watchdog.run)
+                task_status.started()
+        finally:
+            self._nursery = None  # from now on listings are taken by their callers
 
     def _note_change(self) -> None:
-        self._last_change = time.monotonic()
-        self._changed.set()
+        self.sync.note_change()
 
     # -- listings ---------------------------------------------------------
 
     async def ensure_listed(self, directory: Node, *, force: bool = False) -> None:
-        """Make ``directory``'s children current (within the TTL) with the session's listing."""
+        """Make ``directory``'s children current (within the TTL) with the session's listing.
+
+        A stale listing serves while its successor is slow or the session is
+        away; the successor still lands in the background.
+        """
         if not directory.is_dir or directory.origin is None:
             return
+        motion = self.sync.motion
         while True:
-            age = time.monotonic() - directory.listed_at if directory.listed_at is not None else None
-            if age is not None and not force:
+            listed_at = directory.listed_at
+            stale = listed_at is not None and not force
+            if stale and listed_at is not None:
                 # Within the TTL, or our own flush is changing the session: the
                 # tree already shows what the flush does, so the last listing serves.
-                if age < self.options.dir_ttl or not self._remote_quiet.is_set():
+                if time.monotonic() - listed_at < self.options.dir_ttl or not motion.quiet.is_set():
                     return
-            in_flight = self._listing.get(directory.inode)
-            if in_flight is None:
-                break
-            await in_flight.wait()
-            force = False
-        done = trio.Event()
-        self._listing[directory.inode] = done
+            listing = self._listing.get(directory.inode)
+            joined = listing is not None
+            if listing is None:
+                listing = self._listing[directory.inode] = Listing()
+                if self._nursery is None:  # before the background runs (recovery): take it here
+                    await self._take_listing(directory, listing)
+                else:
+                    self._nursery.start_soon(self._take_listing, directory, listing)
+            if stale:
+                grace = 0.0 if self.session.connection.health.away else STALE_GRACE_SECONDS
+                with trio.move_on_after(grace):
+                    await listing.done.wait()
+                if not listing.done.is_set():
+                    return  # served stale; the listing lands when it can
+            else:
+                await listing.done.wait()
+            error = listing.error
+            if error is None:
+                if joined and force:
+                    force = False  # it may have started before we asked: check its age again
+                    continue
+                return
+            if stale and not isinstance(error, FSError | RemotePathError):
+                log.warning("listing %r failed (%s); serving the last one", directory.path, error)
+                return
+            raise error
+
+    async def _take_listing(self, directory: Node, listing: Listing) -> None:
+        """One listing of a directory, merged unless a flush moved remote paths meanwhile."""
+        motion = self.sync.motion
         try:
             while True:
-                await self._remote_quiet.wait()
-                epoch = self._remote_epoch
+                await motion.quiet.wait()
+                epoch = motion.epoch
                 origin = directory.origin
                 if origin is None or not directory.attached:
                     return
@@ -229,21 +227,32 @@ class Filesystem:
                     entries = await self.session.list_dir(origin.decode("utf-8", "surrogateescape"))
                 except RemotePathError as error:
                     if error.errno in (errno.ENOENT, errno.ENOTDIR) and directory.inode != ROOT_INODE:
-                        if epoch == self._remote_epoch:
+                        if epoch == motion.epoch:
                             self._vanished([directory])
-                        raise FSError(errno.ENOENT) from error
+                        listing.error = FSError(errno.ENOENT)
+                        return
                     raise
-                if epoch == self._remote_epoch and directory.origin == origin:
-                    hidden = HIDDEN_AT_ROOT if directory.inode == ROOT_INODE else set()
-                    removed = self.namespace.merge_listing(directory, entries, hidden)
-                    directory.listed_at = time.monotonic()
-                    if removed:
-                        self._discard_stages(removed)
-                        self.invalidate(removed)
+                if epoch == motion.epoch and directory.origin == origin:
+                    self._merge(directory, entries)
                     return
+        except Exception as error:  # handed to every caller that waits for this listing
+            listing.error = error
         finally:
             del self._listing[directory.inode]
-            done.set()
+            listing.done.set()
+
+    def _merge(self, directory: Node, entries: list[Any]) -> None:
+        hidden = HIDDEN_AT_ROOT if directory.inode == ROOT_INODE else set()
+        merged = self.namespace.merge_listing(directory, entries, hidden)
+        directory.listed_at = time.monotonic()
+        for stage in merged.stale:
+            self.store.discard_stage(stage)
+        if merged.removed:
+            self._discard_stages(merged.removed)
+            self.invalidate(merged.removed)
+        for child in (directory.children or {}).values():
+            if child.stage is not None and not child.dirty and child.open_count == 0 and child.origin:
+                self.sync.committer.retire_stage(child)  # its mtime is known now
 
     def _vanished(self, nodes: list[Node]) -> None:
         """Remote objects that something in the session removed behind our back."""
@@ -429,16 +438,38 @@ class Filesystem:
     async def read(self, number: int, offset: int, size: int) -> bytes:
         handle = self.handles[number]
         node = handle.node
-        if node.stage is not None and handle.stage != node.stage:
-            # Another descriptor gave the file local content: read that from now on.
-            os.close(handle.fd)
-            handle.fd, handle.stage = self._open_stage(node.stage, os.O_RDONLY), node.stage
-        elif handle.stage is None and handle.entry is not None and not handle.entry.complete:
+        if node.stage is not None:
+            if handle.stage != node.stage:
+                # Another descriptor gave the file local content: read that from now on.
+                self._switch(handle, self._open_stage(node.stage, os.O_RDONLY), node.stage, None)
+        elif node.origin is not None and (handle.entry is None or self._superseded(handle.entry, node)):
+            # The session's content is newer than what this descriptor read so far
+            # (a run appended to a log): read the current version, as fstat shows it.
+            entry = await self._cached(node, whole=node.remote_size <= DIRECT_DOWNLOAD_MAX)
+            self._switch(handle, os.open(entry.file, os.O_RDONLY), None, entry)
+        if handle.stage is None and handle.entry is not None and not handle.entry.complete:
             try:
                 await self._remote(self.fetcher.ensure_range(handle.entry, offset, size))
             except StaleContent as error:
                 raise FSError(errno.EIO, str(error)) from None
         return os.pread(handle.fd, size, offset)
+
+    @staticmethod
+    def _superseded(entry: CacheEntry, node: Node) -> bool:
+        return node.remote_mtime_ns >= 0 and (entry.remote_path, entry.size, entry.mtime_ns) != (
+            node.origin,
+            node.remote_size,
+            node.remote_mtime_ns,
+        )
+
+    def _switch(self, handle: Handle, fd: int, stage: str | None, entry: CacheEntry | None) -> None:
+        """Point a descriptor at other content (a staging file, or a cache entry)."""
+        os.close(handle.fd)
+        if handle.entry is not None:
+            handle.entry.pins -= 1
+        if entry is not None:
+            entry.pins += 1
+        handle.fd, handle.stage, handle.entry = fd, stage, entry
 
     async def write(self, number: int, offset: int, data: bytes) -> int:
         handle = self.handles[number]
@@ -475,7 +506,7 @@ class Filesystem:
                 self.store.discard_stage(node.stage)
                 node.stage = None
             elif not node.dirty and node.origin is not None:
-                self.flusher.retire_stage(node)
+                self.sync.committer.retire_stage(node)
         self.namespace.release_if_unused(node)
         if handle.writable:
             self._note_change()
@@ -513,19 +544,12 @@ class Filesystem:
         for other in list(self.namespace.pending):
             if other is not node and other.moved and other.origin == path and other.is_regular:
                 await self._localize(other)
-        async with self._flush_lock:
-            flush_plan = plan_uploads(self.namespace, [node])
-            if flush_plan.uploaded(node):
-                await self._carry_out(flush_plan, slot_held=False)
-            else:
-                restore(self.namespace, flush_plan)
-        if node not in self.namespace.pending:
-            return
-        try:
-            await self.flush()
-        except FlushFailed:
-            if node in self.namespace.pending:
-                raise
+        await self._remote(self.sync.fsync(node, slot_timeout=SLOT_WAIT_SECONDS))
+
+    async def flush_everything(self) -> None:
+        """``fsyncdir`` and ``baifs sync``: return once everything is on the session."""
+        await self.journal.sync()
+        await self._remote(self.sync.flush_all(slot_timeout=SLOT_WAIT_SECONDS))
 
     async def _localize(self, node: Node) -> None:
         """Turn a moved remote file into local content, so its old name can be overwritten.
@@ -557,7 +581,6 @@ class Filesystem:
         if not parent.attached:
             raise FSError(errno.ENOENT)
         await self._remote(self.ensure_listed(parent))
-        await self._script_idle.wait()
 
     async def _new_name(self, parent: Node, name: bytes) -> None:
         await self._changing(parent, name)
@@ -594,7 +617,7 @@ class Filesystem:
         return node
 
     async def _child(self, parent: Node, name: bytes) -> Node:
-        """The child a change applies to, once no script runs: no await may follow this."""
+        """The child a change applies to: no await may follow this."""
         await self._changing(parent, name)
         assert parent.children is not None
         child = parent.children.get(name)
@@ -687,7 +710,6 @@ class Filesystem:
         mtime_ns: int | None = None,
         atime_ns: int | None = None,
     ) -> Node:
-        await self._script_idle.wait()
         if size is not None:
             if node.is_dir:
                 raise FSError(errno.EISDIR)
@@ -718,136 +740,17 @@ class Filesystem:
             self._note_change()
         return node
 
-    # -- flushing ---------------------------------------------------------
-
-    async def flush(
-        self, *, skip_open_writers: bool = False, progress: Callable[[int, int], None] | None = None
-    ) -> FlushReport:
-        """Push pending changes to the session.
-
-        While a user's run holds the execution slot, a write-back flush
-        (``skip_open_writers``) uploads what needs no script and returns; every
-        other flush waits for the slot.
-        """
-        if skip_open_writers and self.executor.busy:
-            async with self._flush_lock:
-                staged = [n for n in self.namespace.pending if n.dirty and n.write_count == 0]
-                flush_plan = plan_uploads(self.namespace, staged)
-                report = await self._carry_out(flush_plan, slot_held=False, progress=progress)
-                report.partial = True
-                return report
-        async with self.executor.slot():
-            return await self.flush_in_slot(skip_open_writers=skip_open_writers, progress=progress)
-
-    async def flush_in_slot(
-        self, *, skip_open_writers: bool = False, progress: Callable[[int, int], None] | None = None
-    ) -> FlushReport:
-        """A full flush by a caller that holds the session's execution slot (a run's barrier)."""
-        async with self._flush_lock:
-            open_writers = {n for n in self.namespace.pending if n.write_count > 0}
-            flush_plan = plan(
-                self.namespace,
-                defer=open_writers if skip_open_writers else (),
-                litter=self._litter(),
-            )
-            return await self._carry_out(flush_plan, slot_held=True, progress=progress)
-
-    def _litter(self) -> list[bytes]:
-        """Scratch directories in the session that nothing refers to any more."""
-        self.leftover_tmp.update(self.fetcher.take_litter())
-        referenced = [n.origin for n in self.namespace.pending if n.origin is not None]
-        free = {
-            tmp
-            for tmp in self.leftover_tmp
-            if not any(is_ancestor_or_self(tmp, origin) for origin in referenced)
-        }
-        self.leftover_tmp -= free
-        return sorted(free)
-
-    async def _carry_out(
-        self, flush_plan: FlushPlan, *, slot_held: bool, progress: Callable[[int, int], None] | None = None
-    ) -> FlushReport:
-        """Upload, run the script (in the slot the caller holds), record the outcome."""
-        report = FlushReport()
-        if flush_plan.empty and not flush_plan.litter:
-            return report
-        self.flush_progress = {
-            "files_total": len(flush_plan.uploads),
-            "bytes_total": flush_plan.upload_bytes,
-            "files_done": 0,
-            "bytes_done": 0,
-        }
-
-        def on_progress(files: int, size: int) -> None:
-            self.flush_progress.update(files_done=files, bytes_done=size)
-            if progress is not None:
-                progress(files, size)
-
-        results = None
-        shell = script(flush_plan) if slot_held and (flush_plan.needs_script or flush_plan.litter) else None
-        script_file, extra = None, []
-        if shell is not None and len(rendered := shell.render().encode()) > INLINE_SCRIPT_MAX:
-            script_file = join(flush_plan.tmp, b"flush.sh")
-            extra.append(UploadFile.of(remote_name(script_file), rendered))
-        self._remote_quiet = trio.Event()
-        self._remote_epoch += 1
-        try:
-            listings = await self.flusher.upload(flush_plan, report, on_progress, extra)
-            if shell is not None:
-                self.journal.record(
-                    "script", moves=[[encode_path(m.origin), encode_path(m.parked)] for m in flush_plan.moves]
-                )
-                self._script_idle = trio.Event()
-                try:
-                    results = await self.flusher.run_script(shell, script_file)
-                finally:
-                    self._script_idle.set()
-                report.script_ran = True
-        except BaifsError as error:
-            self.stats.flush_failures += 1
-            self.stats.last_flush_error = str(error)
-            restore(self.namespace, flush_plan)
-            self.leftover_tmp.update(flush_plan.litter)
-            raise
-        finally:
-            self._remote_epoch += 1
-            self._remote_quiet.set()
-            self.flush_progress = {}
-        self.flusher.apply(flush_plan, listings, results, report)
-        await self.journal.checkpoint(overlay_state(self.namespace))
-        self.stats.flushes += 1
-        self.stats.uploaded_files += report.uploaded_files
-        self.stats.uploaded_bytes += report.uploaded_bytes
-        self.stats.scripts += report.script_ran
-        if report.vanished:
-            log.warning(
-                "%d object(s) disappeared from the session before the flush reached them",
-                len(report.vanished),
-            )
-            self._vanished(report.vanished)
-        if report.failed_steps:
-            if report.left_tmp:
-                self.leftover_tmp.add(flush_plan.tmp)
-            self.leftover_tmp.update(flush_plan.litter)
-            self.stats.flush_failures += 1
-            self.stats.last_flush_error = "; ".join(report.failed_steps[:3])
-            self.expire_listings()
-            raise FlushFailed(
-                f"{len(report.failed_steps)} change(s) failed in the session: {self.stats.last_flush_error}"
-            )
-        return report
-
-    async def flush_all(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Flush until nothing is pending (changes made meanwhile included), scratch removed."""
-        for _ in range(10):
-            if not self.namespace.pending_changes() and not self.leftover_tmp and not self.fetcher.has_litter:
-                return
-            await self.flush(progress=progress)
+    # -- the session ------------------------------------------------------
 
     async def _remote(self, awaitable: Awaitable[T]) -> T:
-        """Await a remote operation; API failures become EIO (logged), busy slots EAGAIN."""
+        """Await a remote operation for a system call, bounded by the session's progress.
+
+        API failures become EIO (logged), a run holding the execution slot
+        EAGAIN, a path the session refused its errno.
+        """
         try:
-            return await awaitable
+            with self.watchdog.bounded():
+                return await awaitable
         except (FSError, StaleContent):
             raise
         except SessionBusy as error:
@@ -858,7 +761,3 @@ class Filesystem:
         except BaifsError as error:
             log.error("remote operation failed: %s", error)
             raise FSError(errno.EIO, str(error)) from error
-
-
-class FlushFailed(BaifsError):
-    """Some changes of a flush could not be applied in the session; they stay pending."""

@@ -1,11 +1,10 @@
-"""The sync engine: turning the overlay into the fewest requests that reproduce it remotely.
+"""Flush plans: what the overlay needs in the session, as uploads and one script, and how to commit it.
 
-A flush takes a snapshot of the pending changes (`plan`), uploads new content
-in batches of up to 20 files, then runs at most one shell script in the
-session for everything an upload cannot do, and finally records in the tree
-what is now on the session (`Flusher.apply`). The script works in phases, so
-that any combination of renames, replacements and deletions (swaps and
-cycles included) lands right:
+`plan` reads the pending changes into a `FlushPlan` without changing the
+namespace: content to upload in batches of up to 20 files, and at most one
+shell script (`script`) for everything an upload cannot do. The script works
+in phases, so that any combination of renames, replacements and deletions
+(swaps and cycles included) lands right:
 
 1. every remote object that moves or disappears is taken out of the way,
    deepest first: moved ones into the flush's directory
@@ -27,36 +26,36 @@ uploaded under a temporary name (in parts when large) and the script moves
 
 Coalescing that falls out of the planning: a doomed remote regular file that
 an upload replaces is not removed (the upload overwrites it in place); a new
-directory that receives a direct upload needs no ``mkdir``. A *scoped* plan
-(``fsync`` of one file, or write-back while a user's run holds the session's
-execution slot) carries only uploads that need no script.
+directory that receives a direct upload needs no ``mkdir``; a moved file with
+new content is uploaded at its new name and its old remote object removed.
+A *scoped* plan (``fsync`` of one file, or write-back while a user's run
+holds the session's execution slot) carries only uploads that need no script.
 
-Every step of the script reports ``ok``, ``gone`` or a failure (`shell`), and
-`Flusher.apply` records exactly the steps that happened: nothing is assumed.
+Committing is step by step and records only what the session confirmed
+(`commit_uploads` once uploads are verified, `commit_script` with the
+script's report): a change whose step did not happen, or whose outcome is
+unknown, stays pending exactly as it was. Changes made in the mount while the
+flush went are kept: commits follow each node wherever it went meanwhile.
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
-import shlex
 import stat
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ..api.batch import BatchExecutor, BatchSteps
-from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
+from ..api.client import MAX_UPLOAD_BYTES
 from ..api.listing import RemoteEntry
 from .content import ContentStore
 from .model import Namespace, Node, depth, is_ancestor_or_self, join
 from .shell import ShellScript, StepResults
 
-log = logging.getLogger(__name__)
-
 REMOTE_TMP = b".baifs-tmp"
 #: Longer scripts travel as a file with the uploads instead of on the command line.
 INLINE_SCRIPT_MAX = 96 * 1024
+SCRIPT_NAME = b"flush.sh"
+REPORT_NAME = b"report"
 #: Modes an upload or a ``mkdir`` gives new objects (the agent's umask 022).
 DEFAULT_FILE_MODE = stat.S_IFREG | 0o644
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
@@ -90,6 +89,8 @@ class Upload:
     parts: list[bytes] = field(default_factory=list)
     #: the remote mode after the upload (an overwrite keeps the old file's mode).
     remote_mode: int = DEFAULT_FILE_MODE
+    #: the node's old remote object (a moved file with new content), removed by this flush.
+    replaces: bytes | None = None
     assemble_step: int | None = None
     place_step: int | None = None
 
@@ -132,6 +133,7 @@ class MetaChange:
 class FlushPlan:
     token: bytes
     uploads: list[Upload] = field(default_factory=list)
+    #: remote paths the script removes (the outermost of nested ones).
     doomed: dict[bytes, int] = field(default_factory=dict)
     #: doomed regular files that uploads overwrite in place (so nothing removes them).
     overwrites: dict[bytes, int] = field(default_factory=dict)
@@ -142,6 +144,8 @@ class FlushPlan:
     touches: list[MetaChange] = field(default_factory=list)
     #: leftover directories of earlier flushes and reads, removed by this script.
     litter: list[bytes] = field(default_factory=list)
+    #: the script, when the plan needs one (rendered by `script`).
+    shell: ShellScript | None = None
 
     @property
     def tmp(self) -> bytes:
@@ -160,19 +164,60 @@ class FlushPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.uploads or self.creations or self.needs_script)
+        return not (self.uploads or self.creations or self.needs_script or self.litter)
 
     @property
     def upload_bytes(self) -> int:
         return sum(upload.size for upload in self.uploads)
 
+    @property
+    def stages(self) -> list[str]:
+        return [upload.stage for upload in self.uploads]
+
+    @property
+    def script_file(self) -> bytes | None:
+        """Where the script is uploaded to run from (it then keeps its report beside it), or None.
+
+        A script that moves objects runs from a file, so that its report
+        survives a lost answer (the objects moved aside must be found); so
+        does one too long for a command line (the runner passes it to
+        ``/bin/sh -c``, and the kernel caps one argument at 128 KiB).
+        """
+        if self.shell is None:
+            return None
+        if self.moves or len(self.shell.render().encode()) > INLINE_SCRIPT_MAX:
+            return join(self.tmp, SCRIPT_NAME)
+        return None
+
+    @property
+    def uses_tmp(self) -> bool:
+        """Whether anything of this flush goes through its directory in the session."""
+        return bool(self.moves) or any(not u.direct for u in self.uploads) or self.script_file is not None
+
+    @property
+    def report_file(self) -> bytes:
+        return join(self.tmp, REPORT_NAME)
+
     def uploaded(self, node: Node) -> bool:
         return any(upload.node is node for upload in self.uploads)
 
 
+def _new_content(node: Node) -> bool:
+    return node.is_regular and node.dirty and node.stage is not None
+
+
+def _fresh(node: Node) -> bool:
+    """A moved file with new content: its old remote object is not worth moving, only removing."""
+    return _new_content(node) and node.moved
+
+
+def _old_mode(node: Node) -> int:
+    return node.remote_mode if node.remote_mode >= 0 else DEFAULT_FILE_MODE
+
+
 def _script_paths(namespace: Namespace, doomed: Collection[bytes]) -> tuple[set[bytes], set[bytes]]:
     """Remote paths a script will touch: (move origins and doomed paths, move targets)."""
-    moved = [n for n in namespace.pending if n.attached and n.moved]
+    moved = [n for n in namespace.pending if n.attached and n.moved and not _fresh(n)]
     sources = {n.origin for n in moved if n.origin is not None} | set(doomed)
     return sources, {n.path for n in moved}
 
@@ -194,21 +239,12 @@ def _overwritten(doomed: dict[bytes, int], path: bytes) -> int | None:
 
 def _new_upload(node: Node) -> Upload:
     assert node.stage is not None
-    return Upload(node, node.path, node.stage, node.content_version, node.size, target=node.path)
-
-
-def _forget_old_content(namespace: Namespace, nodes: Collection[Node]) -> None:
-    """Moved files with new content: their old remote objects are not worth moving, only removing."""
-    for node in nodes:
-        if node.attached and _new_content(node) and node.moved:
-            assert node.origin is not None
-            namespace.doomed[node.origin] = node.remote_mode if node.remote_mode >= 0 else DEFAULT_FILE_MODE
-            node.origin = None
-            node.remote_mode = -1
-
-
-def _new_content(node: Node) -> bool:
-    return node.is_regular and node.dirty and node.stage is not None
+    upload = Upload(node, node.path, node.stage, node.content_version, node.size, target=node.path)
+    if _fresh(node):
+        upload.replaces = node.origin
+    elif node.origin is not None and node.remote_mode >= 0:
+        upload.remote_mode = node.remote_mode
+    return upload
 
 
 def _upload_directly(
@@ -217,7 +253,8 @@ def _upload_directly(
     """The upload of ``node`` to its own name, if nothing the script does is in the way.
 
     A doomed regular file at that name is overwritten in place, so it is
-    taken out of ``doomed``; new parent directories come with the upload.
+    taken out of ``doomed`` (the plan's copy); new parent directories come
+    with the upload.
     """
     path = node.path
     overwritten = _overwritten(doomed, path)
@@ -227,23 +264,8 @@ def _upload_directly(
     if overwritten is not None:
         flush_plan.overwrites[path] = doomed.pop(path)
         upload.remote_mode = overwritten
-    elif node.origin is not None and node.remote_mode >= 0:
-        upload.remote_mode = node.remote_mode
     _note_implied_directories(flush_plan, node)
     return upload
-
-
-def plan_uploads(namespace: Namespace, scope: Collection[Node]) -> FlushPlan:
-    """A plan of only those uploads among ``scope`` that need no script."""
-    flush_plan = FlushPlan(secrets.token_hex(6).encode())
-    _forget_old_content(namespace, scope)
-    sources, targets = _script_paths(namespace, namespace.doomed)
-    for node in sorted(scope, key=lambda n: depth(n.path)):
-        if node.attached and _new_content(node):
-            upload = _upload_directly(flush_plan, node, namespace.doomed, sources, targets)
-            if upload is not None:
-                flush_plan.uploads.append(upload)
-    return flush_plan
 
 
 def _note_implied_directories(flush_plan: FlushPlan, node: Node) -> None:
@@ -256,19 +278,36 @@ def _note_implied_directories(flush_plan: FlushPlan, node: Node) -> None:
         ancestor = ancestor.parent
 
 
-def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collection[bytes] = ()) -> FlushPlan:
-    """Snapshot the whole overlay (but the nodes in ``defer``) into a plan.
+def _planned_doomed(namespace: Namespace, nodes: Collection[Node]) -> dict[bytes, int]:
+    """The remote paths this plan sees as doomed: the namespace's, and the old objects of fresh files."""
+    doomed = dict(namespace.doomed)
+    for node in nodes:
+        if node.attached and _fresh(node):
+            assert node.origin is not None
+            doomed[node.origin] = _old_mode(node)
+    return doomed
 
-    The plan takes the doomed set and the mtime flags out of the namespace; a
-    flush that does not happen gives them back (`restore`).
-    """
+
+def plan_uploads(namespace: Namespace, scope: Collection[Node]) -> FlushPlan:
+    """A plan of only those uploads among ``scope`` that need no script."""
+    flush_plan = FlushPlan(secrets.token_hex(6).encode())
+    doomed = _planned_doomed(namespace, scope)
+    sources, targets = _script_paths(namespace, doomed)
+    for node in sorted(scope, key=lambda n: depth(n.path)):
+        if node.attached and _new_content(node):
+            upload = _upload_directly(flush_plan, node, doomed, sources, targets)
+            if upload is not None:
+                flush_plan.uploads.append(upload)
+    return flush_plan
+
+
+def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collection[bytes] = ()) -> FlushPlan:
+    """Read the whole overlay (but the nodes in ``defer``) into a plan; the namespace is not changed."""
     flush_plan = FlushPlan(secrets.token_hex(6).encode(), litter=list(litter))
     nodes = sorted(
         (n for n in namespace.pending if n.attached and n not in defer), key=lambda n: depth(n.path)
     )
-    _forget_old_content(namespace, nodes)
-    doomed = dict(namespace.doomed)
-    namespace.doomed.clear()
+    doomed = _planned_doomed(namespace, nodes)
     sources, targets = _script_paths(namespace, doomed)
 
     for node in filter(_new_content, nodes):
@@ -284,7 +323,7 @@ def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collecti
     script_paths = sources | targets
     implied = {c.node for c in flush_plan.creations}
     for node in nodes:
-        if node.moved:
+        if node.moved and not _fresh(node):
             assert node.origin is not None
             parked = join(flush_plan.tmp, f"m{len(flush_plan.moves)}".encode())
             flush_plan.moves.append(Move(node, node.origin, node.path, parked))
@@ -307,13 +346,14 @@ def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collecti
             flush_plan.chmods.append(MetaChange(node, node.path, stat.S_IMODE(node.mode)))
         if node.mtime_dirty:
             flush_plan.touches.append(MetaChange(node, node.path, node.mtime_ns))
-            node.mtime_dirty = False
     # Doomed paths inside other doomed directories go with them.
     flush_plan.doomed = {
         path: mode
         for path, mode in doomed.items()
         if not any(other != path and is_ancestor_or_self(other, path) for other in doomed)
     }
+    if flush_plan.needs_script or flush_plan.litter:
+        flush_plan.shell = script(flush_plan)
     return flush_plan
 
 
@@ -326,6 +366,8 @@ def script(flush_plan: FlushPlan) -> ShellScript:
         shell.raw(f"rm -rf -- {shell.word(path)}")
     if uses_tmp:
         shell.raw(f"mkdir -p -- {tmp}")
+    if flush_plan.moves:
+        shell.report_to = shell.word(flush_plan.report_file)
     phase_one: list[tuple[bytes, Move | None]] = [(m.origin, m) for m in flush_plan.moves]
     phase_one += [(path, None) for path in flush_plan.doomed]
     for path, move in sorted(phase_one, key=lambda item: -depth(item[0])):
@@ -381,9 +423,11 @@ def script(flush_plan: FlushPlan) -> ShellScript:
                     f"mkdir -p -- {target}", f"create directory {remote_name(creation.path)}"
                 )
             else:
+                # Repeatable: a link an earlier, unconfirmed attempt made is replaced.
                 link = shell.word(creation.node.target or b"")
                 creation.step = shell.step(
-                    f"ln -s -- {link} {target}", f"create symlink {remote_name(creation.path)}"
+                    f"{{ [ ! -L {target} ] || rm -f -- {target}; }} && ln -s -- {link} {target}",
+                    f"create symlink {remote_name(creation.path)}",
                 )
 
         placements.append((creation.path, create))
@@ -408,15 +452,6 @@ def script(flush_plan: FlushPlan) -> ShellScript:
     return shell
 
 
-def restore(namespace: Namespace, flush_plan: FlushPlan) -> None:
-    """Give back to the namespace what a plan took, when the flush did not happen."""
-    namespace.doomed.update(flush_plan.doomed)
-    namespace.doomed.update(flush_plan.overwrites)
-    for change in flush_plan.touches:
-        change.node.mtime_dirty = True
-        namespace.refresh_pending(change.node)
-
-
 @dataclass
 class FlushReport:
     uploaded_files: int = 0
@@ -425,111 +460,21 @@ class FlushReport:
     failed_steps: list[str] = field(default_factory=list)
     #: nodes whose remote object vanished (something in the session removed it).
     vanished: list[Node] = field(default_factory=list)
-    #: the flush's temporary directory was left in the session.
+    #: the flush's temporary directory may be left in the session.
     left_tmp: bool = False
     #: only uploads were attempted (the execution slot was busy); the rest waits.
     partial: bool = False
 
 
-ProgressCallback = Callable[[int, int], None]
+class Committer:
+    """Records in the tree what the session confirmed of a plan (and nothing else)."""
 
-
-class Flusher:
-    """Carries out flush plans against one session."""
-
-    def __init__(
-        self, session: SessionClient, executor: BatchExecutor, namespace: Namespace, store: ContentStore
-    ) -> None:
-        self.session = session
-        self.executor = executor
+    def __init__(self, namespace: Namespace, store: ContentStore) -> None:
         self.namespace = namespace
         self.store = store
 
-    def upload_files(self, flush_plan: FlushPlan) -> list[UploadFile]:
-        """What to send: whole files, or parts of large ones, read from staging when sent."""
-        files: list[UploadFile] = []
-        for upload in flush_plan.uploads:
-            stage = self.store.stage_path(upload.stage)
-            if not upload.parts:
-                files.append(
-                    UploadFile(remote_name(upload.target), upload.size, _reader(stage, 0, upload.size))
-                )
-                continue
-            for index, part in enumerate(upload.parts):
-                offset = index * MAX_UPLOAD_BYTES
-                length = min(MAX_UPLOAD_BYTES, upload.size - offset)
-                files.append(UploadFile(remote_name(part), length, _reader(stage, offset, length)))
-        return files
-
-    async def upload(
-        self,
-        flush_plan: FlushPlan,
-        report: FlushReport,
-        progress: ProgressCallback | None = None,
-        extra: Sequence[UploadFile] = (),
-    ) -> dict[str, list[RemoteEntry]]:
-        """Upload the plan's content (and ``extra`` files); returns the verifying listings.
-
-        ``progress`` hears (files, bytes) done: a large file counts when its last part is up.
-        """
-        files = self.upload_files(flush_plan)
-        if not files and not extra:
-            return {}
-        parts_left = {upload.target: max(1, len(upload.parts)) for upload in flush_plan.uploads}
-        owner = {remote_name(part): upload.target for upload in flush_plan.uploads for part in upload.parts}
-        done = [0, 0]
-
-        def on_batch(batch: Sequence[UploadFile]) -> None:
-            for item in batch:
-                target = owner.get(item.name, item.name.encode("utf-8", "surrogateescape"))
-                if target in parts_left:
-                    done[1] += item.size
-                    parts_left[target] -= 1
-                    done[0] += parts_left[target] == 0
-            if progress is not None:
-                progress(done[0], done[1])
-
-        listings = await self.session.upload_all([*files, *extra], on_batch=on_batch)
-        report.uploaded_files = len(flush_plan.uploads)
-        report.uploaded_bytes = flush_plan.upload_bytes
-        return listings
-
-    async def run_script(self, shell: ShellScript, script_file: bytes | None) -> StepResults:
-        """Run a flush's script in the execution slot the caller holds.
-
-        A script too long for one command line (the runner passes it to
-        ``/bin/sh -c``, and the kernel caps one argument at 128 KiB) was
-        uploaded as ``script_file`` with the content, and runs from there.
-        """
-        output: dict[str, list[str]] = {"stdout": [], "stderr": []}
-
-        async def collect(stream: str, text: str) -> None:
-            output.setdefault(stream, []).append(text)
-
-        command = shell.render() if script_file is None else f"sh {shlex.quote(remote_name(script_file))}"
-        outcome = await self.executor.run_held(BatchSteps(exec=command), collect)
-        results = StepResults.parse("".join(output["stdout"]), "".join(output["stderr"]), shell.descriptions)
-        if results.failed:
-            detail = "".join(output["stderr"]).strip().splitlines()[-3:]
-            log.error(
-                "%d flush step(s) failed in the session (%s); it said: %s (exit %d)",
-                len(results.failed),
-                "; ".join(results.failed_descriptions()[:3]),
-                " | ".join(detail),
-                outcome.exit_code,
-            )
-        return results
-
-    def apply(
-        self,
-        flush_plan: FlushPlan,
-        listings: dict[str, list[RemoteEntry]],
-        results: StepResults | None,
-        report: FlushReport,
-    ) -> None:
-        """Record in the tree what the flush put on the session, step by step."""
-        namespace = self.namespace
-        steps = results or StepResults()
+    def commit_uploads(self, flush_plan: FlushPlan, listings: dict[str, list[RemoteEntry]]) -> None:
+        """The plan's uploads are on the session: direct ones are the nodes' remote objects now."""
         by_path = {
             join(
                 parent.encode("utf-8", "surrogateescape"), entry.name.encode("utf-8", "surrogateescape")
@@ -537,18 +482,42 @@ class Flusher:
             for parent, entries in listings.items()
             for entry in entries
         }
-        for path, mode in flush_plan.doomed.items():
-            if not steps.done(flush_plan.removal_steps.get(path)):
-                namespace.doomed.setdefault(path, mode)
+        for path in flush_plan.overwrites:
+            self.namespace.doomed.pop(path, None)
+        for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
+            if not creation.explicit:
+                self._settle_creation(creation, StepResults())
+        for upload in flush_plan.uploads:
+            if upload.direct:
+                self._settle_upload(upload, by_path.get(upload.target), replaced_gone=False)
+
+    def commit_script(self, flush_plan: FlushPlan, steps: StepResults, report: FlushReport) -> None:
+        """Record the script's confirmed steps; a step not confirmed leaves its change pending."""
+        namespace = self.namespace
+        removed = [path for path, step in flush_plan.removal_steps.items() if steps.done(step)]
+
+        def was_removed(path: bytes) -> bool:
+            return any(is_ancestor_or_self(gone, path) for gone in removed)
+
+        for path in removed:
+            for gone in [d for d in namespace.doomed if is_ancestor_or_self(path, d)]:
+                del namespace.doomed[gone]
         # Deepest origins first, as phase 1 moved them: a directory's move then
         # relocates only what was still inside it.
         for move in sorted(flush_plan.moves, key=lambda m: -depth(m.origin)):
             self._settle_move(move, steps, report)
         for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
-            self._settle_creation(creation, steps)
+            if creation.explicit:
+                self._settle_creation(creation, steps)
         for upload in flush_plan.uploads:
+            if upload.direct:
+                continue
+            replaced_gone = upload.replaces is not None and was_removed(upload.replaces)
             if steps.done(upload.assemble_step) and steps.done(upload.place_step):
-                self._settle_upload(upload, by_path.get(upload.target))
+                self._settle_upload(upload, None, replaced_gone=replaced_gone)
+            elif replaced_gone:
+                assert upload.replaces is not None
+                self._lose_origin(upload.node, upload.replaces)
         for change in flush_plan.chmods:
             if steps.done(change.step):
                 change.node.remote_mode = stat.S_IFMT(change.node.mode) | change.value
@@ -556,17 +525,26 @@ class Flusher:
                 report.vanished.append(change.node)
             namespace.refresh_pending(change.node)
         for change in flush_plan.touches:
+            node = change.node
             if steps.done(change.step):
-                if change.node.remote_mtime_ns >= 0:
-                    change.node.remote_mtime_ns = change.value
+                if node.mtime_dirty and node.mtime_ns == change.value:
+                    node.mtime_dirty = False
+                if node.remote_mtime_ns >= 0:
+                    node.remote_mtime_ns = change.value
             elif change.step in steps.gone:
-                report.vanished.append(change.node)
-            else:
-                change.node.mtime_dirty = True
-            namespace.refresh_pending(change.node)
+                report.vanished.append(node)
+            namespace.refresh_pending(node)
         if steps.failed:
             report.failed_steps = steps.failed_descriptions()
-            report.left_tmp = bool(flush_plan.moves) or any(not u.direct for u in flush_plan.uploads)
+        if steps.failed or not steps.complete:
+            report.left_tmp = flush_plan.uses_tmp
+
+    def _lose_origin(self, node: Node, origin: bytes) -> None:
+        """The node's old remote object was removed but its new content not placed: it is new again."""
+        if node.origin == origin:
+            node.origin = None
+            node.remote_mode = -1
+            self.namespace.refresh_pending(node)
 
     def _settle_move(self, move: Move, steps: StepResults, report: FlushReport) -> None:
         node = move.node
@@ -592,7 +570,6 @@ class Flusher:
 
     def _settle_creation(self, creation: Creation, steps: StepResults) -> None:
         node = creation.node
-        # An implicit creation happened with the upload below it (uploads precede apply).
         if (creation.explicit and not steps.done(creation.step)) or node.origin is not None:
             return
         if node.attached:
@@ -604,10 +581,13 @@ class Flusher:
             self.namespace.doomed[creation.path] = creation.remote_mode
         self.namespace.refresh_pending(node)
 
-    def _settle_upload(self, upload: Upload, entry: RemoteEntry | None) -> None:
+    def _settle_upload(self, upload: Upload, entry: RemoteEntry | None, *, replaced_gone: bool) -> None:
         """The uploaded copy is the node's remote object now, wherever the node went meanwhile."""
         node = upload.node
         namespace = self.namespace
+        if upload.replaces is not None and node.origin == upload.replaces and not replaced_gone:
+            # Its old object goes too (this flush's script removes it, or a later one).
+            namespace.doomed.setdefault(upload.replaces, _old_mode(node))
         if not node.attached:
             namespace.doomed[upload.path] = upload.remote_mode  # deleted while it was uploaded
             return
@@ -624,19 +604,32 @@ class Flusher:
         namespace.refresh_pending(node)
 
     def retire_stage(self, node: Node) -> None:
-        """Clean local content is on the session: keep it as the cached copy."""
+        """Clean local content is on the session: keep it as the cached copy.
+
+        While the remote object's mtime is unknown (a file the script placed),
+        the staging file stays the node's content: the cache could not tell
+        that version from another, and reading it must not need the session.
+        """
         assert node.stage is not None and node.origin is not None
-        if node.remote_size == node.size and node.remote_mtime_ns >= 0:
+        if node.remote_mtime_ns < 0:
+            return
+        if node.remote_size == node.size:
             self.store.adopt_stage(node.stage, node.origin, node.size, node.remote_mtime_ns)
         else:
             self.store.discard_stage(node.stage)
         node.stage = None
 
+    def uncertain_uploads(self, flush_plan: FlushPlan) -> None:
+        """Uploads that may have landed without being confirmed (a failed or cancelled flush).
 
-def _reader(path: Path, offset: int, length: int) -> Callable[[], bytes]:
-    def read() -> bytes:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(length)
-
-    return read
+        Where such an upload's node has left that name meanwhile, the name is
+        doomed: otherwise a file deleted or renamed here could reappear.
+        """
+        for upload in flush_plan.uploads:
+            node = upload.node
+            if (
+                upload.direct
+                and (not node.attached or node.path != upload.path)
+                and node.origin != upload.path
+            ):
+                self.namespace.doomed.setdefault(upload.path, upload.remote_mode)

@@ -24,8 +24,12 @@ Hard cases this layout solves:
 Invariants:
 - a node's inode number never changes and is never reused during a mount;
 - at most one attached node has a given origin;
-- a node is in ``pending`` iff it is dirty, has a mode change, a set mtime,
-  no origin (it needs creating), or an explicit move;
+- a node is in ``pending`` iff it is attached and dirty, has a mode change,
+  a set mtime, no origin (it needs creating), or an explicit move;
+- a clean node keeps a staging file only while the remote object's mtime is
+  unknown (the flush's script placed it): that file is its content until a
+  listing shows the object, then it becomes the cached copy (same size) or
+  goes (the session changed the file meanwhile);
 - ``doomed`` holds remote paths as they are before the next flush, and no
   attached node's origin is in it.
 """
@@ -36,6 +40,7 @@ import itertools
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..api.listing import RemoteEntry
 
@@ -174,8 +179,8 @@ class Node:
         self.remote_mtime_ns = entry.mtime_ns
         self.remote_mode = entry.mode
 
-    def take_remote_attributes(self, entry: RemoteEntry) -> None:
-        """Adopt a listing entry of this node's clean remote object.
+    def take_remote_attributes(self, entry: RemoteEntry) -> bool:
+        """Adopt a listing entry of this node's clean remote object; whether its content changed.
 
         While the remote object is the one last seen (same size and mtime, or
         same size where the mtime was not known: a flush wrote it), the local
@@ -193,6 +198,17 @@ class Node:
             self.mtime_ns, self.ctime_ns, self.atime_ns = entry.mtime_ns, entry.ctime_ns, entry.atime_ns
         if changed or mode_changed:
             self.mode = entry.mode
+        return changed
+
+
+@dataclass
+class Merged:
+    """What merging a listing took out of the tree."""
+
+    #: nodes whose remote objects are gone from the session.
+    removed: list[Node]
+    #: staging files of clean nodes whose remote content changed.
+    stale: list[str]
 
 
 class Namespace:
@@ -241,7 +257,8 @@ class Namespace:
             yield from self.walk(child)
 
     def refresh_pending(self, node: Node) -> None:
-        if node.dirty or node.mtime_dirty or node.origin is None or node.moved or node.mode_differs:
+        pending = node.dirty or node.mtime_dirty or node.origin is None or node.moved or node.mode_differs
+        if pending and node.attached:
             self.pending.add(node)
         else:
             self.pending.discard(node)
@@ -252,12 +269,13 @@ class Namespace:
         claimed.update(n.origin for n in self.pending if n.origin is not None and n.moved)
         return claimed
 
-    def merge_listing(self, directory: Node, entries: list[RemoteEntry], hidden: set[bytes]) -> list[Node]:
-        """Fold a listing of ``directory.origin`` into the tree; returns nodes removed remotely."""
+    def merge_listing(self, directory: Node, entries: list[RemoteEntry], hidden: set[bytes]) -> Merged:
+        """Fold a listing of ``directory.origin`` into the tree."""
         assert directory.children is not None and directory.origin is not None
         claimed = self.claimed()
         seen: set[bytes] = set()
         removed: list[Node] = []
+        stale: list[str] = []
         for entry in entries:
             name = entry.name.encode("utf-8", "surrogateescape")
             remote_path = join(directory.origin, name)
@@ -277,10 +295,11 @@ class Namespace:
                 replacement = self.new_node(name, entry.mode, origin=remote_path)
                 replacement.take_remote_attributes(entry)
                 self.attach(directory, replacement)
-            elif child.stage is not None or child.mtime_dirty or child.mode_differs:
+            elif child.dirty or child.mtime_dirty or child.mode_differs:
                 child.set_remote(entry)
-            else:
-                child.take_remote_attributes(entry)
+            elif child.take_remote_attributes(entry) and child.stage is not None:
+                stale.append(child.stage)  # its kept content is not the session's any more
+                child.stage = None
         for name, child in list(directory.children.items()):
             if name in seen or child.origin != join(directory.origin, name):
                 continue
@@ -291,7 +310,7 @@ class Namespace:
             else:
                 self.detach(child)
                 removed.append(child)
-        return removed
+        return Merged(removed, stale)
 
     def add_local(self, parent: Node, name: bytes, mode: int) -> Node:
         """A new object created here (file, directory or symlink)."""

@@ -6,20 +6,23 @@ Order of events:
    are accepted, the session exists and is RUNNING (or is created with
    ``--create``), the mountpoint is an empty directory and nothing else
    mounts this session from this machine (a lock in the state directory);
-2. replay the journal an earlier mount left (`Filesystem.recover`), so the
-   tree shows what was written before a crash;
+2. replay the journal an earlier mount left (`state.start_filesystem`), so
+   the tree shows what was written before a crash, and say so when an
+   earlier session of the same name left changes this one cannot take;
 3. mount, report readiness (to the waiting ``baifs mount`` process and to
    systemd), serve until unmounted or signalled;
 4. on SIGTERM, SIGINT or SIGHUP: flush everything while still mounted, then
-   unmount; on ``fusermount3 -u``: flush everything after the kernel let go.
-   What cannot be flushed stays in the journal for the next mount, and the
-   log says so.
+   unmount; on ``fusermount3 -u``: stop write-back cooperatively (a flush
+   under way finishes), then flush everything after the kernel let go.
+   What cannot be flushed stays in the journal for the next mount (or
+   ``baifs salvage``), and the log says so.
+
+Nothing but an unmount or a signal ends the serving loop: every background
+task logs and retries what it cannot do (`concurrency.keep_running`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
 import signal
@@ -33,22 +36,38 @@ import pyfuse3
 import trio
 
 from .. import config
-from ..api.batch import BatchExecutor
 from ..api.client import Connection, SessionClient
-from ..api.errors import AuthenticationFailed, BaifsError, EndpointUnreachable, SessionNotFound
-from .content import ContentStore
+from ..api.errors import (
+    AuthenticationFailed,
+    BaifsError,
+    EndpointUnreachable,
+    SessionBusy,
+    SessionNotFound,
+    SessionTerminated,
+)
+from ..concurrency import keep_running
 from .control import ControlTree
 from .filesystem import Filesystem, MountOptions
-from .journal import Journal, overlay_state
 from .operations import Operations
-from .recovery import recover
 from .runs import DEFAULT_KEEP, RunManager
+from .salvage import pending_elsewhere
+from .state import (
+    StateIdentity,
+    StateLock,
+    StateLocked,
+    build_filesystem,
+    start_filesystem,
+    state_key,
+    state_root,
+)
 
 log = logging.getLogger(__name__)
 
 LIVE_STATES = ("RUNNING", "RUNNING_DEGRADED")
-CURRENT_RUN_FILE = "current-run"
-FINAL_FLUSH_ATTEMPTS = 5
+#: How long unmount waits for the execution slot (a run may hold it for hours).
+FINAL_SLOT_WAIT = 30.0
+#: Unmount keeps trying to flush for this long while the session fails.
+FINAL_FLUSH_PATIENCE = 300.0
 
 
 class MountError(BaifsError):
@@ -116,61 +135,6 @@ async def open_session(request: MountRequest) -> tuple[Connection, SessionClient
     return connection, session, info
 
 
-def state_key(endpoint: str, session_id: str) -> str:
-    return hashlib.sha256(f"{endpoint}\0{session_id}".encode()).hexdigest()[:16]
-
-
-class StateLock:
-    """One mount per session and machine: an exclusive lock in the state directory."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = directory / "lock"
-        self._handle = open(self.path, "a+")
-
-    def acquire(self, mountpoint: Path) -> None:
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._handle.seek(0)
-            owner = self._handle.read().strip() or "another process"
-            raise MountError(f"this session is already mounted from this machine ({owner})") from None
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._handle.write(f"pid {os.getpid()} at {mountpoint}")
-        self._handle.flush()
-
-    def release(self) -> None:
-        self._handle.close()
-
-
-class RunMarker:
-    """Keeps the id of the batch run in progress in the state directory, for a successor."""
-
-    def __init__(self, state: Path) -> None:
-        self.path = state / CURRENT_RUN_FILE
-
-    def record(self, run_id: str | None) -> None:
-        if run_id is None:
-            self.path.unlink(missing_ok=True)
-        else:
-            self.path.write_text(run_id)
-
-
-async def conclude_abandoned_run(executor: BatchExecutor, state: Path) -> None:
-    """A crashed mount may have left a run that blocks the session: read it to its end."""
-    marker = state / CURRENT_RUN_FILE
-    if not marker.exists():
-        return
-    run_id = marker.read_text().strip()
-    log.info("concluding run %s that an earlier mount left unfinished", run_id)
-    try:
-        await executor.conclude_abandoned(run_id)
-    except BaifsError as error:
-        log.warning("could not conclude run %s: %s", run_id, error)
-    marker.unlink(missing_ok=True)
-
-
 def notify_systemd(message: str) -> None:
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -186,76 +150,77 @@ async def run_mount(request: MountRequest, ready: Callable[[str], None]) -> None
     """Mount and serve until unmounted; ``ready`` is called once the mount works."""
     connection, session, info = await open_session(request)
     async with connection:
+        endpoint = request.credentials.endpoint
         session_id = str(info.get("containerId") or session.id_or_name)
-        state = config.state_dir() / "mounts" / state_key(request.credentials.endpoint, session_id)
+        state = state_root() / state_key(endpoint, session_id)
         lock = StateLock(state)
-        lock.acquire(request.mountpoint)
-        journal = Journal(state)
         try:
+            lock.acquire(f"mounted at {request.mountpoint}")
+        except StateLocked as error:
+            raise MountError(str(error)) from None
+        try:
+            identity = StateIdentity(endpoint, request.session, session_id, str(request.mountpoint))
+            identity.save(state)
             cache = request.cache_dir or config.cache_dir() / "mounts" / state.name
-            store = ContentStore(cache, state / "staging", request.options.cache_limit)
-            executor = BatchExecutor(session, on_run=RunMarker(state).record)
-            await conclude_abandoned_run(executor, state)
-            filesystem = Filesystem(session, executor, store, journal, request.options)
-            identity = {
-                "session": request.session,
-                "session_id": session_id,
-                "endpoint": request.credentials.endpoint,
-                "mountpoint": str(request.mountpoint),
-                "state_dir": str(state),
-                "log": str(request.log_file) if request.log_file else None,
-            }
-            recovered = await recover(filesystem)
-            runs = RunManager(filesystem, state / "runs", keep=request.keep_runs)
-            operations = Operations(filesystem, ControlTree(filesystem, runs, identity))
-            runs.after_run = operations.forget_kernel_caches
-            await _serve(filesystem, runs, operations, request, recovered, ready)
+            filesystem = build_filesystem(session, state, cache, request.options)
+            try:
+                await _serve(filesystem, request, identity, state, ready)
+            finally:
+                filesystem.journal.close()
         finally:
-            journal.close()
             lock.release()
 
 
 async def _serve(
     filesystem: Filesystem,
-    runs: RunManager,
-    operations: Operations,
     request: MountRequest,
-    recovered: int,
+    identity: StateIdentity,
+    state: Path,
     ready: Callable[[str], None],
 ) -> None:
     options = set(pyfuse3.default_options) | {"fsname=baifs", "subtype=baifs"}
     if request.allow_other:
         options.add("allow_other")
-    pyfuse3.init(operations, str(request.mountpoint), options)
+    status_identity = {
+        "session": request.session,
+        "session_id": identity.session_id,
+        "endpoint": identity.endpoint,
+        "mountpoint": str(request.mountpoint),
+        "state_dir": str(state),
+        "log": str(request.log_file) if request.log_file else None,
+    }
     unmounted_cleanly = False
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(filesystem.executor.run_background)
-            await nursery.start(filesystem.run_background)
+    async with trio.open_nursery() as nursery:
+        recovered = await start_filesystem(filesystem, nursery)
+        filesystem.sync.stats.recovered_changes = recovered
+        runs = RunManager(filesystem, state / "runs", keep=request.keep_runs)
+        operations = Operations(filesystem, ControlTree(filesystem, runs, status_identity))
+        runs.after_run = operations.forget_kernel_caches
+        pyfuse3.init(operations, str(request.mountpoint), options)
+        try:
             await nursery.start(runs.run_background)
-            nursery.start_soon(_handle_signals, filesystem)
+            nursery.start_soon(keep_running, "the signal handler", lambda: _handle_signals(filesystem))
             message = f"mounted session {request.session} at {request.mountpoint}"
             if recovered:
                 message += f"; recovered {recovered} change(s) an earlier mount had not uploaded"
-                nursery.start_soon(_flush_recovered, filesystem)
+                filesystem.sync.note_change()
+            for earlier in pending_elsewhere(identity, state):
+                log.warning("%s", earlier)
+                message += f"; note: {earlier}"
             log.info("%s", message)
             ready(message)
             notify_systemd("READY=1")
-            await pyfuse3.main()
+            try:
+                await pyfuse3.main()
+            except Exception:
+                log.exception("the FUSE loop failed; flushing what is pending, then exiting")
             notify_systemd("STOPPING=1")
+            await filesystem.sync.stop()
             nursery.cancel_scope.cancel()
-        unmounted_cleanly = True
-    finally:
-        pyfuse3.close(unmount=unmounted_cleanly)
+            unmounted_cleanly = True
+        finally:
+            pyfuse3.close(unmount=unmounted_cleanly)
     await _final_flush(filesystem)
-
-
-async def _flush_recovered(filesystem: Filesystem) -> None:
-    try:
-        await filesystem.flush_all()
-        log.info("the recovered changes are on the session")
-    except BaifsError as error:
-        log.error("could not upload the recovered changes yet: %s", error)
 
 
 async def _handle_signals(filesystem: Filesystem) -> None:
@@ -267,8 +232,8 @@ async def _handle_signals(filesystem: Filesystem) -> None:
 
             async def flush_then_stop() -> None:
                 try:
-                    await filesystem.flush_all()
-                except BaifsError as error:
+                    await filesystem.sync.flush_all(slot_timeout=FINAL_SLOT_WAIT)
+                except (BaifsError, OSError) as error:
                     log.error("flush before unmount failed: %s; the changes stay in the journal", error)
                 nursery.cancel_scope.cancel()
 
@@ -281,20 +246,35 @@ async def _handle_signals(filesystem: Filesystem) -> None:
 
 async def _final_flush(filesystem: Filesystem) -> None:
     """After the kernel let go: push what is left, or leave it in the journal and say so."""
-    for attempt in range(FINAL_FLUSH_ATTEMPTS):
+    sync = filesystem.sync
+    deadline = trio.current_time() + FINAL_FLUSH_PATIENCE
+    delay = 1.0
+    while sync.has_work:
         try:
-            await filesystem.flush_all()
-            await filesystem.journal.checkpoint(overlay_state(filesystem.namespace))
-            return
-        except SessionNotFound as error:
-            log.error("final flush failed: %s", error)
+            await sync.flush_all(slot_timeout=FINAL_SLOT_WAIT)
+        except SessionTerminated as error:
+            log.error("final flush: %s", error)
             break
-        except BaifsError as error:
-            log.error("final flush failed (attempt %d): %s", attempt + 1, error)
-            await trio.sleep(2**attempt)
+        except SessionBusy as error:
+            log.warning("final flush: %s; uploading what needs no run", error)
+            try:
+                await sync.flush_uploads(list(filesystem.namespace.pending))
+            except (BaifsError, OSError) as upload_error:
+                log.error("final uploads failed: %s", upload_error)
+            break
+        except (BaifsError, OSError) as error:
+            if trio.current_time() + delay > deadline:
+                log.error("final flush failed: %s; giving up", error)
+                break
+            log.error("final flush failed (%s); trying again in %.0f s", error, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    await sync.checkpoint()
     pending = filesystem.namespace.pending_changes()
-    log.error(
-        "%d change(s) could not be uploaded; they are kept in %s for the next mount of this session",
-        pending,
-        filesystem.journal.path.parent,
-    )
+    if pending:
+        log.error(
+            "%d change(s) could not be uploaded; they are kept in %s for the next mount of this session "
+            "(or 'baifs salvage')",
+            pending,
+            filesystem.journal.path.parent,
+        )

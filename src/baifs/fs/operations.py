@@ -250,11 +250,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._flush_everything()
-
-    async def _flush_everything(self) -> None:
-        await self.fs.journal.sync()
-        await self.fs.flush_all()
+        await self.fs.flush_everything()
 
     @handler
     async def mkdir(
@@ -410,7 +406,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode == ROOT_INODE and name == FLUSH_XATTR:
-            await self._flush_everything()
+            await self.fs.flush_everything()
             return
         if inode == RUN_INODE and name == INTERRUPT_XATTR:
             try:

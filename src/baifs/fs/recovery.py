@@ -28,7 +28,7 @@ from typing import Any
 from ..api.errors import BaifsError, RemotePathError
 from .filesystem import Filesystem, FSError
 from .flush import REMOTE_TMP, remote_name
-from .journal import decode_path, overlay_state
+from .journal import decode_path
 from .model import Node, join
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ async def recover(fs: Filesystem) -> int:
     for orphan in fs.store.stages() - in_use:
         fs.store.discard_stage(orphan)
     await _note_leftover_scratch(fs)
-    await fs.journal.checkpoint(overlay_state(fs.namespace))
-    fs.stats.recovered_changes = recovered
+    await fs.sync.checkpoint()
     return recovered
 
 
@@ -221,6 +220,6 @@ async def _note_leftover_scratch(fs: Filesystem) -> None:
         if error.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
         return
-    fs.leftover_tmp.update(
+    fs.sync.leftover_tmp.update(
         join(REMOTE_TMP, entry.name.encode("utf-8", "surrogateescape")) for entry in entries
     )

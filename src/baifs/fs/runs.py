@@ -20,7 +20,10 @@ a time and in order. A run then:
 
 Records live in ``<state>/runs/<number>/`` (``command``, ``status`` as
 JSON, the three output files, ``exit_code`` once finished), survive a
-remount, and only the newest ``keep`` are kept. A record left ``queued`` or
+remount, and only the newest ``keep`` are kept. A full disk never stops a
+run that is going (that would leave it holding the session): output that
+cannot be written is dropped and the record says so; a request that cannot
+be recorded is refused with ENOSPC. A record left ``queued`` or
 ``running`` by a mount that ended is marked failed when the next mount loads
 it (the run itself, if it was going, is concluded by `mount`).
 """
@@ -100,6 +103,8 @@ class RunRecord:
     started_at: float | None = None
     ended_at: float | None = None
     error: str | None = None
+    #: why some output is missing from the record (a full disk, a lost answer), if it is.
+    output_note: str | None = None
     #: open output files while the run goes (output, stdout, stderr).
     sinks: dict[str, IO[bytes]] = field(default_factory=dict, repr=False)
 
@@ -118,20 +123,31 @@ class RunRecord:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "error": self.error,
+            "output_note": self.output_note,
         }
 
     def save(self) -> None:
+        """Write the status (and the exit code); a full disk keeps the older status and is logged."""
         temporary = self.directory / "status.tmp"
-        temporary.write_text(json.dumps(self.status(), indent=2) + "\n")
-        temporary.replace(self.directory / "status")
-        if self.state == "finished" and self.exit_code is not None:
-            (self.directory / "exit_code").write_text(f"{self.exit_code}\n")
+        try:
+            temporary.write_text(json.dumps(self.status(), indent=2) + "\n")
+            temporary.replace(self.directory / "status")
+            if self.state == "finished" and self.exit_code is not None:
+                (self.directory / "exit_code").write_text(f"{self.exit_code}\n")
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            log.warning("run %d: cannot save its status (%s)", self.number, error)
 
     def append(self, stream: str, text: str) -> None:
         data = text.encode("utf-8", "surrogateescape")
-        for name in ("output", stream):
-            self.sinks[name].write(data)
-            self.sinks[name].flush()
+        try:
+            for name in ("output", stream):
+                self.sinks[name].write(data)
+                self.sinks[name].flush()
+        except OSError as error:
+            if self.output_note is None:
+                log.warning("run %d: output is being dropped (%s)", self.number, error)
+                self.output_note = f"output was dropped: {error.strerror or error}"
 
     @classmethod
     def load(cls, directory: Path) -> RunRecord:
@@ -149,6 +165,7 @@ class RunRecord:
             started_at=document["started_at"],
             ended_at=document["ended_at"],
             error=document["error"],
+            output_note=document.get("output_note"),
         )
         return record
 
@@ -214,14 +231,23 @@ class RunManager:
         self.last_rejection = None
         number = max(self.records, default=0) + 1
         directory = self.directory / str(number)
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(mode=0o700)
-        (directory / "command").write_bytes(data)
         record = RunRecord(number, directory, data.decode("utf-8"), steps)
-        for name in ("output", "stdout", "stderr"):
-            record.sinks[name] = open(directory / name, "wb")
-        record.save()
+        try:
+            if directory.exists():
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o700)
+            (directory / "command").write_bytes(data)
+            for name in ("output", "stdout", "stderr"):
+                record.sinks[name] = open(directory / name, "wb")
+            temporary = directory / "status.tmp"
+            temporary.write_text(json.dumps(record.status(), indent=2) + "\n")
+            temporary.replace(directory / "status")
+        except OSError as error:
+            for handle in record.sinks.values():
+                handle.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            self.last_rejection = f"the run could not be recorded: {error.strerror or error}"
+            raise
         self.records[number] = record
         self._prune()
         assert self._nursery is not None, "runs are taken only while the mount serves"
@@ -236,14 +262,18 @@ class RunManager:
                 record.state, record.started_at = "running", time.time()
                 record.save()
                 try:
-                    await self.fs.flush_in_slot()
-                except BaifsError as error:
+                    await self.fs.sync.flush_in_slot()
+                except (BaifsError, OSError) as error:
                     raise RunFailed(
                         f"the pending changes could not be put on the session first: {error}"
                     ) from error
                 record.run_id = secrets.token_hex(16)
                 record.save()
                 outcome = await executor.run_held(record.steps, self._sink(record), record.run_id)
+            if not outcome.complete:
+                record.output_note = "an answer from the session was lost on the way: some output is missing"
+            if outcome.exit_code is None:
+                raise RunFailed("the run ended, but the answer that carried its exit code was lost")
             record.state, record.exit_code = "finished", outcome.exit_code
             log.info("run %d finished with exit code %d", record.number, outcome.exit_code)
         except BaifsError as error:
@@ -265,7 +295,10 @@ class RunManager:
 
     def _close(self, record: RunRecord) -> None:
         for handle in record.sinks.values():
-            handle.close()
+            try:
+                handle.close()
+            except OSError as error:  # the last of the output did not fit on the disk
+                record.output_note = record.output_note or f"output was dropped: {error.strerror or error}"
         record.sinks.clear()
         record.save()
 

@@ -20,6 +20,10 @@ session removed it), or ``baifs-failed N`` on standard error after the
 command's own message. A failed step does not stop the others; the script
 exits 1 if any failed. `StepResults` reads the report back; no file name ever
 appears in it, so names with newlines cannot confuse the parser.
+
+A script can also keep its report in a file in the session (``report_to``),
+line by line as the steps go: when the answer that carried the output is
+lost, that file still says which steps happened.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class ShellScript:
         self._lines: list[str] = []
         self._variables = 0
         self.descriptions: list[str] = []
+        #: the shell word of the file the report is also appended to, if any.
+        self.report_to: str | None = None
 
     def word(self, path: bytes) -> str:
         """The shell word for a relative path."""
@@ -67,11 +73,11 @@ class ShellScript:
         number = len(self.descriptions)
         self.descriptions.append(description)
         attempt = (
-            f"if {{ {command}; }}; then echo 'ok {number}'; "
-            f"else echo '{FAILURE_MARK} {number}' >&2; failed=1; fi"
+            f"if {{ {command}; }}; then say 'ok {number}'; "
+            f"else say '{FAILURE_MARK} {number}' >&2; failed=1; fi"
         )
         if needs is not None:
-            attempt = f"if [ -e {needs} ] || [ -L {needs} ]; then {attempt}; else echo 'gone {number}'; fi"
+            attempt = f"if [ -e {needs} ] || [ -L {needs} ]; then {attempt}; else say 'gone {number}'; fi"
         self._lines.append(attempt)
         return number
 
@@ -83,32 +89,55 @@ class ShellScript:
         return bool(self.descriptions)
 
     def render(self) -> str:
-        lines = ["failed=0", *self._prelude, *self._lines, 'exit "$failed"']
+        say = 'say() { echo "$1"; }'
+        if self.report_to is not None:
+            say = f'say() {{ echo "$1"; echo "$1" >> {self.report_to}; }}'
+        lines = ["failed=0", say, *self._prelude, *self._lines, 'exit "$failed"']
         return "\n".join(lines) + "\n"
 
 
 @dataclass
 class StepResults:
+    """What a script's report says of each step.
+
+    ``complete`` is False when part of the report may be missing (an answer
+    was lost on the way): a step it does not mention may or may not have
+    happened, and counts as not done without being a failure.
+    """
+
     ok: set[int] = field(default_factory=set)
     gone: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
     descriptions: list[str] = field(default_factory=list)
+    complete: bool = True
 
     @classmethod
-    def parse(cls, stdout: str, stderr: str, descriptions: list[str]) -> StepResults:
-        """Read a script's report; steps that reported nothing count as failed."""
-        steps = len(descriptions)
-        results = cls(descriptions=list(descriptions))
-        for line in stdout.splitlines():
+    def parse(
+        cls, stdout: str, stderr: str, descriptions: list[str], *, complete: bool = True
+    ) -> StepResults:
+        """Read a script's report; in a complete one, steps that reported nothing count as failed."""
+        results = cls(descriptions=list(descriptions), complete=complete)
+        for line in (stdout + "\n" + stderr).splitlines():
             kind, _, number = line.partition(" ")
-            if number.isdigit() and kind in ("ok", "gone"):
+            if not number.isdigit():
+                continue
+            if kind in ("ok", "gone"):
                 (results.ok if kind == "ok" else results.gone).add(int(number))
-        for line in stderr.splitlines():
-            kind, _, number = line.partition(" ")
-            if kind == FAILURE_MARK and number.isdigit():
+            elif kind == FAILURE_MARK:
                 results.failed.add(int(number))
-        results.failed |= set(range(steps)) - results.ok - results.gone
+        if complete:
+            results.failed |= set(range(len(descriptions))) - results.ok - results.gone
         return results
+
+    @classmethod
+    def all_ok(cls, descriptions: list[str]) -> StepResults:
+        """The report of a script known to have run every step successfully."""
+        return cls(ok=set(range(len(descriptions))), descriptions=list(descriptions))
+
+    @classmethod
+    def none_ran(cls, descriptions: list[str]) -> StepResults:
+        """The report of a script that never started."""
+        return cls(descriptions=list(descriptions), complete=False)
 
     def failed_descriptions(self) -> list[str]:
         return [self.descriptions[step] for step in sorted(self.failed)]

@@ -1,0 +1,190 @@
+"""A session's state directory on this machine, and the one way to build a `Filesystem` on it.
+
+Layout of ``<state root>/mounts/<key>/`` (the key hashes the endpoint and the
+session's container id):
+
+    session.json     who this state belongs to: endpoint, session name and id,
+                     the last mountpoint and mount time (for ``baifs salvage``)
+    lock             held by the mount that serves the session (one per machine)
+    journal.jsonl    the pending changes (`journal`)
+    staging/         their content (`content`)
+    current-run      the id of a batch run not yet concluded (`RunMarker`)
+    runs/            the records of runs started from the mount (`runs`)
+
+`build_filesystem` assembles a `Filesystem` with its store, journal and
+executor over such a directory, adopting a run an earlier process left
+unconcluded; `start_filesystem` starts its background work and replays the
+journal. ``baifs mount``, ``baifs salvage`` and the tests all go through
+them.
+
+Invariants: the run marker is written (to a temporary name, synced, renamed)
+before a run's first request and removed only once the run is concluded; a
+marker that is empty or damaged is ignored with a warning; a marker that
+cannot be written stops the run before anything is sent (`LocalStateError`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..api.batch import BatchExecutor
+from ..api.client import SessionClient
+from ..api.errors import BaifsError, LocalStateError
+from .content import ContentStore
+from .filesystem import Filesystem, MountOptions
+from .journal import Journal
+from .recovery import recover
+
+log = logging.getLogger(__name__)
+
+CURRENT_RUN_FILE = "current-run"
+IDENTITY_FILE = "session.json"
+#: What a run id read back from the marker must look like (the executor makes 32 hex digits).
+RUN_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class StateLocked(BaifsError):
+    """Another process serves this session from this machine."""
+
+
+def state_root() -> Path:
+    from .. import config
+
+    return config.state_dir() / "mounts"
+
+
+def state_key(endpoint: str, session_id: str) -> str:
+    return hashlib.sha256(f"{endpoint}\0{session_id}".encode()).hexdigest()[:16]
+
+
+class StateLock:
+    """One process per session and machine: an exclusive lock in the state directory."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / "lock"
+        self._handle = open(self.path, "a+")
+
+    def acquire(self, holder: str) -> None:
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.seek(0)
+            owner = self._handle.read().strip() or "another process"
+            raise StateLocked(f"this session is already in use from this machine ({owner})") from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()} {holder}")
+        self._handle.flush()
+
+    def release(self) -> None:
+        self._handle.close()
+
+
+class RunMarker:
+    """The id of the batch run in progress, kept in the state directory for a successor."""
+
+    def __init__(self, state: Path) -> None:
+        self.path = state / CURRENT_RUN_FILE
+
+    async def record(self, run_id: str | None) -> None:
+        try:
+            await trio.to_thread.run_sync(self._write, run_id)
+        except OSError as error:
+            raise LocalStateError(error, f"the run marker {self.path}") from error
+
+    def _write(self, run_id: str | None) -> None:
+        if run_id is None:
+            self.path.unlink(missing_ok=True)
+            return
+        temporary = self.path.with_suffix(".tmp")
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(descriptor, run_id.encode() + b"\n")
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            temporary.replace(self.path)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            raise
+
+    def load(self) -> str | None:
+        """The run an earlier process left unconcluded, if the marker names one."""
+        try:
+            text = self.path.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            log.warning("cannot read the run marker %s (%s); ignoring it", self.path, error)
+            return None
+        if not RUN_ID.match(text):
+            log.warning("the run marker %s is empty or damaged (%r); ignoring it", self.path, text[:80])
+            return None
+        return text
+
+
+@dataclass(frozen=True)
+class StateIdentity:
+    """Whose state a directory holds (``session.json``)."""
+
+    endpoint: str
+    session: str
+    session_id: str
+    mountpoint: str = ""
+    mounted_at: float = 0.0
+
+    def save(self, directory: Path) -> None:
+        temporary = directory / (IDENTITY_FILE + ".tmp")
+        try:
+            temporary.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+            temporary.replace(directory / IDENTITY_FILE)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            log.warning("cannot record this mount in %s (%s)", directory, error)
+
+    @classmethod
+    def load(cls, directory: Path) -> StateIdentity | None:
+        try:
+            document: dict[str, Any] = json.loads((directory / IDENTITY_FILE).read_text())
+            return cls(**{key: document[key] for key in cls.__dataclass_fields__ if key in document})
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def state_directories(root: Path | None = None) -> Iterator[Path]:
+    root = root or state_root()
+    if root.is_dir():
+        yield from sorted(path for path in root.iterdir() if path.is_dir())
+
+
+def build_filesystem(session: SessionClient, state: Path, cache: Path, options: MountOptions) -> Filesystem:
+    """A `Filesystem` over a state directory (not started: see `start_filesystem`)."""
+    store = ContentStore(cache, state / "staging", options.cache_limit)
+    marker = RunMarker(state)
+    executor = BatchExecutor(session, on_run=marker.record)
+    left = marker.load()
+    if left is not None:
+        log.info("run %s was left going by an earlier process; it is concluded before the next run", left)
+        executor.adopt(left)
+    return Filesystem(session, executor, store, Journal(state), options)
+
+
+async def start_filesystem(filesystem: Filesystem, nursery: trio.Nursery) -> int:
+    """Replay the journal, then start the background work; the number of changes recovered."""
+    recovered = await recover(filesystem)
+    await nursery.start(filesystem.executor.run_background)
+    await nursery.start(filesystem.run_background)
+    return recovered

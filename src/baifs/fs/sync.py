@@ -1,0 +1,564 @@
+"""The sync engine: when and how the overlay reaches the session, one transaction per flush.
+
+Owns write-back (a flush ``write_back`` seconds after the last change, files
+still open for writing left for later), ``fsync`` of one file, full flushes
+for ``fsyncdir``, runs and unmount, and the transaction every flush is:
+
+1. plan (`flush.plan`): reads the overlay, changes nothing;
+2. upload the new content; once the session confirmed it (a 204, and a
+   listing where a 204 proves nothing), commit what the uploads did
+   (`Committer.commit_uploads`);
+3. run the script, if the plan has one, in the execution slot; commit what
+   its report confirms, step by step (`Committer.commit_script`);
+4. checkpoint the journal.
+
+Invariants:
+
+- one flush at a time (``_flush_lock``); a flush that needs a script takes
+  the session's execution slot *before* the flush lock, so waiting behind a
+  user's long run never blocks an ``fsync``; while a run holds the slot,
+  write-back uploads what needs no script and leaves the rest pending;
+- nothing is committed that the session did not confirm, so a failure or a
+  cancellation at any ``await`` loses nothing: the change stays pending as
+  it was. An upload that may have landed without confirmation dooms its name
+  where its node has left it (`Committer.uncertain_uploads`); a staging file
+  stays on disk until the uploads that read it are done;
+- a script whose outcome is unknown (its answer lost, its caller cancelled,
+  the session away) is *unresolved*: nothing new is planned until its run is
+  concluded and its report read (for a script that moves objects, from the
+  report file beside it in the session), then committed;
+- while a flush changes the session, remote paths are in motion
+  (`RemoteMotion`): listings wait for it or keep serving the previous
+  listing, and a listing that was in flight meanwhile is taken again;
+- the write-back loop never ends but at `stop`: every failure is logged and
+  retried with backoff (up to a minute); a session known to be terminated is
+  not retried; `stop` lets a flush that is under way finish (one that only
+  waits for the execution slot is called off).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import secrets
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..api.archive import single_member
+from ..api.batch import BatchExecutor, BatchSteps
+from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
+from ..api.errors import BaifsError, RemotePathError, SessionBusy, SessionTerminated
+from .content import ContentStore
+from .fetch import Fetcher
+from .flush import (
+    REMOTE_TMP,
+    Committer,
+    FlushPlan,
+    FlushReport,
+    plan,
+    plan_uploads,
+    remote_name,
+)
+from .journal import Journal, encode_path, overlay_state
+from .model import Namespace, Node, is_ancestor_or_self
+from .shell import StepResults
+
+log = logging.getLogger(__name__)
+
+WRITE_BACK_RETRY_MAX = 60.0
+ProgressCallback = Callable[[int, int], None]
+
+
+class FlushFailed(BaifsError):
+    """Some changes of a flush could not be applied in the session; they stay pending."""
+
+
+class FlushUnresolved(BaifsError):
+    """An earlier flush's script has an outcome not known yet; nothing new is planned until it is."""
+
+
+@dataclass
+class SyncStats:
+    flushes: int = 0
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    scripts: int = 0
+    flush_failures: int = 0
+    last_flush_error: str = ""
+    recovered_changes: int = 0
+
+
+class RemoteMotion:
+    """Whether a flush is changing the session: listings wait, or are taken again after it."""
+
+    def __init__(self) -> None:
+        self.quiet = trio.Event()
+        self.quiet.set()
+        self.epoch = 0
+
+    @contextmanager
+    def moving(self) -> Iterator[None]:
+        self.quiet = trio.Event()
+        self.epoch += 1
+        try:
+            yield
+        finally:
+            self.epoch += 1
+            self.quiet.set()
+
+
+@dataclass
+class Unresolved:
+    """A script that may have run, and what its output said before it was lost."""
+
+    plan: FlushPlan
+    run_id: str
+    output: dict[str, list[str]] = field(default_factory=lambda: {"stdout": [], "stderr": []})
+
+
+class SyncEngine:
+    def __init__(
+        self,
+        session: SessionClient,
+        executor: BatchExecutor,
+        namespace: Namespace,
+        store: ContentStore,
+        journal: Journal,
+        fetcher: Fetcher,
+        *,
+        write_back: float,
+        on_vanished: Callable[[list[Node]], None],
+        expire_listings: Callable[[], None],
+    ) -> None:
+        self.session = session
+        self.executor = executor
+        self.namespace = namespace
+        self.store = store
+        self.journal = journal
+        self.fetcher = fetcher
+        self.write_back = write_back
+        self.on_vanished = on_vanished
+        self.expire_listings = expire_listings
+        self.committer = Committer(namespace, store)
+        self.motion = RemoteMotion()
+        self.stats = SyncStats()
+        #: files and bytes of the flush under way, for ``baifs status``.
+        self.progress: dict[str, Any] = {}
+        #: flush directories and read parts that failed or unknown flushes left in the session.
+        self.leftover_tmp: set[bytes] = set()
+        self.unresolved: Unresolved | None = None
+        self._flush_lock = trio.Lock()
+        self._changed = trio.Event()
+        self._last_change = 0.0
+        self._stop = trio.Event()
+        self._stopped = trio.Event()
+        self._looping = False
+        self._slot_wait: trio.CancelScope | None = None
+
+    # -- write-back ---------------------------------------------------------
+
+    def note_change(self) -> None:
+        self._last_change = time.monotonic()
+        self._changed.set()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(
+            self.namespace.pending_changes()
+            or self.leftover_tmp
+            or self.fetcher.has_litter
+            or self.unresolved is not None
+        )
+
+    async def run_write_back(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush a moment after changes stop, until `stop`; failures are logged and retried."""
+        self._looping, self._stopped = True, trio.Event()
+        task_status.started()
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                if not self._changed.is_set() and self.unresolved is None:
+                    await self._until_stop(self._changed.wait())
+                    continue
+                while (quiet := time.monotonic() - self._last_change) < self.write_back:
+                    await self._until_stop(trio.sleep(self.write_back - quiet))
+                    if self._stop.is_set():
+                        return
+                self._changed = trio.Event()
+                try:
+                    report = await self.flush(skip_open_writers=True, stoppable=True)
+                    failures = 0
+                except SessionTerminated as error:
+                    log.error("write-back stopped: %s; the changes stay pending (see 'baifs salvage')", error)
+                    await self._until_stop(trio.sleep_forever())
+                    return
+                except (BaifsError, OSError) as error:
+                    failures += 1
+                    delay = min(WRITE_BACK_RETRY_MAX, self.write_back * 2**failures)
+                    log.error(
+                        "write-back failed (%s); the changes stay pending; retrying in %.0f s", error, delay
+                    )
+                    self._changed.set()
+                    await self._until_stop(trio.sleep(delay))
+                    continue
+                if report.partial and self.namespace.pending_changes():
+                    # A run held the execution slot: what needs a script is still to do.
+                    self._changed.set()
+                    await self._until_stop(trio.sleep(self.write_back))
+        finally:
+            self._looping = False
+            self._stopped.set()
+
+    async def _until_stop(self, wait: Awaitable[object]) -> None:
+        """Await ``wait`` unless `stop` is asked for first."""
+        async with trio.open_nursery() as nursery:
+
+            async def waiting() -> None:
+                await wait
+                nursery.cancel_scope.cancel()
+
+            async def stopping() -> None:
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(waiting)
+            nursery.start_soon(stopping)
+
+    async def stop(self) -> None:
+        """Stop write-back cooperatively: a flush under way finishes; one waiting for the slot does not."""
+        self._stop.set()
+        if self._slot_wait is not None:
+            self._slot_wait.cancel()
+        if self._looping:
+            await self._stopped.wait()
+
+    # -- flushes ------------------------------------------------------------
+
+    async def flush(
+        self,
+        *,
+        skip_open_writers: bool = False,
+        progress: ProgressCallback | None = None,
+        slot_timeout: float = math.inf,
+        stoppable: bool = False,
+    ) -> FlushReport:
+        """Push pending changes to the session.
+
+        While a user's run holds the execution slot, a write-back flush
+        (``skip_open_writers``) uploads what needs no script and returns; every
+        other flush waits for the slot (`SessionBusy` after ``slot_timeout``).
+        A ``stoppable`` flush (write-back's) is called off by `stop` while it
+        only waits for the slot.
+        """
+        if skip_open_writers and self.executor.busy:
+            return await self.flush_uploads(
+                [n for n in self.namespace.pending if n.dirty and n.write_count == 0], progress
+            )
+        with trio.CancelScope() as waiting:
+            if stoppable:
+                self._slot_wait = waiting
+            try:
+                async with self.executor.slot(slot_timeout):
+                    self._slot_wait = None
+                    return await self.flush_in_slot(skip_open_writers=skip_open_writers, progress=progress)
+            finally:
+                if stoppable:
+                    self._slot_wait = None
+        raise SessionBusy("the flush was called off while it waited for the execution slot")
+
+    async def flush_uploads(self, nodes: list[Node], progress: ProgressCallback | None = None) -> FlushReport:
+        """Upload what of ``nodes`` needs no script; everything else waits for a full flush."""
+        unresolved = self.unresolved
+        if unresolved is not None and self.executor.unconcluded_run == unresolved.run_id:
+            raise FlushUnresolved("an earlier flush's run is not concluded yet; uploads wait for it")
+        async with self._flush_lock:
+            await self._resolve()
+            report = await self._transact(plan_uploads(self.namespace, nodes), progress)
+            report.partial = True
+            return report
+
+    async def flush_in_slot(
+        self, *, skip_open_writers: bool = False, progress: ProgressCallback | None = None
+    ) -> FlushReport:
+        """A full flush by a caller that holds the session's execution slot (a run's barrier)."""
+        async with self._flush_lock:
+            await self._resolve()
+            open_writers = {n for n in self.namespace.pending if n.write_count > 0}
+            flush_plan = plan(
+                self.namespace,
+                defer=open_writers if skip_open_writers else (),
+                litter=self._litter(),
+            )
+            return await self._transact(flush_plan, progress)
+
+    async def flush_all(
+        self, progress: ProgressCallback | None = None, *, slot_timeout: float = math.inf
+    ) -> None:
+        """Flush until nothing is pending (changes made meanwhile included), scratch removed.
+
+        ``slot_timeout`` bounds the wait for the execution slot while a run
+        holds it; a flush under way is waited for first, however long it takes.
+        """
+        for _ in range(10):
+            if not self.has_work:
+                return
+            await self._after_running_flush()
+            await self.flush(progress=progress, slot_timeout=slot_timeout)
+
+    async def fsync(self, node: Node, *, slot_timeout: float = math.inf) -> None:
+        """Return once this file (and what it depends on) is on the session."""
+        if not node.attached or node not in self.namespace.pending:
+            return
+        flush_plan = plan_uploads(self.namespace, [node])
+        if flush_plan.uploaded(node):
+            await self.flush_uploads([node])
+        if node not in self.namespace.pending:
+            return
+        await self._after_running_flush()
+        try:
+            await self.flush(slot_timeout=slot_timeout)
+        except FlushFailed:
+            if node in self.namespace.pending:
+                raise
+
+    async def _after_running_flush(self) -> None:
+        """Wait for a flush under way (write-back's) to end."""
+        if self._flush_lock.locked():
+            async with self._flush_lock:
+                pass
+
+    def _litter(self) -> list[bytes]:
+        """Scratch directories in the session that nothing refers to any more."""
+        self.leftover_tmp.update(self.fetcher.take_litter())
+        referenced = [n.origin for n in self.namespace.pending if n.origin is not None]
+        free = {
+            tmp
+            for tmp in self.leftover_tmp
+            if not any(is_ancestor_or_self(tmp, origin) for origin in referenced)
+        }
+        self.leftover_tmp -= free
+        return sorted(free)
+
+    # -- the transaction ----------------------------------------------------
+
+    async def _transact(self, flush_plan: FlushPlan, progress: ProgressCallback | None) -> FlushReport:
+        """Upload, run the script (in the slot the caller holds), commit what the session confirmed."""
+        report = FlushReport()
+        if flush_plan.empty:
+            return report
+        try:
+            with self.store.holding(flush_plan.stages), self.motion.moving():
+                await self._upload(flush_plan, report, progress)
+                if flush_plan.shell is not None:
+                    await self._run_script(flush_plan, report)
+        except BaseException as error:
+            self.leftover_tmp.update(flush_plan.litter)
+            if isinstance(error, BaifsError | OSError):
+                self.stats.flush_failures += 1
+                self.stats.last_flush_error = str(error)
+            raise
+        finally:
+            self.progress = {}
+        await self.checkpoint()
+        self.stats.flushes += 1
+        self.stats.uploaded_files += report.uploaded_files
+        self.stats.uploaded_bytes += report.uploaded_bytes
+        self.stats.scripts += report.script_ran
+        self._after_script(flush_plan, report)
+        return report
+
+    async def _upload(
+        self, flush_plan: FlushPlan, report: FlushReport, progress: ProgressCallback | None
+    ) -> None:
+        """Send the plan's content (and its script file); commit the uploads once confirmed."""
+        files = self._upload_files(flush_plan)
+        script_file = flush_plan.script_file
+        if script_file is not None and flush_plan.shell is not None:
+            files.append(UploadFile.of(remote_name(script_file), flush_plan.shell.render().encode()))
+        if not files:
+            return
+        self.progress = {
+            "files_total": len(flush_plan.uploads),
+            "bytes_total": flush_plan.upload_bytes,
+            "files_done": 0,
+            "bytes_done": 0,
+        }
+        parts_left = {upload.target: max(1, len(upload.parts)) for upload in flush_plan.uploads}
+        owner = {remote_name(part): upload.target for upload in flush_plan.uploads for part in upload.parts}
+
+        def on_batch(batch: Sequence[UploadFile]) -> None:
+            for item in batch:
+                target = owner.get(item.name, item.name.encode("utf-8", "surrogateescape"))
+                if target in parts_left:
+                    self.progress["bytes_done"] += item.size
+                    parts_left[target] -= 1
+                    self.progress["files_done"] += parts_left[target] == 0
+            if progress is not None:
+                progress(self.progress["files_done"], self.progress["bytes_done"])
+
+        try:
+            listings = await self.session.upload_all(files, on_batch=on_batch)
+        except BaseException:
+            self.committer.uncertain_uploads(flush_plan)
+            if flush_plan.uses_tmp:
+                self.leftover_tmp.add(flush_plan.tmp)
+            raise
+        self.committer.commit_uploads(flush_plan, listings)
+        report.uploaded_files = len(flush_plan.uploads)
+        report.uploaded_bytes = flush_plan.upload_bytes
+
+    def _upload_files(self, flush_plan: FlushPlan) -> list[UploadFile]:
+        """What to send: whole files, or parts of large ones, read from staging when sent."""
+        files: list[UploadFile] = []
+        for upload in flush_plan.uploads:
+            stage = self.store.stage_path(upload.stage)
+            if not upload.parts:
+                files.append(
+                    UploadFile(remote_name(upload.target), upload.size, _reader(stage, 0, upload.size))
+                )
+                continue
+            for index, part in enumerate(upload.parts):
+                offset = index * MAX_UPLOAD_BYTES
+                length = min(MAX_UPLOAD_BYTES, upload.size - offset)
+                files.append(UploadFile(remote_name(part), length, _reader(stage, offset, length)))
+        return files
+
+    async def _run_script(self, flush_plan: FlushPlan, report: FlushReport) -> None:
+        """Run the plan's script in the slot the caller holds, and commit what its report confirms."""
+        assert flush_plan.shell is not None
+        shell = flush_plan.shell
+        script_file = flush_plan.script_file
+        self.journal.record(
+            "script", moves=[[encode_path(m.origin), encode_path(m.parked)] for m in flush_plan.moves]
+        )
+        run_id = secrets.token_hex(16)
+        unresolved = Unresolved(flush_plan, run_id)
+
+        async def collect(stream: str, text: str) -> None:
+            unresolved.output.setdefault(stream, []).append(text)
+
+        command = shell.render() if script_file is None else f"sh {shlex.quote(remote_name(script_file))}"
+        self.unresolved = unresolved
+        try:
+            outcome = await self.executor.run_held(BatchSteps(exec=command), collect, run_id)
+        except BaseException:
+            if self.executor.unconcluded_run != run_id:
+                self.unresolved = None  # it provably never ran
+                self.committer.commit_script(flush_plan, StepResults.none_ran(shell.descriptions), report)
+                self._leave_tmp(flush_plan, report)
+            raise
+        self.unresolved = None
+        report.script_ran = True
+        stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
+        if outcome.complete:
+            results = StepResults.parse(stdout, stderr, shell.descriptions)
+        else:
+            log.warning("run %s: part of the flush's answer was lost; reading what it did", run_id)
+            self.unresolved = unresolved
+            results = await self._lost_outcome(unresolved)
+            self.unresolved = None
+        if results.failed:
+            detail = stderr.strip().splitlines()[-3:]
+            log.error(
+                "%d flush step(s) failed in the session (%s); it said: %s (exit %s)",
+                len(results.failed),
+                "; ".join(results.failed_descriptions()[:3]),
+                " | ".join(detail),
+                outcome.exit_code,
+            )
+        self.committer.commit_script(flush_plan, results, report)
+        self._leave_tmp(flush_plan, report)
+
+    async def _resolve(self) -> None:
+        """Find out and commit what an unresolved script did (its run is concluded by now)."""
+        unresolved = self.unresolved
+        if unresolved is None:
+            return
+        if self.executor.unconcluded_run == unresolved.run_id:
+            raise FlushUnresolved(f"run {unresolved.run_id} of an earlier flush is not concluded yet")
+        results = await self._lost_outcome(unresolved)
+        self.unresolved = None
+        report = FlushReport()
+        self.committer.commit_script(unresolved.plan, results, report)
+        self._leave_tmp(unresolved.plan, report)
+        log.info("the outcome of run %s is known now and recorded", unresolved.run_id)
+        await self.checkpoint()
+        self._after_script(unresolved.plan, report, raise_failures=False)
+
+    async def _lost_outcome(self, unresolved: Unresolved) -> StepResults:
+        """What an unresolved script did: its report file if it has one, else the output that arrived.
+
+        A script that runs from a file (one that moves objects) had its
+        directory in the session before it started, and removes it only
+        when every step succeeded: no directory means all done; otherwise the
+        report beside the script lists the steps that happened.
+        """
+        flush_plan = unresolved.plan
+        assert flush_plan.shell is not None
+        descriptions = flush_plan.shell.descriptions
+        if flush_plan.script_file is None:
+            stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
+            return StepResults.parse(stdout, stderr, descriptions, complete=False)
+        try:
+            names = {entry.name for entry in await self.session.list_dir(remote_name(REMOTE_TMP))}
+        except RemotePathError as error:
+            if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            names = set()
+        if remote_name(flush_plan.token) not in names:
+            return StepResults.all_ok(descriptions)
+        try:
+            archives = await self.session.download([remote_name(flush_plan.report_file)])
+            _, data = single_member(archives[0])
+        except BaifsError as error:
+            log.info(
+                "no report of run %s in the session (%s): none of its steps ran", unresolved.run_id, error
+            )
+            return StepResults.none_ran(descriptions)
+        return StepResults.parse(data.decode("utf-8", "replace"), "", descriptions, complete=False)
+
+    def _leave_tmp(self, flush_plan: FlushPlan, report: FlushReport) -> None:
+        if report.left_tmp:
+            self.leftover_tmp.add(flush_plan.tmp)
+
+    def _after_script(
+        self, flush_plan: FlushPlan, report: FlushReport, *, raise_failures: bool = True
+    ) -> None:
+        if report.vanished:
+            log.warning(
+                "%d object(s) disappeared from the session before the flush reached them",
+                len(report.vanished),
+            )
+            self.on_vanished(report.vanished)
+        if report.failed_steps:
+            self.leftover_tmp.update(flush_plan.litter)
+            self.stats.flush_failures += 1
+            self.stats.last_flush_error = "; ".join(report.failed_steps[:3])
+            self.expire_listings()
+            if raise_failures:
+                failed = len(report.failed_steps)
+                raise FlushFailed(f"{failed} change(s) failed in the session: {self.stats.last_flush_error}")
+
+    async def checkpoint(self) -> None:
+        """Replace the journal by the overlay as it is now; a full disk keeps the older journal."""
+        try:
+            await self.journal.checkpoint(overlay_state(self.namespace))
+        except OSError as error:
+            log.warning("journal checkpoint failed (%s); the journal keeps the longer record", error)
+
+
+def _reader(path: Path, offset: int, length: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+    return read

@@ -1,0 +1,66 @@
+"""How long a system call may wait for the session: bounded by the remote's progress.
+
+A system call that needs the session (a listing for ``ls``, content for
+``cat``, an upload for ``fsync``) waits while the session makes progress, and
+gives up once it has made none for `STALL_SECONDS`: a remote that accepts
+connections and never answers costs a caller 25 s, not the minutes of every
+retry of every request. Progress is `RemoteHealth.progress`: any answer from
+the session, and upload content going out, so a large ``fsync`` on a slow
+link keeps waiting as long as bytes move.
+
+`Watchdog.bounded` wraps the wait in a cancel scope whose deadline the
+watchdog's one ticker task pushes forward whenever progress moved; a caller
+cut off raises `RemoteStalled` and the work it had started is cancelled with
+it (the sync engine loses nothing to cancellation; background work, such as
+write-back and downloads queued for workers, goes on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from ..api.client import RemoteHealth
+from ..api.errors import BaifsError
+
+#: How long a system call waits for a session that makes no progress at all.
+STALL_SECONDS = 25.0
+TICK_SECONDS = 1.0
+
+
+class RemoteStalled(BaifsError):
+    """The session made no progress for `STALL_SECONDS` while a system call waited for it."""
+
+
+class Watchdog:
+    def __init__(self, health: RemoteHealth, stall: float = STALL_SECONDS) -> None:
+        self.health = health
+        self.stall = stall
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The ticker: push every waiting caller's deadline forward while the remote makes progress."""
+        seen = self.health.progress
+        task_status.started()
+        while True:
+            await trio.sleep(TICK_SECONDS)
+            if self.health.progress != seen:
+                seen = self.health.progress
+                deadline = trio.current_time() + self.stall
+                for scope in self._scopes:
+                    scope.deadline = max(scope.deadline, deadline)
+
+    @contextmanager
+    def bounded(self, what: str = "the session") -> Iterator[None]:
+        """Run the block; `RemoteStalled` once the remote made no progress for ``stall`` seconds."""
+        scope = trio.CancelScope(deadline=trio.current_time() + self.stall)
+        self._scopes.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._scopes.discard(scope)
+        if scope.cancelled_caught:
+            raise RemoteStalled(f"{what} made no progress for {self.stall:.0f} s; giving up on this call")
