@@ -71,9 +71,16 @@ def baifs(
     return finished
 
 
+def mounted(path: Path) -> bool:
+    """Whether something is mounted at ``path`` (a dead FUSE mount included, which ismount misses)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1].replace("\\040", " ") == target for line in mounts)
+
+
 def force_unmount(path: Path) -> None:
     for flags in ("-u", "-uz"):
-        if not os.path.ismount(path):
+        if not mounted(path):
             return
         subprocess.run(["fusermount3", flags, str(path)], capture_output=True)
         time.sleep(0.1)

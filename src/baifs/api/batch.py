@@ -214,10 +214,20 @@ class BatchExecutor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._unconcluded is not None:
+                    nursery.start_soon(self._conclude_adopted)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None  # from now on runs are concluded by their callers
+
+    async def _conclude_adopted(self) -> None:
+        """Free the session of a run an earlier process left, without waiting for a caller."""
+        try:
+            async with self.slot():
+                pass
+        except BaifsError as error:
+            log.warning("could not conclude run %s yet (%s); the next run will", self._unconcluded, error)
 
     async def _tell(self, run_id: str | None) -> None:
         if self.on_run is not None:

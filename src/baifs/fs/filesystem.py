@@ -23,7 +23,7 @@ changes to the session. It owns:
   handed to the sync engine (`sync`) as changes to push.
 
 Every wait for the session in a system call is bounded by the session's
-progress (`watchdog`): no call waits more than 25 s for a session that does
+progress (`watchdog`): no call waits more than 20 s for a session that does
 not answer.
 
 Concurrency: one trio thread; handlers interleave only at ``await``, and the
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 import time
@@ -65,8 +66,10 @@ NAME_MAX = 255
 #: Names at the root of the session that the mount never shows (control files, flush scratch).
 HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
 RENAME_NOREPLACE = 1
+#: ``listed_at`` of a directory whose listing is known but must be taken again.
+LISTING_EXPIRED = -math.inf
 #: How long a stale listing waits for its successor before it serves as it is.
-STALE_GRACE_SECONDS = 5.0
+STALE_GRACE_SECONDS = 2.0
 #: How long a system call waits for the execution slot when a run holds it.
 SLOT_WAIT_SECONDS = 20.0
 #: Enumerations and reads of a directory this close together are a scan (see `_note_scan`).
@@ -260,7 +263,7 @@ class Filesystem:
         for node in nodes:
             if node.parent is None or not node.attached or node.dirty:
                 continue
-            node.parent.listed_at = None
+            node.parent.listed_at = LISTING_EXPIRED
             self.namespace.detach(node)
             gone.append(node)
         self._discard_stages(gone)
@@ -270,7 +273,7 @@ class Filesystem:
         """Every listing is stale from now on (after something changed the session)."""
         for node in self.namespace.walk(self.namespace.root):
             if node.is_dir:
-                node.listed_at = None
+                node.listed_at = LISTING_EXPIRED
 
     # -- lookups ----------------------------------------------------------
 
@@ -344,7 +347,7 @@ class Filesystem:
             (
                 d
                 for d in (parent.children or {}).values()
-                if d.is_dir and d.name > directory.name and d.listed_at
+                if d.is_dir and d.name > directory.name and d.listed_at is not None
             ),
             key=lambda d: d.name,
         )

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import secrets
 import stat
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -577,6 +578,8 @@ class Committer:
             node.remote_mode = creation.remote_mode
             if node.is_symlink:
                 node.remote_size = len(node.target or b"")
+            if node.is_dir and node.listed_at is None:
+                node.listed_at = time.monotonic()  # made here: its content is what the mount knows
         else:
             self.namespace.doomed[creation.path] = creation.remote_mode
         self.namespace.refresh_pending(node)

@@ -107,7 +107,8 @@ class Node:
         self.mtime_dirty = False
         self.target: bytes | None = None
         self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
-        #: monotonic time of the last listing merge (directories with an origin).
+        #: monotonic time of the last listing merge (directories with an origin); None
+        #: before the first, minus infinity once expired (still known, to be listed again).
         self.listed_at: float | None = None
         self.lookups = 0
         self.open_count = 0

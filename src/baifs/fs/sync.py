@@ -308,9 +308,9 @@ class SyncEngine:
         holds it; a flush under way is waited for first, however long it takes.
         """
         for _ in range(10):
+            await self._after_running_flush()  # what it does may leave work (an upload of a removed file)
             if not self.has_work:
                 return
-            await self._after_running_flush()
             await self.flush(progress=progress, slot_timeout=slot_timeout)
 
     async def fsync(self, node: Node, *, slot_timeout: float = math.inf) -> None:
@@ -355,7 +355,7 @@ class SyncEngine:
         if flush_plan.empty:
             return report
         try:
-            with self.store.holding(flush_plan.stages), self.motion.moving():
+            with self.motion.moving():
                 await self._upload(flush_plan, report, progress)
                 if flush_plan.shell is not None:
                     await self._run_script(flush_plan, report)
@@ -405,7 +405,8 @@ class SyncEngine:
                 progress(self.progress["files_done"], self.progress["bytes_done"])
 
         try:
-            listings = await self.session.upload_all(files, on_batch=on_batch)
+            with self.store.holding(flush_plan.stages):  # rm during the upload waits for it
+                listings = await self.session.upload_all(files, on_batch=on_batch)
         except BaseException:
             self.committer.uncertain_uploads(flush_plan)
             if flush_plan.uses_tmp:

@@ -3,7 +3,7 @@
 A system call that needs the session (a listing for ``ls``, content for
 ``cat``, an upload for ``fsync``) waits while the session makes progress, and
 gives up once it has made none for `STALL_SECONDS`: a remote that accepts
-connections and never answers costs a caller 25 s, not the minutes of every
+connections and never answers costs a caller 20 s, not the minutes of every
 retry of every request. Progress is `RemoteHealth.progress`: any answer from
 the session, and upload content going out, so a large ``fsync`` on a slow
 link keeps waiting as long as bytes move.
@@ -26,7 +26,9 @@ from ..api.client import RemoteHealth
 from ..api.errors import BaifsError
 
 #: How long a system call waits for a session that makes no progress at all.
-STALL_SECONDS = 25.0
+STALL_SECONDS = 20.0
+#: A session that made no progress this long while a call waited for it counts as away.
+AWAY_SECONDS = 4.0
 TICK_SECONDS = 1.0
 
 
@@ -41,16 +43,26 @@ class Watchdog:
         self._scopes: set[trio.CancelScope] = set()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The ticker: push every waiting caller's deadline forward while the remote makes progress."""
+        """The ticker: push every waiting caller's deadline forward while the remote makes progress.
+
+        A remote that made no progress for `AWAY_SECONDS` while callers wait
+        counts as away (`RemoteHealth.failed`), so what the mount knows is
+        served at once instead of after a wait.
+        """
         seen = self.health.progress
+        moved_at = trio.current_time()
         task_status.started()
         while True:
             await trio.sleep(TICK_SECONDS)
+            now = trio.current_time()
             if self.health.progress != seen:
-                seen = self.health.progress
-                deadline = trio.current_time() + self.stall
+                seen, moved_at = self.health.progress, now
                 for scope in self._scopes:
-                    scope.deadline = max(scope.deadline, deadline)
+                    scope.deadline = max(scope.deadline, now + self.stall)
+            elif self._scopes and now - moved_at >= AWAY_SECONDS and not self.health.away:
+                self.health.failed(f"no answer for {now - moved_at:.0f} s")
+            elif not self._scopes:
+                moved_at = now
 
     @contextmanager
     def bounded(self, what: str = "the session") -> Iterator[None]:
