@@ -4,10 +4,23 @@ Each example applies one random sequence of operations (create, write,
 append, truncate, mkdir, unlink, rmdir, rename, chmod, symlink, utime,
 flush, fsync, and "crash": a flush cut short, then the daemon's memory lost
 and the journal recovered into a new `Filesystem`) both to a plain local
-directory and to a `Filesystem` talking to a real `baifs serve` over HTTP.
-Every operation must fail or succeed alike; then the local view must equal
-the reference, and after a flush so must the session's work directory on
-the server's disk, and the view of a second, fresh `Filesystem`.
+directory and to a `Filesystem` talking to a real `baifs serve` over HTTP,
+through the fault proxy. Every operation must fail or succeed alike; then
+the local view must equal the reference, and after a flush so must the
+session's work directory on the server's disk, and the view of a second,
+fresh `Filesystem`.
+
+Among the operations are faults: a flush under a rate of failing requests
+(5xx, resets before and after the server acted), a flush cancelled at a
+random point, the server killed during a flush and started again, a step
+that fails in the session (something in the way), and a flush that runs
+while the next operations go on. None may lose or corrupt anything: the
+final flush, with the faults gone, must reach the reference.
+
+And changes in the session by someone else (a file written, deleted or
+moved in its work directory), under the rule the docs state: a remote
+change shows once the listing expires; where a local change of the same
+file's content is pending, the local one wins.
 
 No FUSE here: the kernel adapter is tested by the mounted tests.
 """
@@ -16,18 +29,20 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import open_session
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from support import LocalServer
+from support import FaultProxy, LocalServer, start_proxy, start_server
 
-from baifs.api.client import Connection, SessionClient
+from baifs.api.client import Connection, RetryPolicy, SessionClient
+from baifs.api.errors import BaifsError
 from baifs.fs.filesystem import Filesystem, FSError, MountOptions
 from baifs.fs.model import Node
 from baifs.fs.state import build_filesystem, start_filesystem
@@ -52,7 +67,21 @@ operation_st = st.one_of(
     st.tuples(st.just("flush")),
     st.tuples(st.just("fsync"), path_st),
     st.tuples(st.just("crash"), st.sampled_from([0.0, 0.005, 0.02, 0.1])),
+    st.one_of(  # faults, together as likely as one plain operation
+        st.tuples(st.just("flaky_flush"), st.sampled_from([0.1, 0.3]), st.integers(0, 1 << 16)),
+        st.tuples(st.just("cancelled_flush"), st.sampled_from([0.0, 0.002, 0.01, 0.03])),
+        st.tuples(st.just("server_killed"), st.sampled_from([0.0, 0.005, 0.02])),
+        st.tuples(st.just("obstructed_flush"), path_st),
+        st.tuples(st.just("concurrently"), st.integers(1, 4)),
+    ),
+    st.one_of(  # changes made in the session by someone else
+        st.tuples(st.just("remote_write"), path_st, data_st),
+        st.tuples(st.just("remote_delete"), path_st),
+        st.tuples(st.just("remote_move"), path_st, path_st),
+    ),
 )
+FAULTS = {"flaky_flush", "cancelled_flush", "server_killed", "obstructed_flush", "concurrently"}
+REMOTE_CHANGES = {"remote_write", "remote_delete", "remote_move"}
 
 
 def content(data: tuple[int, int]) -> bytes:
@@ -60,13 +89,52 @@ def content(data: tuple[int, int]) -> bytes:
     return bytes([byte]) * size
 
 
+def related(one: str, other: str) -> bool:
+    """Whether one path is the other or inside it, either way."""
+    return one == other or one.startswith(other + "/") or other.startswith(one + "/")
+
+
 class Reference:
-    """The operations on a real directory; returns the errno each one met (0 on success)."""
+    """The operations on a real directory; returns the errno each one met (0 on success).
+
+    It also knows what is pending (changed here since everything was last on
+    the session), for the rule of remote changes: ``touched`` paths, and
+    among them ``written`` ones whose content alone changed.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         #: files whose mtime was set explicitly and not changed since.
         self.explicit_mtime: dict[str, int] = {}
+        self.touched: set[str] = set()
+        self.written: set[str] = set()
+
+    def note(self, op: tuple) -> None:
+        """Record what a successful operation left pending."""
+        kind, *args = op
+        if kind in ("write", "append", "truncate"):
+            if args[0] not in self.touched or args[0] in self.written:
+                self.written.add(args[0])
+            self.touched.add(args[0])
+        elif kind == "rename":
+            for path in args[:2]:
+                self.touched.add(path)
+                self.written = {w for w in self.written if not related(w, path)}
+        elif kind in ("mkdir", "unlink", "rmdir", "chmod", "symlink", "utime"):
+            self.touched.add(args[0])
+            self.written = {w for w in self.written if not related(w, args[0])}
+
+    def settled(self) -> None:
+        """Everything is on the session."""
+        self.touched.clear()
+        self.written.clear()
+
+    def untouched(self, *paths: str) -> bool:
+        return not any(related(path, touched) for path in paths for touched in self.touched)
+
+    def only_written(self, path: str) -> bool:
+        """A file whose content alone is pending: a remote change to it loses to the local one."""
+        return path in self.written and all(t == path or not related(t, path) for t in self.touched)
 
     def path(self, relative: str) -> str:
         return os.path.join(self.root, relative)
@@ -143,6 +211,67 @@ class Reference:
 
     def do_crash(self, delay: float) -> None:
         pass
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def remote_change(reference: Reference, work: Path, op: tuple) -> bool:
+    """Make a change in the session's work directory (and in the reference, where it wins).
+
+    Returns whether anything was changed. A change that would conflict with
+    a pending local change other than a file's new content is not made: the
+    docs promise nothing for it.
+    """
+    kind, *args = op
+    ref = reference.root
+    if any(reference.crosses_symlink(path) for path in args[: 2 if kind == "remote_move" else 1]):
+        return False
+    if kind == "remote_write":
+        path, data = args
+        parent = os.path.dirname(path)
+        if not _is_dir(work / parent) or _is_dir(work / path) or (work / path).is_symlink():
+            return False
+        if reference.only_written(path):
+            (work / path).write_bytes(content(data))  # local wins: the session only
+            return True
+        if not reference.untouched(path) or not _is_dir(ref / parent) or _is_dir(ref / path):
+            return False
+        for root in (work, ref):
+            (root / path).write_bytes(content(data))
+        reference.explicit_mtime.pop(path, None)
+        return True
+    if kind == "remote_delete":
+        (path,) = args
+        if reference.only_written(path) and (work / path).is_file() and not (work / path).is_symlink():
+            (work / path).unlink()  # local wins: it is uploaded again
+            return True
+        if not reference.untouched(path) or not os.path.lexists(ref / path):
+            return False
+        for root in (work, ref):
+            if _is_dir(root / path):
+                shutil.rmtree(root / path)
+            else:
+                (root / path).unlink()
+        reference.explicit_mtime = {k: v for k, v in reference.explicit_mtime.items() if not related(k, path)}
+        return True
+    source, target = args
+    if (
+        not reference.untouched(source, target)
+        or related(source, target)
+        or not os.path.lexists(ref / source)
+        or os.path.lexists(ref / target)
+        or not _is_dir(ref / os.path.dirname(target))
+    ):
+        return False
+    for root in (work, ref):
+        os.rename(root / source, root / target)
+    reference.explicit_mtime = {
+        (target + k[len(source) :] if related(k, source) else k): v
+        for k, v in reference.explicit_mtime.items()
+    }
+    return True
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -347,11 +476,89 @@ async def check_mtimes(reference: Reference, work: Path) -> None:
         assert os.lstat(work / relative).st_mtime_ns == mtime_ns, relative
 
 
-async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> None:
+@dataclass
+class Faulted:
+    """The reference test's own server (it is killed and started again) and the fault proxy before it."""
+
+    server: LocalServer
+    proxy: FaultProxy
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulted]:
+    directory = tmp_path_factory.mktemp("faulted")
+    server = start_server(directory / "server")
+    proxy = start_proxy(directory / "proxy", server)
+    try:
+        yield Faulted(server, proxy)
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+async def attempt_flush(fs: Filesystem) -> bool:
+    """A flush that may fail (faults are on); whether it put everything on the session."""
+    try:
+        await fs.sync.flush_all()
+    except (BaifsError, FSError, OSError):
+        return False
+    return not fs.sync.has_work
+
+
+async def fault(faulted: Faulted, mount: Mount, reference: Reference, work: Path, op: tuple) -> bool:
+    """Apply a fault step; whether its flush put everything on the session."""
+    kind, *args = op
+    fs = mount.fs
+    if kind == "flaky_flush":
+        rate, seed = args
+        third = rate / 3
+        faulted.proxy.set(
+            {"endpoint": "*", "fault": "status", "status": 503, "rate": third},
+            {"endpoint": "*", "fault": "reset_before", "rate": third},
+            {"endpoint": "*", "fault": "reset_after", "rate": third},
+            seed=seed,
+        )
+        try:
+            return await attempt_flush(fs)
+        finally:
+            faulted.proxy.clear()
+    if kind == "cancelled_flush":
+        with trio.move_on_after(args[0]):
+            return await attempt_flush(fs)
+        return False
+    if kind == "server_killed":
+        done = False
+        async with trio.open_nursery() as nursery:
+
+            async def flush() -> None:
+                nonlocal done
+                done = await attempt_flush(fs)
+
+            nursery.start_soon(flush)
+            await trio.sleep(args[0])
+            await trio.to_thread.run_sync(faulted.server.kill)
+            await trio.to_thread.run_sync(faulted.server.restart)
+        return done
+    # obstructed_flush: something in the session is in the way of the flush, then goes.
+    (path,) = args
+    obstacle = work / path
+    if reference.crosses_symlink(path) or os.path.lexists(obstacle) or not _is_dir(obstacle.parent):
+        return await attempt_flush(fs)
+    obstacle.mkdir()
+    (obstacle / "in-the-way").write_text("x")
+    try:
+        return await attempt_flush(fs)
+    finally:
+        shutil.rmtree(obstacle)
+
+
+async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple]) -> None:
+    server, proxy = faulted.server, faulted.proxy
     ref_root = tmp / "reference"
     ref_root.mkdir()
     reference = Reference(ref_root)
-    connection = Connection(server.credentials, timeout=30)
+    retry = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+    connection = Connection(proxy.credentials, timeout=30, retry=retry)
     await connection.negotiate()
     async with connection, trio.open_nursery() as nursery:
         answer = await connection.create_session(f"ref-{tmp.name[-40:]}".replace("_", "-"), "test")
@@ -359,12 +566,38 @@ async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> N
         work = server.work_dir(answer["sessionId"])
         state, lives = tmp / "state", 0
         mount = await Mount.start(nursery, session, state, tmp / f"cache{lives}")
+        concurrent: trio.Event | None = None
+        concurrent_left = 0
         for step, op in enumerate(operations):
-            if op[0] not in ("flush", "crash") and reference.crosses_symlink(op[1]):
+            kind = op[0]
+            if concurrent is not None and (
+                concurrent_left == 0 or kind in FAULTS | {"flush", "crash", "fsync"}
+            ):
+                await concurrent.wait()
+                concurrent = None
+            concurrent_left -= 1
+            if kind == "concurrently":
+                concurrent, concurrent_left = trio.Event(), op[1]
+
+                async def flush_meanwhile(fs: Filesystem, done: trio.Event) -> None:
+                    await attempt_flush(fs)  # what the operations meanwhile did may or may not be in it
+                    done.set()
+
+                nursery.start_soon(flush_meanwhile, mount.fs, concurrent)
                 continue
-            if op[0] == "rename" and reference.crosses_symlink(op[2]):
+            if kind in FAULTS:
+                if await fault(faulted, mount, reference, work, op):
+                    reference.settled()
                 continue
-            if op[0] == "crash":
+            if kind in REMOTE_CHANGES:
+                if remote_change(reference, work, op):
+                    mount.fs.expire_listings()  # as if the listings' TTL went by
+                continue
+            if kind not in ("flush", "crash") and reference.crosses_symlink(op[1]):
+                continue
+            if kind == "rename" and reference.crosses_symlink(op[2]):
+                continue
+            if kind == "crash":
                 with trio.move_on_after(op[1]):
                     await mount.fs.sync.flush_all()
                 mount.crash()
@@ -378,6 +611,12 @@ async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> N
             )
             if expected:
                 assert actual == expected, f"step {step} {op}: errno {actual}, expected {expected}"
+            elif kind == "flush":
+                reference.settled()
+            else:
+                reference.note(op)
+        if concurrent is not None:
+            await concurrent.wait()
         wanted = snapshot(ref_root)
         assert not differences(wanted, await view(mount.fs)), "local view"
         await mount.fs.sync.flush_all()
@@ -416,10 +655,7 @@ async def scenario(server: LocalServer, tmp: Path, operations: list[tuple]) -> N
     ]
 )
 def test_overlay_matches_a_real_directory(
-    server: LocalServer, tmp_path_factory: pytest.TempPathFactory, operations: list[tuple]
+    faulted: Faulted, tmp_path_factory: pytest.TempPathFactory, operations: list[tuple]
 ) -> None:
     tmp = tmp_path_factory.mktemp("ref")
-    trio.run(scenario, server, tmp, operations)
-
-
-_ = open_session  # conftest's helpers are imported for their fixtures
+    trio.run(scenario, faulted, tmp, operations)

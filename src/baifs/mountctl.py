@@ -9,6 +9,7 @@ see.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -49,12 +50,65 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
         raise NotAMount(f"{mountpoint} does not answer ({error.strerror}); is the mount dead?") from None
 
 
+#: A flush that keeps failing is given up once nothing moved for this long.
+FLUSH_PATIENCE = 120.0
+
+
+def _progress_mark(status: dict[str, Any]) -> tuple[Any, ...]:
+    """What moves while a flush makes headway, even one that fails and is tried again."""
+    pending, flushing = status["pending"], status.get("flush") or {}
+    return (
+        pending["uploads"],
+        pending["upload_bytes"],
+        pending["namespace_changes"],
+        flushing.get("bytes_done"),
+        status["flushes"]["completed"],
+    )
+
+
 def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
-    """Flush everything in the mount, showing files and bytes as they go."""
+    """Flush everything in the mount, showing files and bytes as they go.
+
+    A flush that fails (the session failed a request after its retries) is
+    asked for again while it makes headway; it is given up once nothing
+    moved for `FLUSH_PATIENCE` seconds, when the session is terminated, or
+    when a run holds the execution slot (EAGAIN).
+    """
     status = read_status(mountpoint)
     pending = status["pending"]
     if not pending["uploads"] and not pending["namespace_changes"]:
         return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn())
+    mark, moved_at = _progress_mark(status), time.monotonic()
+    with Progress(*columns, console=console, transient=True) as progress:
+        files = progress.add_task(f"{label} files", total=max(pending["uploads"], 1))
+        while True:
+            error = _flush_once(
+                mountpoint,
+                lambda flushing: progress.update(
+                    files, total=max(flushing["files_total"], 1), completed=flushing["files_done"]
+                ),
+            )
+            if error is None:
+                break
+            status = read_status(mountpoint)
+            remote = status.get("remote") or {}
+            if error.errno == errno.EAGAIN or remote.get("terminated"):
+                raise BaifsError(_flush_failure(mountpoint, error, status))
+            if _progress_mark(status) != mark:
+                mark, moved_at = _progress_mark(status), time.monotonic()
+            elif time.monotonic() - moved_at > FLUSH_PATIENCE:
+                raise BaifsError(_flush_failure(mountpoint, error, status))
+            progress.update(files, description=f"{label} files (retrying: {error.strerror})")
+            time.sleep(1)
+    console.print(
+        f"{label}: {pending['uploads']} file(s), {pending['upload_bytes']:,} bytes and "
+        f"{pending['namespace_changes']} namespace change(s) are on the session"
+    )
+
+
+def _flush_once(mountpoint: Path, show: Any) -> OSError | None:
+    """Ask the mount to flush everything (in a thread, showing progress); the error, if any."""
     failure: list[OSError] = []
 
     def set_flag() -> None:
@@ -65,24 +119,28 @@ def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
 
     worker = threading.Thread(target=set_flag, daemon=True)
     worker.start()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        files = progress.add_task(f"{label} files", total=max(pending["uploads"], 1))
-        while worker.is_alive():
-            worker.join(0.25)
-            flushing = read_status(mountpoint).get("flush") or {}
-            if flushing:
-                progress.update(
-                    files, total=max(flushing["files_total"], 1), completed=flushing["files_done"]
-                )
-    if failure:
-        raise BaifsError(
-            f"flush failed ({failure[0].strerror}); the changes stay pending: "
-            f"see 'baifs status {mountpoint}' and the mount's log"
+    while worker.is_alive():
+        worker.join(0.25)
+        flushing = read_status(mountpoint).get("flush") or {}
+        if flushing:
+            show(flushing)
+    return failure[0] if failure else None
+
+
+def _flush_failure(mountpoint: Path, error: OSError, status: dict[str, Any]) -> str:
+    remote = status.get("remote") or {}
+    if remote.get("terminated"):
+        cause = f"{remote['terminated']}; recover the changes with 'baifs salvage'"
+    elif error.errno == errno.EAGAIN:
+        cause = (
+            "a run holds the session's execution slot, and some changes need it; wait for the run, "
+            "or unmount with --lazy (the changes stay in the journal for the next mount)"
         )
-    console.print(
-        f"{label}: {pending['uploads']} file(s), {pending['upload_bytes']:,} bytes and "
-        f"{pending['namespace_changes']} namespace change(s) are on the session"
+    else:
+        cause = str(status["flushes"].get("last_error") or remote.get("last_failure") or error.strerror)
+    return (
+        f"flush failed ({cause}); the changes stay pending: "
+        f"see 'baifs status {mountpoint}' and the mount's log"
     )
 
 
@@ -105,9 +163,8 @@ def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not _running(int(pid)):
+            _reaped(int(pid), 2.0)
             return
         time.sleep(0.1)
     raise BaifsError(f"the mount daemon (pid {pid}) is still running after {timeout:.0f} s; see its log")
@@ -127,6 +184,22 @@ def _remote_state(remote: dict[str, Any]) -> str:
     elif remote.get("unconcluded_run"):
         state += f"; run {remote['unconcluded_run']} is still to be read to its end"
     return state
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (one that exited but was not reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _reaped(pid: int, patience: float) -> None:
+    """Give whoever waits for an exited daemon a moment to reap it (nothing depends on it)."""
+    deadline = time.monotonic() + patience
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def format_status(document: dict[str, Any]) -> str:

@@ -364,28 +364,56 @@ class BatchExecutor:
         raise AssertionError("unreachable")
 
     async def _conclude(self, run_id: str) -> None:
-        """Bring the run past its trailing phase markers, whatever the agent does."""
+        """Bring the run past its trailing phase markers, whatever the agent does.
+
+        The agent's behaviour is learnt only from an exchange where no answer
+        was lost: a lost ``continue`` may have read ``finished`` itself, and
+        the next one then looks like an agent that detached.
+        """
         if self.phase_behaviour == "detach":
             await trio.sleep(DETACH_SETTLE_SECONDS)
             return
-        result = await self._poll(run_id)
+        result, lost = await self._poll_counting_losses(run_id)
         while result["status"] in PHASE_MARKERS or (
             result["status"] == "continued" and result.get("console")
         ):
-            result = await self._poll(run_id)
+            result, lost_again = await self._poll_counting_losses(run_id)
+            lost = lost or lost_again
         if result["status"] == "finished":
             if self.phase_behaviour == "unknown":
                 log.info("session %s: agent keeps runs current between phases", self.session.id_or_name)
             self.phase_behaviour = "resume"
             return
-        log.info(
-            "session %s: agent concludes runs at phase boundaries; adapting",
-            self.session.id_or_name,
-        )
-        self.phase_behaviour = "detach"
+        if lost:
+            log.info("run %s: an answer was lost while it ended; making sure it is concluded", run_id)
+        else:
+            log.info(
+                "session %s: agent concludes runs at phase boundaries; adapting",
+                self.session.id_or_name,
+            )
+            self.phase_behaviour = "detach"
+        await self._end_with_empty_batch(run_id)
+
+    async def _end_with_empty_batch(self, run_id: str) -> None:
+        """Conclude a run that is current with nothing more to come, on either agent.
+
+        An all-empty batch under its id emits the three markers. A "detach"
+        agent concludes the run at the first; a "resume" one at ``finished``,
+        which follows at once. If a ``continue`` after the first marker stays
+        silent, the agent detached there and the ``continue`` itself made the
+        run current again: one more empty batch ends that.
+        """
         result = await self._empty_batch(run_id)
         while result["status"] == "continued":
             result = await self._poll(run_id)
+        if self.phase_behaviour != "detach" and result["status"] != "finished":
+            result = await self._poll(run_id)
+            while result["status"] in PHASE_MARKERS or (
+                result["status"] == "continued" and result.get("console")
+            ):
+                result = await self._poll(run_id)
+            if result["status"] != "finished":
+                await self._empty_batch(run_id)
         await trio.sleep(DETACH_SETTLE_SECONDS)
 
     async def _empty_batch(self, run_id: str) -> dict[str, Any]:

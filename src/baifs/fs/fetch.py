@@ -96,6 +96,10 @@ class Fetcher:
         #: downloads of cut parts in flight, across every file being read.
         self._part_downloads = trio.CapacityLimiter(parallel)
         self._litter: set[bytes] = set()
+        #: staging directories of ranged reads under way (litter once they end).
+        self._cutting: set[bytes] = set()
+        self._uncut = trio.Event()
+        self._uncut.set()
 
     async def run_workers(self) -> None:
         """The download workers, and the home of background ranged reads."""
@@ -296,14 +300,37 @@ class Fetcher:
         self, entry: CacheEntry, indices: list[int], arrived: Callable[[int], None]
     ) -> None:
         """One chunk travels inline in the run's output; several are cut in the session and downloaded."""
+        if len(indices) == 1:
+            await self._run_read(entry, indices, None, arrived)
+            return
+        staging = join(REMOTE_TMP, b"read-" + secrets.token_hex(6).encode())
+        if not self._cutting:
+            self._uncut = trio.Event()
+        self._cutting.add(staging)
+        try:
+            await self._run_read(entry, indices, staging, arrived)
+            await self._download_parts(entry, staging, indices, arrived)
+        finally:
+            self._cutting.discard(staging)
+            self._litter.add(staging)  # removed by the next script that runs in the session
+            if not self._cutting:
+                self._uncut.set()
+
+    async def _run_read(
+        self, entry: CacheEntry, indices: list[int], staging: bytes | None, arrived: Callable[[int], None]
+    ) -> None:
+        """The run that checks the file, then prints its one chunk or cuts the chunks into ``staging``.
+
+        Leftover parts of earlier reads are removed by the same run; they stay
+        litter if it fails.
+        """
         shell = ShellScript()
         path = shell.word(entry.remote_path)
-        for leftover in self.take_litter():
+        leftovers = self.take_litter()
+        for leftover in leftovers:
             shell.raw(f"rm -rf -- {shell.word(leftover)}")
-        mtime = entry.mtime_ns // 1_000_000_000
         shell.raw(f"stat -L -c 'BAIFS-STAT %s %Y' -- {path} || exit 1")
-        staging = join(REMOTE_TMP, b"read-" + secrets.token_hex(6).encode())
-        if len(indices) == 1:
+        if staging is None:
             shell.raw(f"echo 'BAIFS-CHUNK {indices[0]}'")
             shell.raw(f"dd if={path} bs={CHUNK_BYTES} skip={indices[0]} count=1 2>/dev/null | base64")
         else:
@@ -319,28 +346,26 @@ class Fetcher:
             if stream == "stdout":
                 output.append(text)
 
-        for _ in range(RANGE_ATTEMPTS):
-            output.clear()
-            outcome = await self.executor.run(
-                BatchSteps(exec=shell.render()), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
-            )
-            if outcome.complete:
-                break
-            log.info("reading %r: the session's answer was lost; reading again", entry.remote_path)
-        else:
-            raise SessionWedged(f"reading {entry.remote_path!r}: the session's answers keep getting lost")
+        try:
+            for _ in range(RANGE_ATTEMPTS):
+                output.clear()
+                outcome = await self.executor.run(
+                    BatchSteps(exec=shell.render()), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
+                )
+                if outcome.complete:
+                    break
+                log.info("reading %r: the session's answer was lost; reading again", entry.remote_path)
+            else:
+                raise SessionWedged(f"reading {entry.remote_path!r}: the session's answers keep getting lost")
+        except BaseException:
+            self._litter.update(leftovers)
+            raise
         if outcome.exit_code != 0:
             raise StaleContent(f"could not read {entry.remote_path!r} in the session")
-        inline = _parse_chunks("".join(output), entry.size, mtime)
-        if len(indices) == 1:
-            for index, data in inline.items():
-                await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
-                arrived(index)
-            return
-        try:
-            await self._download_parts(entry, staging, indices, arrived)
-        finally:
-            self._litter.add(staging)
+        inline = _parse_chunks("".join(output), entry.size, entry.mtime_ns // 1_000_000_000)
+        for index, data in inline.items():
+            await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+            arrived(index)
 
     async def _download_parts(
         self, entry: CacheEntry, staging: bytes, indices: list[int], arrived: Callable[[int], None]
@@ -366,7 +391,11 @@ class Fetcher:
 
     @property
     def has_litter(self) -> bool:
-        return bool(self._litter)
+        return bool(self._litter or self._cutting)
+
+    async def uncut(self) -> None:
+        """Wait until no ranged read has parts in the session (they are all litter now)."""
+        await self._uncut.wait()
 
     def take_litter(self) -> list[bytes]:
         """Directories of finished ranged reads, to be removed by the next script that runs."""

@@ -606,6 +606,26 @@ class Committer:
                 self.retire_stage(node)
         namespace.refresh_pending(node)
 
+    def commit_placed(self, placed: list[Upload], listings: dict[bytes, list[RemoteEntry]]) -> None:
+        """Listings of where the script placed files: their remote (size, mtime), now known."""
+        for upload in placed:
+            node = upload.node
+            parent, _, name = upload.path.rpartition(b"/")
+            entry = next(
+                (e for e in listings.get(parent, []) if e.name.encode("utf-8", "surrogateescape") == name),
+                None,
+            )
+            if (
+                entry is None
+                or entry.size != upload.size
+                or node.origin != upload.path
+                or node.remote_mtime_ns >= 0
+            ):
+                continue
+            node.set_remote(entry)
+            if node.stage is not None and not node.dirty and node.write_count == 0:
+                self.retire_stage(node)
+
     def retire_stage(self, node: Node) -> None:
         """Clean local content is on the session: keep it as the cached copy.
 

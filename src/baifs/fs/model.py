@@ -27,9 +27,10 @@ Invariants:
 - a node is in ``pending`` iff it is attached and dirty, has a mode change,
   a set mtime, no origin (it needs creating), or an explicit move;
 - a clean node keeps a staging file only while the remote object's mtime is
-  unknown (the flush's script placed it): that file is its content until a
-  listing shows the object, then it becomes the cached copy (same size) or
-  goes (the session changed the file meanwhile);
+  unknown (the flush's script placed it and the listing after it failed):
+  that file is its content until a listing shows the object, and then goes
+  (the listing cannot tell the placed file from a newer one of the same
+  size, so the session's content is read again);
 - ``doomed`` holds remote paths as they are before the next flush, and no
   attached node's origin is in it.
 """
@@ -296,11 +297,18 @@ class Namespace:
                 replacement = self.new_node(name, entry.mode, origin=remote_path)
                 replacement.take_remote_attributes(entry)
                 self.attach(directory, replacement)
-            elif child.dirty or child.mtime_dirty or child.mode_differs:
+            elif child.dirty or child.write_count or child.mtime_dirty or child.mode_differs:
                 child.set_remote(entry)
-            elif child.take_remote_attributes(entry) and child.stage is not None:
-                stale.append(child.stage)  # its kept content is not the session's any more
-                child.stage = None
+            else:
+                if child.stage is not None and child.remote_mtime_ns < 0:
+                    # Kept content of a placed file: the session's may be newer with the
+                    # same size, and nothing tells them apart; read the session's.
+                    stale.append(child.stage)
+                    child.stage = None
+                    child.content_version += 1
+                if child.take_remote_attributes(entry) and child.stage is not None:
+                    stale.append(child.stage)  # its kept content is not the session's any more
+                    child.stage = None
         for name, child in list(directory.children.items()):
             if name in seen or child.origin != join(directory.origin, name):
                 continue

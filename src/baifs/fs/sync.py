@@ -56,6 +56,8 @@ from ..api.archive import single_member
 from ..api.batch import BatchExecutor, BatchSteps
 from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
 from ..api.errors import BaifsError, RemotePathError, SessionBusy, SessionTerminated
+from ..api.listing import RemoteEntry
+from ..concurrency import gather
 from .content import ContentStore
 from .fetch import Fetcher
 from .flush import (
@@ -309,6 +311,7 @@ class SyncEngine:
         """
         for _ in range(10):
             await self._after_running_flush()  # what it does may leave work (an upload of a removed file)
+            await self.fetcher.uncut()  # ranged reads under way leave parts to remove
             if not self.has_work:
                 return
             await self.flush(progress=progress, slot_timeout=slot_timeout)
@@ -477,6 +480,30 @@ class SyncEngine:
             )
         self.committer.commit_script(flush_plan, results, report)
         self._leave_tmp(flush_plan, report)
+        await self._learn_placed(flush_plan, results)
+
+    async def _learn_placed(self, flush_plan: FlushPlan, results: StepResults) -> None:
+        """List where the script placed files, so their content is known by (size, mtime) from now on.
+
+        Best effort: without it, a placed file's staging copy stays its
+        content until a listing shows the file (`Committer.retire_stage`).
+        """
+        placed = [u for u in flush_plan.uploads if not u.direct and results.done(u.place_step)]
+        parents = sorted({upload.path.rpartition(b"/")[0] for upload in placed})
+        listings: dict[bytes, list[RemoteEntry]] = {}
+
+        def lister(parent: bytes) -> Callable[[], Awaitable[None]]:
+            async def take() -> None:
+                listings[parent] = await self.session.list_dir(remote_name(parent))
+
+            return take
+
+        try:
+            await gather(map(lister, parents), limit=4)
+        except BaifsError as error:
+            log.info("could not list where files were placed (%s); their staging copies stay", error)
+            return
+        self.committer.commit_placed(placed, listings)
 
     async def _resolve(self) -> None:
         """Find out and commit what an unresolved script did (its run is concluded by now)."""
