@@ -41,6 +41,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,7 +280,8 @@ def _brief(entry: tuple[str, int, bytes] | None) -> str:
 
 def one_run(rate: float, seed: int, source: Path, work: Path) -> Outcome:
     outcome = Outcome(rate, seed)
-    subprocess.run(["fusermount3", "-uz", str(work / "mnt")], capture_output=True)  # a dead one of a killed run
+    # A dead mount a killed run left behind would stop the clean-up.
+    subprocess.run(["fusermount3", "-uz", str(work / "mnt")], capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     processes = Processes()
@@ -301,6 +303,8 @@ def one_run(rate: float, seed: int, source: Path, work: Path) -> Outcome:
         log = work / "mount.log"
         argv = [sys.executable, "-m", "baifs", "mount", server.session_id, str(mountpoint), "--foreground"]
         daemon = processes.start([*argv, "--log-file", str(log)], work / "mount.out", env=environment)
+        reaper = threading.Thread(target=daemon.wait, daemon=True)  # reaped at once, as init would
+        reaper.start()
         deadline = time.monotonic() + 60
         while not (mountpoint / ".baifs-status").exists():
             if daemon.poll() is not None or time.monotonic() > deadline:

@@ -139,12 +139,13 @@ class Mount:
     def counters(self) -> dict[str, int]:
         return self.server.counters()
 
-    def unmount(self, timeout: float = 120) -> None:
-        """Unmount as a user would (``fusermount3 -u``) and wait for the daemon to finish."""
+    def unmount(self, timeout: float = 120) -> int:
+        """Unmount as a user would (``fusermount3 -u``); the daemon's exit status once it finished."""
         subprocess.run(["fusermount3", "-u", str(self.path)], check=True, capture_output=True)
         assert self.process is not None
-        self.process.wait(timeout)
+        status = self.process.wait(timeout)
         self.process = None
+        return status
 
     @property
     def alive(self) -> bool:

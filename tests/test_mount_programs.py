@@ -222,3 +222,26 @@ def test_git_clone_into_the_mount(mount: Mount, tmp_path: Path) -> None:
     actual = {k: v for k, v in tree(remote).items() if not k.startswith(".git")}
     assert actual == expected
     assert executables(remote) == executables(origin)  # git keeps only the executable bit
+
+
+@program("git")
+def test_git_commit_then_gc_prune_in_a_clone(mount: Mount, tmp_path: Path) -> None:
+    """git gc writes a pack over 1 MiB, fsyncs, closes and renames it, then reads it at once."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    run([*GIT, "init", "-q"], cwd=origin)
+    (origin / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    make_source_tree(origin, files=40)
+    run([*GIT, "add", "-A"], cwd=origin)
+    run([*GIT, "commit", "-q", "-m", "import"], cwd=origin)
+    m = mount.start()
+    run([*GIT, "clone", "-q", "--no-local", str(origin), "clone"], cwd=m.path)
+    clone = m.path / "clone"
+    (clone / "more.txt").write_text("more\n")
+    run([*GIT, "add", "-A"], cwd=clone)
+    run([*GIT, "commit", "-q", "-m", "more"], cwd=clone)
+    run([*GIT, "gc", "-q", "--prune=now"], cwd=clone)
+    assert run([*GIT, "fsck", "--strict"], cwd=clone) == ""
+    m.sync()
+    assert run([*GIT, "fsck", "--strict"], cwd=m.work / "clone") == ""
+    assert run([*GIT, "log", "--format=%s"], cwd=m.work / "clone").split() == ["more", "import"]

@@ -254,7 +254,12 @@ class Filesystem:
             self._discard_stages(merged.removed)
             self.invalidate(merged.removed)
         for child in (directory.children or {}).values():
-            if child.stage is not None and not child.dirty and child.open_count == 0 and child.origin:
+            if (
+                child.stage is not None
+                and not child.dirty
+                and child.open_count == 0
+                and child.origin is not None
+            ):
                 self.sync.committer.retire_stage(child)  # its mtime is known now
 
     def _vanished(self, nodes: list[Node]) -> None:

@@ -202,6 +202,11 @@ class SyncEngine:
                     log.error("write-back stopped: %s; the changes stay pending (see 'baifs salvage')", error)
                     await self._until_stop(trio.sleep_forever())
                     return
+                except FlushUnresolved as error:  # a run holds the slot; its end concludes the earlier one
+                    log.info("write-back waits: %s", error)
+                    self._changed.set()
+                    await self._until_stop(trio.sleep(self.write_back))
+                    continue
                 except (BaifsError, OSError) as error:
                     failures += 1
                     delay = min(WRITE_BACK_RETRY_MAX, self.write_back * 2**failures)
