@@ -220,21 +220,6 @@ def test_an_unresolved_flush_survives_a_crash_and_the_next_mount_concludes_its_r
 # -- 3. a full local disk --------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield small
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
-
-
 def test_a_full_disk_fails_calls_not_the_daemon_nor_the_session(faulty: Faulty, small_disk: Path) -> None:
     m = faulty.mount
     m.env["XDG_STATE_HOME"] = str(small_disk)

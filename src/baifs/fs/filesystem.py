@@ -68,8 +68,10 @@ HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
 RENAME_NOREPLACE = 1
 #: ``listed_at`` of a directory whose listing is known but must be taken again.
 LISTING_EXPIRED = -math.inf
-#: How long a stale listing waits for its successor before it serves as it is.
+#: How long a stale listing waits for its successor before it serves as it is
+#: (shorter once the session is known to be away: if it is back, it answers at once).
 STALE_GRACE_SECONDS = 2.0
+STALE_GRACE_AWAY_SECONDS = 0.3
 #: How long a system call waits for the execution slot when a run holds it.
 SLOT_WAIT_SECONDS = 20.0
 #: Enumerations and reads of a directory this close together are a scan (see `_note_scan`).
@@ -198,7 +200,8 @@ class Filesystem:
                 else:
                     self._nursery.start_soon(self._take_listing, directory, listing)
             if stale:
-                grace = 0.0 if self.session.connection.health.away else STALE_GRACE_SECONDS
+                away = self.session.connection.health.away
+                grace = STALE_GRACE_AWAY_SECONDS if away else STALE_GRACE_SECONDS
                 with trio.move_on_after(grace):
                     await listing.done.wait()
                 if not listing.done.is_set():
