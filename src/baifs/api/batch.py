@@ -221,6 +221,21 @@ class BatchExecutor:
         finally:
             self._nursery = None  # from now on runs are concluded by their callers
 
+    async def settle(self) -> None:
+        """Read the last run to its end if that is still under way in the background.
+
+        Before the process ends: a run left current would cost the next mount
+        seconds to conclude (or block the session for every other client).
+        """
+        if self._concluding is not None:
+            await self._concluding.wait()
+        if self._unconcluded is not None and not self._lock.locked():
+            try:
+                async with self.slot():
+                    pass
+            except BaifsError as error:
+                log.warning("run %s is left for the next mount to conclude (%s)", self._unconcluded, error)
+
     async def _conclude_adopted(self) -> None:
         """Free the session of a run an earlier process left, without waiting for a caller."""
         try:

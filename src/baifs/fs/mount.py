@@ -216,6 +216,8 @@ async def _serve(
                 log.exception("the FUSE loop failed; flushing what is pending, then exiting")
             notify_systemd("STOPPING=1")
             await filesystem.sync.stop()
+            with trio.move_on_after(FINAL_SLOT_WAIT):
+                await filesystem.executor.settle()
             nursery.cancel_scope.cancel()
             unmounted_cleanly = True
         finally:
