@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import httpx
 
 from baifs.api import signing
+from baifs.api.batch import BatchExecutor, BatchSteps
+from baifs.api.client import SessionClient
 from baifs.config import Credentials
 
 TEST_ACCESS_KEY = "AKIATESTTESTTEST0001"
@@ -37,6 +40,7 @@ class LocalServer:
         default_factory=lambda: Credentials("http://invalid", TEST_ACCESS_KEY, TEST_SECRET_KEY)
     )
     compat: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
 
     def work_dir(self, session_id: str) -> Path:
         return self.data_dir / "sessions" / session_id / "work"
@@ -58,7 +62,7 @@ class LocalServer:
     def restart(self) -> None:
         """Start the server again on the same port and data (after `kill` or `stop`)."""
         port = int(self.endpoint.rsplit(":", 1)[1])
-        again = start_server(self.data_dir.parent, *self.compat, port=port)
+        again = start_server(self.data_dir.parent, *self.compat, port=port, extra=self.extra)
         self.process, self.log_path = again.process, again.log_path
 
 
@@ -80,7 +84,14 @@ def server_environment() -> dict[str, str]:
     return environment
 
 
-def start_server(directory: Path, *compat: str, latency_ms: float = 0, port: int = 0) -> LocalServer:
+def start_server(
+    directory: Path,
+    *compat: str,
+    latency_ms: float = 0,
+    port: int = 0,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> LocalServer:
     directory.mkdir(parents=True, exist_ok=True)
     data_dir = directory / "serve-data"
     log_path = directory / f"serve-{next(_names)}.log"
@@ -88,15 +99,16 @@ def start_server(directory: Path, *compat: str, latency_ms: float = 0, port: int
     argv += [f"--compat={name}" for name in compat]
     if latency_ms:
         argv += ["--latency-ms", str(latency_ms)]
+    argv += list(extra)
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=server_environment()
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**server_environment(), **(env or {})}
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         match = re.search(r"listening on (http://\S+),", log_path.read_text())
         if match:
-            server = LocalServer(process, match.group(1), data_dir, log_path, compat=compat)
+            server = LocalServer(process, match.group(1), data_dir, log_path, compat=compat, extra=extra)
             server.credentials = Credentials(match.group(1), TEST_ACCESS_KEY, TEST_SECRET_KEY)
             return server
         if process.poll() is not None:
@@ -111,7 +123,7 @@ def signed_request(
     method: str,
     target: str,
     *,
-    content: bytes | None = None,
+    content: bytes | Iterable[bytes] | None = None,
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None,
     date: datetime | None = None,
     secret_key: str = TEST_SECRET_KEY,
@@ -199,3 +211,14 @@ def start_proxy(directory: Path, upstream: LocalServer, *, seed: int = 0) -> Fau
         time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"the fault proxy did not start:\n{log_path.read_text()}")
+
+
+async def run_batch(session: SessionClient, command: str) -> tuple[int | None, str, str]:
+    """Run one command as a batch task: its exit code, stdout and stderr."""
+    output: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    async def sink(stream: str, text: str) -> None:
+        output[stream].append(text)
+
+    outcome = await BatchExecutor(session).run(BatchSteps(exec=command), sink)
+    return outcome.exit_code, "".join(output["stdout"]), "".join(output["stderr"])

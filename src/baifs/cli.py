@@ -68,9 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run a local server that speaks the Backend.AI session API",
         description="Run a local Backend.AI-compatible session server. Each session's /home/work is "
-        "a directory under the data directory; batch commands run on this host (inside bubblewrap "
-        "when it is installed). Keys come from BACKEND_ACCESS_KEY/BACKEND_SECRET_KEY, from "
-        "--keypair-file, or are generated once and printed.",
+        "a directory under the data directory. Batch commands run confined like a container, in "
+        "bubblewrap: they see their work directory at /home/work, the system read-only, a private "
+        "/tmp, their own processes only, and nothing of the server's data, other sessions or its "
+        "keys; without bubblewrap the server refuses to run them (see --unsafe-no-sandbox). Every "
+        "file request stays beneath the session's work directory, whatever symlinks a run makes. "
+        "Keys come from BACKEND_ACCESS_KEY/BACKEND_SECRET_KEY, from --keypair-file, or are "
+        "generated once and printed.",
+        epilog="reproducing real sessions (reference §12):\n"
+        "  --container-uid 9001         runs execute as uid 9001 (the entrypoint's default without\n"
+        "                               uid-match) while uploads are written as the server's uid:\n"
+        "                               runs cannot change uploaded files, nor add files to the\n"
+        "                               directories uploads made\n"
+        "  --vfolder data=/srv/data     /srv/data is mounted at /home/work/data for runs; listings\n"
+        "                               and downloads see it, uploads there land underneath the\n"
+        "                               mount point and are never seen (as on real agents)\n"
+        "  --vfolder .cache=/srv/c:.c   an automount folder at /home/work/.c\n"
+        "  --compat no-persistent-paths runs lack BACKENDAI_PERSISTENT_PATHS (agents < 26.4.4)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument(
@@ -95,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=Compat.names(),
         metavar="SWITCH",
         help="reproduce one release's behaviour (repeatable): " + ", ".join(Compat.names()),
+    )
+    serve.add_argument(
+        "--container-uid",
+        metavar="UID[:GID]",
+        help="run batch commands as this user, as an agent's kernel-uid or the entrypoint's 9001 "
+        "(default: the server's own user); the work directory is given to it, uploads are not",
+    )
+    serve.add_argument(
+        "--vfolder",
+        action="append",
+        default=[],
+        metavar="NAME=HOSTDIR[:MOUNTPATH]",
+        help="mount HOSTDIR in every session at /home/work/MOUNTPATH (default: NAME), repeatable; "
+        "HOSTDIR must be writable by the container user",
+    )
+    serve.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="where bubblewrap is missing, run batch commands directly on this host, with the "
+        "server's privileges and access to everything it can read (never on a shared machine)",
     )
     add_logging_options(serve)
     serve.set_defaults(handler=run_serve)
@@ -279,13 +314,26 @@ def parse_size(text: str) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from .server.main import ServeOptions, serve
+    from .server.sandbox import ContainerUser
+    from .server.workdir import VFolder
 
+    try:
+        user = ContainerUser.parse(args.container_uid) if args.container_uid else None
+        vfolders = tuple(VFolder.parse(text) for text in args.vfolder)
+    except ValueError as error:
+        raise BaifsError(str(error)) from None
+    for folder in vfolders:
+        if not folder.host_dir.is_dir():
+            raise BaifsError(f"folder {folder.name!r}: {folder.host_dir} is not a directory")
     options = ServeOptions(
         host=args.host,
         port=args.port,
         keypair_file=args.keypair_file,
         latency_ms=args.latency_ms,
         compat=Compat.from_names(args.compat),
+        container_user=user,
+        vfolders=vfolders,
+        unsafe_no_sandbox=args.unsafe_no_sandbox,
     )
     if args.data_dir is not None:
         options.data_dir = args.data_dir

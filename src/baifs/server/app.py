@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import trio
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_FILES = 20
 MAX_UPLOAD_BYTES = 1_048_575
 MAX_DOWNLOAD_FILES = 5
+#: aiohttp's default limit for a request body the manager reads whole (JSON).
+MAX_JSON_BODY = 1_048_576
+#: aiohttp's limit for one header line of a multipart part, as the manager reads them.
+MAX_PART_HEADER = 8190
+#: A whole multipart body: 20 full parts, 8 header lines each, and their framing.
+MAX_UPLOAD_BODY = MAX_UPLOAD_FILES * (MAX_UPLOAD_BYTES + 8 * (MAX_PART_HEADER + 2)) + 64 * 1024
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -74,8 +81,33 @@ def query_values(request: Request, key: str) -> list[str]:
     return [value for name, value in pairs if name == key]
 
 
+def too_large(limit: int) -> Problem:
+    return bad_request(f"Request body too large: at most {limit:,} bytes are accepted")
+
+
+def declared_length(request: Request, limit: int) -> None:
+    """Refuse a body whose declared length is over ``limit`` before reading any of it."""
+    try:
+        length = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        raise bad_request("Malformed Content-Length") from None
+    if length > limit:
+        raise too_large(limit)
+
+
+async def bounded_body(request: Request, limit: int) -> bytes:
+    """The whole body, read as it comes and refused as soon as it passes ``limit``."""
+    declared_length(request, limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
 async def json_object(request: Request, *, required: bool) -> dict[str, Any]:
-    body = await request.body()
+    body = await bounded_body(request, MAX_JSON_BODY)
     if not body.strip():
         if required:
             raise bad_request("Malformed body: a JSON object is required")
@@ -276,6 +308,7 @@ async def upload(request: Request) -> Response:
     media_type, options = parse_options_header(request.headers.get("content-type", ""))
     if media_type != b"multipart/form-data" or b"boundary" not in options:
         raise bad_request("Malformed body: multipart/form-data is required")
+    declared_length(request, MAX_UPLOAD_BODY)
     reader = UploadReader(options[b"boundary"])
     failures: list[OSError] = []
 
@@ -289,7 +322,11 @@ async def upload(request: Request) -> Response:
             except OSError as error:
                 failures.append(error)
 
+    received = 0
     async for chunk in request.stream():
+        received += len(chunk)
+        if received > MAX_UPLOAD_BODY:
+            raise too_large(MAX_UPLOAD_BODY)
         if reader.problem is None:  # after a problem, drain the rest before answering
             reader.feed(chunk)
             await store(reader.take_completed())
@@ -326,6 +363,7 @@ class UploadReader:
                 "on_part_data": self._part_data,
                 "on_part_end": self._end,
             },
+            max_header_size=MAX_PART_HEADER,
         )
 
     def feed(self, chunk: bytes) -> None:
@@ -333,6 +371,8 @@ class UploadReader:
             self._parser.write(chunk)
         except Problem as problem:
             self.problem = problem
+        except MultipartParseError as error:
+            self.problem = bad_request(f"Malformed multipart body: {error}")
         except Exception:
             self.problem = bad_request("Malformed multipart body")
 

@@ -19,6 +19,8 @@ phase-frame-loss       phase markers conclude the run; frames sent   agent ≥ 2
 download-get-only      download answers POST with 405 [§5.1]         manager ≤ 24.03.6
 absolute-upload-names  upload names must be absolute under           agent 24.03.7 –
                        /home/work [§2.4]                             25.7.0
+no-persistent-paths    runs see no ``BACKENDAI_PERSISTENT_PATHS``    agent < 26.4.4
+                       with the folders' mount paths [§12]
 =====================  ============================================  ===============
 """
 
@@ -35,6 +37,7 @@ class Compat:
     phase_frame_loss: bool = False
     download_get_only: bool = False
     absolute_upload_names: bool = False
+    no_persistent_paths: bool = False
 
     @classmethod
     def names(cls) -> list[str]:

@@ -3,7 +3,8 @@
 Models the two halves a real session has (reference §3):
 
 - the *runner* executes batch tasks one at a time: clean, build, exec, each a
-  fresh ``/bin/sh -c`` with cwd ``/home/work`` and ``HOME=/home/work``, and
+  fresh ``/bin/sh -c`` with cwd ``/home/work`` and ``HOME=/home/work``,
+  confined by the `sandbox` as the container user, and
   emits ``clean-finished``, ``build-finished`` and ``finished`` markers about
   10 ms apart; a failed build skips exec and finishes with 127; ``*`` selects
   the heuristics;
@@ -36,6 +37,8 @@ from typing import Any
 
 import trio
 
+from .sandbox import Sandbox
+
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT = 2.0
@@ -58,48 +61,9 @@ class OutputQueue:
         self.send, self.receive = trio.open_memory_channel(math.inf)
 
 
-class Sandbox:
-    """How commands are started: inside bubblewrap when it works, else directly."""
-
-    _warned = False
-
-    def __init__(self, use_bwrap: bool) -> None:
-        self.use_bwrap = use_bwrap
-
-    @classmethod
-    def detect(cls) -> Sandbox:
-        try:
-            probe = subprocess.run(
-                ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--", "/bin/true"],
-                capture_output=True,
-                timeout=10,
-            )
-            works = probe.returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            works = False
-        if not works and not cls._warned:
-            cls._warned = True
-            log.warning(
-                "bubblewrap is not usable here: batch commands run directly on this host, "
-                "in the session's work directory (install the 'bubblewrap' package to isolate them)"
-            )
-        return cls(works)
-
-    def command(self, work_dir: Path, shell_command: str) -> tuple[list[str], str, str]:
-        """argv, cwd and the HOME the command sees."""
-        if not self.use_bwrap:
-            return ["/bin/sh", "-c", shell_command], str(work_dir), str(work_dir)
-        argv = [
-            "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", "--tmpfs", "/home", "--bind", str(work_dir), "/home/work",
-            "--chdir", "/home/work", "--die-with-parent",
-            "--", "/bin/sh", "-c", shell_command,
-        ]  # fmt: skip
-        return argv, "/", "/home/work"
-
-
 class Kernel:
     def __init__(self, work_dir: Path, sandbox: Sandbox, *, detach_at_phase_end: bool) -> None:
+        sandbox.prepare(work_dir)
         self.work_dir = work_dir
         self.sandbox = sandbox
         self.detach_at_phase_end = detach_at_phase_end
@@ -228,19 +192,11 @@ class Kernel:
         return await self._run(command, batch_mode=True)
 
     async def _run(self, command: str, *, batch_mode: bool) -> int:
-        argv, cwd, home = self.sandbox.command(self.work_dir, command)
-        environment = {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "HOME": home,
-            "TERM": "xterm",
-        }
-        if batch_mode:
-            environment["_BACKEND_BATCH_MODE"] = "1"
+        launch = self.sandbox.launch(self.work_dir, command, batch_mode=batch_mode)
         process = await trio.lowlevel.open_process(
-            argv,
-            cwd=cwd,
-            env=environment,
+            launch.argv,
+            cwd=launch.cwd,
+            env=launch.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

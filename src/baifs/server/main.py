@@ -9,7 +9,9 @@ Owns the server's process-level state:
 - ``<data root>/serve.json``: the PID and endpoint of the running server, so
   that ``baifs mount --local`` can reuse it; removed on a clean exit;
 - the listener: 127.0.0.1 unless told otherwise (a warning is logged for any
-  other address, since batch commands run on this host).
+  other address, since batch commands run on this host);
+- the sandbox batch commands run in (`sandbox`): the server refuses to start
+  where it cannot confine them, unless ``--unsafe-no-sandbox`` is given.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from .. import config
 from .app import ServerState, build_app
 from .auth import Keypair
 from .compat import Compat
-from .kernel import Sandbox
+from .sandbox import ContainerUser, Sandbox
 from .sessions import SessionRegistry
+from .workdir import VFolder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ class ServeOptions:
     latency_ms: float = 0.0
     compat: Compat = field(default_factory=Compat)
     quiet: bool = False
+    #: the user batch commands run as (None: the server's own, like the agent's default kernel uid).
+    container_user: ContainerUser | None = None
+    vfolders: tuple[VFolder, ...] = ()
+    unsafe_no_sandbox: bool = False
 
 
 def generate_keypair() -> Keypair:
@@ -98,7 +105,14 @@ def is_loopback(host: str) -> bool:
 async def serve(options: ServeOptions, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT or SIGTERM; reports the endpoint URL through ``task_status``."""
     options.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.umask(0o022)  # the agent's: uploads are 0644, the directories they make 0755
     keypair, generated = load_keypair(options)
+    sandbox = Sandbox.create(
+        unsafe_no_sandbox=options.unsafe_no_sandbox,
+        user=options.container_user,
+        vfolders=options.vfolders,
+        persistent_paths=not options.compat.no_persistent_paths,
+    )
     if not is_loopback(options.host):
         log.warning(
             "listening on %s, which is not a loopback address: anyone who has the keys can run "
@@ -112,7 +126,7 @@ async def serve(options: ServeOptions, task_status: trio.TaskStatus[str] = trio.
     hypercorn.graceful_timeout = 1.0
     state_file = options.data_dir / SERVE_FILE
     async with trio.open_nursery() as nursery:
-        registry = SessionRegistry(options.data_dir, Sandbox.detect(), options.compat)
+        registry = SessionRegistry(options.data_dir, sandbox, options.compat)
         await registry.start(nursery)
         state = ServerState(keypair, registry, options.compat, latency=options.latency_ms / 1000)
         shutdown = trio.Event()

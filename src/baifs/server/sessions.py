@@ -25,8 +25,9 @@ from typing import Any
 import trio
 
 from .compat import Compat
-from .kernel import Kernel, Sandbox
+from .kernel import Kernel
 from .problems import Problem, bad_request, no_such_session
+from .sandbox import Sandbox
 from .workdir import WorkDir
 
 SESSION_NAME = re.compile(r"^(?=.{4,64}$)\w[\w.-]*\w$", re.ASCII)
@@ -103,7 +104,7 @@ class SessionRegistry:
 
     async def _open(self, session_id: str, name: str, image: str, created_at: float) -> ServedSession:
         assert self._nursery is not None
-        work = WorkDir(self.data_root / "sessions" / session_id / "work")
+        work = WorkDir(self.data_root / "sessions" / session_id / "work", self.sandbox.vfolders)
         kernel = Kernel(work.root, self.sandbox, detach_at_phase_end=self.compat.phase_frame_loss)
         await self._nursery.start(kernel.serve_tasks)
         session = ServedSession(session_id, name, image, created_at, work, kernel)

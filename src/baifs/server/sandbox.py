@@ -1,0 +1,197 @@
+"""How `baifs serve` starts a session's batch commands: confined like a container.
+
+A command runs in bubblewrap and sees:
+
+- its session's work directory at ``/home/work`` (the cwd and ``HOME``), and
+  the virtual folders mounted inside it (`workdir.VFolder`);
+- the system read-only: ``/usr`` and ``/etc`` (its secrets, such as
+  ``/etc/shadow`` and ``/etc/ssh``, masked), ``/bin``, ``/lib``... as the
+  host has them; ``/dev`` and ``/proc`` of its own, a private ``/tmp``;
+- nothing else: not the server's data directory (other sessions, the
+  keypair), not ``/root`` or ``/home``, not the server's processes: it has its
+  own PID namespace (``/proc`` shows only its own), IPC and UTS namespaces,
+  a new session (no terminal to inject into), no capabilities, and it dies
+  with the server.
+
+It runs as the *container user* (``--container-uid``, default the server's own
+uid, like the agent's ``kernel-uid``), switched to with ``setpriv`` inside the
+sandbox (no new privileges, no capabilities, no supplementary groups), while
+uploads are written by the server itself: so a node whose agent runs as root
+with another kernel uid can be reproduced (reference §12).
+
+Where bubblewrap does not work, `Sandbox.create` refuses to run commands at
+all unless ``--unsafe-no-sandbox`` is given; then commands run directly on
+this host, in the work directory, with the server's privileges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api.errors import BaifsError
+from .workdir import CONTAINER_WORK_DIR, VFolder
+
+log = logging.getLogger(__name__)
+
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Read-only system directories of the host, bound where they exist.
+SYSTEM_DIRECTORIES = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Host secrets under /etc that a run must not read (files hidden by /dev/null, directories by a tmpfs).
+MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
+MASKED_DIRECTORIES = ("/etc/ssh", "/etc/sudoers.d", "/etc/ssl/private")
+SWITCH_CAPABILITIES = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+
+
+class SandboxUnavailable(BaifsError):
+    """Batch commands cannot be confined here, and running them unconfined was not asked for."""
+
+
+@dataclass(frozen=True)
+class ContainerUser:
+    uid: int
+    gid: int
+
+    @classmethod
+    def parse(cls, text: str) -> ContainerUser:
+        """``UID`` or ``UID:GID`` (the group defaults to the uid, like the entrypoint's)."""
+        uid, _, gid = text.partition(":")
+        try:
+            return cls(int(uid), int(gid or uid))
+        except ValueError:
+            raise ValueError(f"a container user is UID or UID:GID, not {text!r}") from None
+
+    @classmethod
+    def server(cls) -> ContainerUser:
+        return cls(os.getuid(), os.getgid())
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one command: argv, working directory and environment."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+
+
+class Sandbox:
+    def __init__(
+        self,
+        *,
+        confined: bool,
+        user: ContainerUser | None = None,
+        vfolders: tuple[VFolder, ...] = (),
+        persistent_paths: bool = True,
+    ) -> None:
+        self.confined = confined
+        #: bubblewrap and setpriv as found on the server's PATH (a command's PATH is the container's).
+        self.bwrap = shutil.which("bwrap")
+        self.setpriv = shutil.which("setpriv") or "setpriv"
+        self.user = user or ContainerUser.server()
+        self.vfolders = vfolders
+        self.persistent_paths = persistent_paths
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        unsafe_no_sandbox: bool = False,
+        user: ContainerUser | None = None,
+        vfolders: tuple[VFolder, ...] = (),
+        persistent_paths: bool = True,
+    ) -> Sandbox:
+        """The sandbox this host can give; `SandboxUnavailable` rather than none, unless told."""
+        user = user or ContainerUser.server()
+        if user != ContainerUser.server() and os.getuid() != 0:
+            raise SandboxUnavailable(
+                "--container-uid needs baifs serve to run as root (to switch to that user)"
+            )
+        sandbox = cls(confined=True, user=user, vfolders=vfolders, persistent_paths=persistent_paths)
+        problem = sandbox.probe()
+        if problem is None:
+            return sandbox
+        if not unsafe_no_sandbox:
+            raise SandboxUnavailable(
+                f"bubblewrap cannot confine batch commands here ({problem}); install the 'bubblewrap' "
+                "package, or start baifs serve with --unsafe-no-sandbox to run them directly on this host, "
+                "with the server's privileges and access to all its files"
+            )
+        log.warning("--unsafe-no-sandbox: batch commands run directly on this host (%s)", problem)
+        return cls(confined=False, user=user, vfolders=vfolders, persistent_paths=persistent_paths)
+
+    def probe(self) -> str | None:
+        """Why confined commands cannot run here, or None when they can."""
+        if self.bwrap is None:
+            return "bwrap is not installed"
+        launch = self.launch(Path("/"), "true", probe=True)
+        try:
+            probe = subprocess.run(launch.argv, env=launch.env, capture_output=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return str(error)
+        if probe.returncode != 0:
+            return probe.stderr.decode(errors="replace").strip() or f"exit status {probe.returncode}"
+        return None
+
+    def environment(self, *, batch_mode: bool) -> dict[str, str]:
+        home = CONTAINER_WORK_DIR
+        environment = {"PATH": CONTAINER_PATH, "LANG": "C.UTF-8", "HOME": home, "TERM": "xterm"}
+        if batch_mode:
+            environment["_BACKEND_BATCH_MODE"] = "1"
+        if self.vfolders and self.persistent_paths:
+            environment["BACKENDAI_PERSISTENT_PATHS"] = ":".join(f.container_path for f in self.vfolders)
+        return environment
+
+    def launch(
+        self, work_dir: Path, shell_command: str, *, batch_mode: bool = False, probe: bool = False
+    ) -> Launch:
+        environment = self.environment(batch_mode=batch_mode)
+        switch = self._switch_user()
+        if not self.confined:
+            environment["HOME"] = str(work_dir)
+            return Launch([*switch, "/bin/sh", "-c", shell_command], str(work_dir), environment)
+        argv = [self.bwrap or "bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc"]
+        argv += ["--unshare-uts", "--hostname", "session", "--cap-drop", "ALL"]
+        for capability in SWITCH_CAPABILITIES if switch else ():
+            argv += ["--cap-add", capability]
+        for directory in SYSTEM_DIRECTORIES:
+            if os.path.islink(directory):
+                argv += ["--symlink", os.readlink(directory), directory]
+            elif os.path.isdir(directory):
+                argv += ["--ro-bind", directory, directory]
+        argv += [
+            arg for path in MASKED_FILES if os.path.isfile(path) for arg in ("--ro-bind", "/dev/null", path)
+        ]
+        argv += [arg for path in MASKED_DIRECTORIES if os.path.isdir(path) for arg in ("--tmpfs", path)]
+        argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--dir", "/home"]
+        if not probe:
+            argv += ["--bind", str(work_dir), CONTAINER_WORK_DIR]
+            for folder in self.vfolders:
+                argv += ["--bind", str(folder.host_dir), folder.container_path]
+            argv += ["--chdir", CONTAINER_WORK_DIR]
+        argv += ["--", *switch, "/bin/sh", "-c", shell_command]
+        return Launch(argv, "/", environment)
+
+    def _switch_user(self) -> list[str]:
+        """The ``setpriv`` prefix that turns the command into the container user, when it is not us."""
+        if self.user == ContainerUser.server():
+            return []
+        return [
+            self.setpriv,
+            f"--reuid={self.user.uid}",
+            f"--regid={self.user.gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]
+
+    def prepare(self, work_dir: Path) -> None:
+        """Give the work directory to the container user, as the agent chowns the scratch directory."""
+        if self.user != ContainerUser.server():
+            os.chown(work_dir, self.user.uid, self.user.gid)
