@@ -164,6 +164,39 @@ async def test_uploads_and_downloads_stay_inside_while_a_run_swaps_symlinks(
     assert served, "nothing was downloaded at all"
 
 
+async def test_a_long_run_lives_past_idle_threads_and_dies_with_the_server(tmp_path: Path) -> None:
+    """A parent-death signal follows the forking thread: a run must not die when a worker thread retires."""
+    server = start_server(tmp_path)
+    try:
+        connection, client, session_id = await open_session(server)
+        async with connection:
+            code, out, _ = await run_batch(client, "sleep 12; echo lived")
+            assert (code, out) == (0, "lived\n")
+            with trio.move_on_after(2):
+                await run_batch(client, "echo $$ > pid; exec sleep 300")
+            pid_file = server.work_dir(session_id) / "pid"
+            assert pid_file.exists()
+            sleepers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _command(p) == "sleep300"]
+            assert sleepers, "the run is not going"
+            server.process.kill()
+            server.process.wait(10)
+            for _ in range(50):
+                if not any(p.exists() and _command(p) == "sleep300" for p in sleepers):
+                    break
+                await trio.sleep(0.1)
+            else:
+                raise AssertionError("the run outlived the server")
+    finally:
+        server.stop()
+
+
+def _command(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().replace(b"\0", b"").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 # -- request bodies -------------------------------------------------------------------
 
 

@@ -28,16 +28,14 @@ from __future__ import annotations
 import codecs
 import logging
 import math
-import os
 import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .sandbox import Sandbox
+from .sandbox import Command, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +69,7 @@ class Kernel:
         self._current: OutputQueue | None = None
         self._changed = trio.Event()
         self._task_lock = trio.Lock()
-        self._process: trio.Process | None = None
+        self._process: Command | None = None
         self._terminated = False
         self._tasks = trio.CancelScope()
 
@@ -92,13 +90,13 @@ class Kernel:
         return await self._next_result(queue)
 
     def interrupt(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            os.killpg(self._process.pid, signal.SIGINT)
+        if self._process is not None:
+            self._process.signal_group(signal.SIGINT)
 
     def terminate(self) -> None:
         self._terminated = True
-        if self._process is not None and self._process.returncode is None:
-            os.killpg(self._process.pid, signal.SIGKILL)
+        if self._process is not None:
+            self._process.signal_group(signal.SIGKILL)
         if self._current is not None:
             self._current.send.close()
         self._tasks.cancel()
@@ -193,31 +191,19 @@ class Kernel:
 
     async def _run(self, command: str, *, batch_mode: bool) -> int:
         launch = self.sandbox.launch(self.work_dir, command, batch_mode=batch_mode)
-        process = await trio.lowlevel.open_process(
-            launch.argv,
-            cwd=launch.cwd,
-            env=launch.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        process = Command(launch)
         self._process = process
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pipe, process.stdout, "stdout")
-                nursery.start_soon(self._pipe, process.stderr, "stderr")
+                for kind, stream in process.streams.items():
+                    nursery.start_soon(self._pipe, stream, kind)
             return await process.wait()
         finally:
             self._process = None
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                with trio.CancelScope(shield=True):
-                    await process.wait()
+            if process.running:
+                await process.kill()
 
-    async def _pipe(self, stream: trio.abc.ReceiveStream | None, kind: str) -> None:
-        if stream is None:
-            return
+    async def _pipe(self, stream: trio.abc.ReceiveStream, kind: str) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         async with stream:
             while chunk := await stream.receive_some(READ_CHUNK):

@@ -22,6 +22,13 @@ with another kernel uid can be reproduced (reference §12).
 Where bubblewrap does not work, `Sandbox.create` refuses to run commands at
 all unless ``--unsafe-no-sandbox`` is given; then commands run directly on
 this host, in the work directory, with the server's privileges.
+
+`Command.start` forks from the event loop's own thread. ``--die-with-parent``
+is a parent-death signal, which Linux sends when the *thread* that forked
+exits: a command started from a worker thread (as ``trio.run_process`` does)
+would be killed when that idle thread retires, ten seconds later. The loop's
+thread lives as long as the server, so a command dies with the server and
+not before.
 """
 
 from __future__ import annotations
@@ -29,9 +36,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+import trio
 
 from ..api.errors import BaifsError
 from .workdir import CONTAINER_WORK_DIR, VFolder
@@ -77,6 +88,60 @@ class Launch:
     argv: list[str]
     cwd: str
     env: dict[str, str]
+
+
+class Command:
+    """A started command: its output streams, and its exit status once it ends."""
+
+    def __init__(self, launch: Launch) -> None:
+        self._popen = subprocess.Popen(
+            launch.argv,
+            cwd=launch.cwd,
+            env=launch.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.pid = self._popen.pid
+        self.streams = {
+            "stdout": self._stream(self._popen.stdout),
+            "stderr": self._stream(self._popen.stderr),
+        }
+        self._pidfd = os.pidfd_open(self.pid)
+
+    @staticmethod
+    def _stream(pipe: IO[bytes] | None) -> trio.lowlevel.FdStream:
+        assert pipe is not None
+        try:
+            return trio.lowlevel.FdStream(os.dup(pipe.fileno()))
+        finally:
+            pipe.close()
+
+    @property
+    def running(self) -> bool:
+        return self._popen.poll() is None
+
+    def signal_group(self, number: int) -> None:
+        """Signal the command's process group, if it still runs."""
+        if self.running:
+            os.killpg(self.pid, number)
+
+    async def wait(self) -> int:
+        try:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            return self._popen.wait()
+        finally:
+            if self._popen.returncode is not None:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    async def kill(self) -> None:
+        """Kill the whole group and reap the command, whatever cancels the caller."""
+        self.signal_group(signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            if self._pidfd >= 0:
+                await self.wait()
 
 
 class Sandbox:
