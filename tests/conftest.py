@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from mounting import Mount, baifs_environment, create_session
+from mounting import Mount, mount_for
 from support import IMAGE, LocalServer, start_server, unique_session_name
 
 from baifs.api.client import Connection, SessionClient
@@ -17,6 +18,32 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     local = start_server(tmp_path_factory.mktemp("server"))
     yield local
     local.stop()
+
+
+#: The container user of the realistic server: the entrypoint's default, not the uploader (root).
+CONTAINER_UID = 9001
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Host directories of two virtual folders, ``data`` and the automount ``.auto``."""
+    base = tmp_path_factory.mktemp("folders")
+    made = {"data": base / "data-store", "auto": base / "auto-store"}
+    for path in made.values():
+        path.mkdir()
+        os.chown(path, CONTAINER_UID, CONTAINER_UID)
+    return made
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path]) -> Iterator[LocalServer]:
+    """A server shaped like a real cluster: runs as uid 9001, uploads as root, folders in /home/work."""
+    extra = ("--container-uid", str(CONTAINER_UID), "--vfolder", f"data={folders['data']}")
+    server = start_server(
+        tmp_path_factory.mktemp("realistic"), extra=(*extra, "--vfolder", f".auto={folders['auto']}")
+    )
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -54,9 +81,7 @@ async def remote(server: LocalServer) -> AsyncIterator[tuple[SessionClient, Path
 @pytest.fixture
 def mount(server: LocalServer, tmp_path: Path) -> Iterator[Mount]:
     """A fresh session mounted at ``tmp_path/mnt`` (not yet started: call ``.start()``)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    mounted = Mount(tmp_path / "mnt", server, create_session(server), home, baifs_environment(server, home))
+    mounted = mount_for(server, tmp_path)
     try:
         yield mounted
     finally:

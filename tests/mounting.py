@@ -71,6 +71,15 @@ def baifs(
     return finished
 
 
+def baifs_run(
+    m: Mount, *words: str, build: str = "", timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-m", "baifs", "run", str(m.path)]
+    if build:
+        argv += ["--build", build]
+    return subprocess.run([*argv, "--", *words], env=m.env, capture_output=True, timeout=timeout)
+
+
 def mounted(path: Path) -> bool:
     """Whether something is mounted at ``path`` (a dead FUSE mount included, which ismount misses)."""
     target = os.path.realpath(path)
@@ -105,7 +114,7 @@ class Mount:
     def log(self) -> Path:
         return self.home / "mount.log"
 
-    def start(self, *extra: str, timeout: float = 30) -> Mount:
+    def start(self, *extra: str, timeout: float = 30, settle: bool = True) -> Mount:
         self.path.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "baifs", "mount", self.session_id, str(self.path), "--foreground"]
         argv += ["--log-level", "debug", "--log-file", str(self.log), *(extra or self.extra)]
@@ -115,12 +124,19 @@ class Mount:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if os.path.ismount(self.path) and (self.path / ".baifs-status").exists():
+                if settle:
+                    self._settle(deadline)
                 return self
             if self.process.poll() is not None:
                 break
             time.sleep(0.05)
         self.stop()
         raise AssertionError(f"the mount did not come up:\n{self.log_text()}")
+
+    def _settle(self, deadline: float) -> None:
+        """Let discovery of the session's profile end, so that request counts start from a quiet mount."""
+        while time.monotonic() < deadline and not self.status()["profile"]["source"]:
+            time.sleep(0.05)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
@@ -175,6 +191,23 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def mount_for(server: LocalServer, directory: Path, session_id: str | None = None) -> Mount:
+    """A mount (not started) of a session (a new one by default) at ``directory/mnt``, with its own home."""
+    home = directory / "home"
+    home.mkdir(exist_ok=True)
+    session_id = session_id or create_session(server)
+    return Mount(directory / "mnt", server, session_id, home, baifs_environment(server, home))
+
+
+def make_tree(source: Path, files: int = 200, size: int = 10 * 1024) -> Path:
+    """``files`` files of ``size`` random bytes in five directories under ``source``."""
+    for index in range(files):
+        directory = source / f"dir{index % 5}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"file{index:03d}.dat").write_bytes(os.urandom(size))
+    return source
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -12,17 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mounting import Mount, delta, needs_fuse
+from mounting import Mount, delta, make_tree, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
 
 
 def test_cp_r_of_200_files_costs_ten_uploads_and_no_run(mount: Mount, tmp_path: Path) -> None:
-    source = tmp_path / "source"
-    for index in range(200):
-        directory = source / f"dir{index % 5}"
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"file{index:03d}.dat").write_bytes(os.urandom(10 * 1024))
+    source = make_tree(tmp_path / "source")
     m = mount.start()
     before = m.counters()
     subprocess.run(["cp", "-r", str(source), str(m.path / "copy")], check=True)
@@ -31,9 +27,8 @@ def test_cp_r_of_200_files_costs_ten_uploads_and_no_run(mount: Mount, tmp_path: 
     assert spent.get("upload", 0) <= 12, spent
     assert spent.get("batch_runs", 0) <= 1, spent
     assert spent.get("upload", 0) == 10 and spent.get("execute", 0) == 0, spent
-    for index in range(200):
-        relative = f"copy/dir{index % 5}/file{index:03d}.dat"
-        assert (m.work / relative).read_bytes() == (source / relative.removeprefix("copy/")).read_bytes()
+    for path in source.rglob("*.dat"):
+        assert (m.work / "copy" / path.relative_to(source)).read_bytes() == path.read_bytes()
 
 
 @pytest.mark.skipif(shutil.which("vim") is None, reason="needs vim")

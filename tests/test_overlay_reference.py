@@ -28,6 +28,7 @@ No FUSE here: the kernel adapter is tested by the mounted tests.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -45,6 +46,7 @@ from baifs.api.client import Connection, RetryPolicy, SessionClient
 from baifs.api.errors import BaifsError
 from baifs.fs.filesystem import Filesystem, FSError, MountOptions
 from baifs.fs.model import Node
+from baifs.fs.profile import PROFILE_FILE, SessionProfile
 from baifs.fs.state import build_filesystem, start_filesystem
 
 NAMES = ["a", "b", "d", "we ird'$(x)"]
@@ -292,6 +294,13 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return found
 
 
+def seed_plain_profile(state: Path) -> None:
+    """The profile of the test server's sessions, as discovery would learn it (no run per example)."""
+    state.mkdir(parents=True, exist_ok=True)
+    profile = SessionProfile(uploads_owned=True, container_uid=os.getuid(), source="discovered")
+    (state / PROFILE_FILE).write_text(json.dumps(profile.as_dict()))
+
+
 @dataclass
 class Mount:
     """A `Filesystem` with its own state and cache directories, like one daemon's life."""
@@ -301,6 +310,7 @@ class Mount:
 
     @classmethod
     async def start(cls, nursery: trio.Nursery, session: SessionClient, state: Path, cache: Path) -> Mount:
+        seed_plain_profile(state)
         fs = build_filesystem(session, state, cache, MountOptions(write_back=3600, dir_ttl=3600))
         scope = trio.CancelScope()
 

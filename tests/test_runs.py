@@ -11,19 +11,10 @@ import sys
 import time
 
 import pytest
-from mounting import Mount, needs_fuse
+from mounting import Mount, baifs_run, needs_fuse
 from support import signed_request
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(120)]
-
-
-def baifs_run(
-    m: Mount, *words: str, build: str = "", timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    argv = [sys.executable, "-m", "baifs", "run", str(m.path)]
-    if build:
-        argv += ["--build", build]
-    return subprocess.run([*argv, "--", *words], env=m.env, capture_output=True, timeout=timeout)
 
 
 def status(m: Mount, number: int | str) -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import open_session
+from conftest import CONTAINER_UID, open_session
 from support import LocalServer, run_batch, start_server, unique_session_name
 
 from baifs.api.archive import single_member
@@ -21,33 +21,6 @@ from baifs.api.client import SessionClient, UploadFile
 from baifs.api.errors import APIError
 
 pytestmark = pytest.mark.timeout(120)
-CONTAINER_UID = 9001
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("folders")
-    made = {"data": base / "data-store", "auto": base / "auto-store"}
-    for path in made.values():
-        path.mkdir()
-        os.chown(path, CONTAINER_UID, CONTAINER_UID)
-    (made["data"] / "inside.txt").write_text("in the folder\n")
-    return made
-
-
-@pytest.fixture(scope="module")
-def realistic(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path]) -> Iterator[LocalServer]:
-    extra = (
-        "--container-uid",
-        str(CONTAINER_UID),
-        "--vfolder",
-        f"data={folders['data']}",
-        "--vfolder",
-        f".auto={folders['auto']}",
-    )
-    server = start_server(tmp_path_factory.mktemp("realistic"), extra=extra)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -81,6 +54,7 @@ async def test_uploads_into_a_folder_vanish_but_listings_and_downloads_see_the_f
     session: tuple[SessionClient, Path], folders: dict[str, Path]
 ) -> None:
     client, work = session
+    (folders["data"] / "inside.txt").write_text("in the folder\n")
     assert {"data", ".auto"} <= {entry.name for entry in await client.list_dir("")}, "mount points exist"
     await client.upload([UploadFile.of("data/hidden.txt", b"uploaded into a folder\n")], verify=False)
     assert (work / "data" / "hidden.txt").exists(), "the upload lands in the scratch directory underneath"

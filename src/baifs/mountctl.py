@@ -202,6 +202,25 @@ def _reaped(pid: int, patience: float) -> None:
         time.sleep(0.05)
 
 
+def _profile(profile: dict[str, Any]) -> str:
+    """What the mount learnt of the session: folders, upload ownership, the agent's behaviour."""
+    if not profile.get("source"):
+        return "not known yet (discovery waits for the session; uploads are verified meanwhile)"
+    folders = ", ".join(profile["folders"]) or "none"
+    if profile["folders"] and profile.get("folders_from"):
+        folders += f" (from {profile['folders_from']})"
+    owned: dict[bool | None, str] = {
+        True: "the container user",
+        False: "another user: the mount's files are placed by runs",
+        None: "an unknown user",
+    }
+    return (
+        f"virtual folders: {folders}; uploads belong to {owned[profile.get('uploads_owned')]}"
+        f" (container uid {profile.get('container_uid')}); agent phases: {profile.get('phase_behaviour')}; "
+        f"upload names: {profile.get('upload_names')}; learnt from {profile['source']}"
+    )
+
+
 def format_status(document: dict[str, Any]) -> str:
     """``baifs status`` for a person: what is pending, what the mount did, what went wrong."""
     pending, cache = document["pending"], document["cache"]
@@ -212,6 +231,7 @@ def format_status(document: dict[str, Any]) -> str:
         f"mountpoint  {document['mountpoint']} (daemon pid {document['pid']})",
         f"log         {document.get('log') or 'standard error of the daemon'}",
         f"remote      {_remote_state(remote)}",
+        f"profile     {_profile(document.get('profile') or {})}",
         f"pending     {pending['uploads']} upload(s), {pending['upload_bytes']:,} bytes; "
         f"{pending['namespace_changes']} namespace change(s)",
     ]

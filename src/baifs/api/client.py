@@ -70,6 +70,7 @@ from .errors import (
     ServerError,
     SessionNotFound,
     SessionTerminated,
+    UploadNotApplied,
 )
 from .listing import RemoteEntry, parse_listing
 
@@ -522,13 +523,15 @@ class SessionClient:
         parallel: int = 4,
         memory: int = UPLOAD_MEMORY_BYTES,
         on_batch: Callable[[Sequence[UploadFile]], None] | None = None,
+        verify: bool = False,
     ) -> dict[str, list[RemoteEntry]]:
         """Upload any number of files in batches of 20, ``parallel`` requests at a time.
 
         At most ``memory`` bytes of content are read into memory at once.
         ``on_batch`` is called after each batch is sent. Where a 204 does not
-        prove a write, every directory written to is listed once at the end
-        (see `upload`); returns those listings. The first batch that fails
+        prove a write, or ``verify`` asks for it, every directory written to
+        is listed once at the end (`UploadNotApplied` names what did not
+        arrive); returns those listings. The first batch that fails
         stops the others and is raised as it is.
         """
         for item in files:
@@ -548,7 +551,7 @@ class SessionClient:
             return send
 
         await gather(map(sender, batches), limit=parallel)
-        if not files or not self.connection.swallows_upload_errors:
+        if not files or not (verify or self.connection.swallows_upload_errors):
             return {}
         return await self._verify_upload(sent)
 
@@ -587,6 +590,11 @@ class SessionClient:
                 buffer.close()
         return sent
 
+    @property
+    def absolute_upload_names(self) -> bool:
+        """Whether this agent wants upload names absolute under /home/work (learnt from its refusal)."""
+        return self._absolute_upload_names
+
     def _upload_name(self, name: str) -> str:
         return f"{WORK_DIR}/{name}" if self._absolute_upload_names else name
 
@@ -604,17 +612,14 @@ class SessionClient:
             return verify
 
         await gather(map(verifier, by_parent), limit=4)
-        for parent, expected in by_parent.items():
-            sizes = {entry.name: entry.size for entry in listings[parent] if entry.is_regular}
-            wrong = sorted(name for name, size in expected.items() if sizes.get(name) != size)
-            if wrong:
-                shown = ", ".join(repr(f"{parent}/{name}".lstrip("/")) for name in wrong[:5])
-                raise ServerError(
-                    502,
-                    title="Upload not applied",
-                    msg=f"the server accepted the upload but {shown} did not arrive",
-                    endpoint="upload",
-                )
+        missing = [
+            f"{parent}/{name}".lstrip("/")
+            for parent, expected in by_parent.items()
+            for name, size in sorted(expected.items())
+            if {e.name: e.size for e in listings[parent] if e.is_regular}.get(name) != size
+        ]
+        if missing:
+            raise UploadNotApplied(missing)
         return listings
 
     async def download(self, paths: Sequence[str]) -> list[memoryview]:

@@ -77,6 +77,21 @@ class ServerError(APIError):
     """5xx: the manager or the agent failed."""
 
 
+class UploadNotApplied(ServerError):
+    """The upload was answered with success, but a listing shows some files did not arrive."""
+
+    def __init__(self, paths: list[str], *, endpoint: str = "upload") -> None:
+        shown = ", ".join(repr(path) for path in paths[:5])
+        super().__init__(
+            502,
+            title="Upload not applied",
+            msg=f"the server accepted the upload but {shown} did not arrive",
+            endpoint=endpoint,
+        )
+        #: the paths (relative to /home/work) that did not arrive.
+        self.paths = paths
+
+
 class SessionTerminated(SessionNotFound):
     """The session is gone for good (confirmed by a second request); nothing more is sent to it."""
 

@@ -241,6 +241,11 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
         },
         "recovered_changes": stats.recovered_changes,
         "phase_behaviour": fs.executor.phase_behaviour,
+        "profile": {
+            **fs.sync.profile.as_dict(),
+            "phase_behaviour": fs.executor.phase_behaviour,
+            "upload_names": "absolute" if fs.session.absolute_upload_names else "relative",
+        },
     }
 
 

@@ -55,6 +55,7 @@ from .fetch import Fetcher, StaleContent
 from .flush import REMOTE_TMP
 from .journal import Journal, encode_path
 from .model import ROOT_INODE, Namespace, Node, join
+from .profile import ProfileKeeper
 from .sync import SyncEngine
 from .watchdog import Watchdog
 
@@ -125,6 +126,7 @@ class Filesystem:
         store: ContentStore,
         journal: Journal,
         options: MountOptions,
+        profiles: ProfileKeeper,
     ) -> None:
         self.session = session
         self.executor = executor
@@ -140,6 +142,7 @@ class Filesystem:
             store,
             journal,
             self.fetcher,
+            profiles,
             write_back=options.write_back,
             on_vanished=self._vanished,
             expire_listings=self.expire_listings,

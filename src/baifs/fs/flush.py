@@ -19,10 +19,20 @@ in phases, so that any combination of renames, replacements and deletions
    flush moves it on).
 
 An upload goes straight to its final name only when that name is plain
-printable UTF-8 (no ``"``, ``\\``, ``%``), the file fits one upload, and the
-script does not touch the name or any of its ancestors. Otherwise it is
-uploaded under a temporary name (in parts when large) and the script moves
-(and assembles) it into place, replacing the target atomically.
+printable UTF-8 (no ``"``, ``\\``, ``%``), the file fits one upload, the
+script does not touch the name or any of its ancestors, and the session's
+profile allows it (`profile.SessionProfile.direct_upload`: not inside a
+virtual folder; where uploads are foreign to the container user, only over
+an existing file). Otherwise it is uploaded under a temporary name in
+``.baifs-tmp`` (in parts when large) and the script moves (and assembles) it
+into place, replacing the target atomically. Into a virtual folder (another
+file system) or where uploads are foreign, the script instead copies it to a
+temporary name beside the target and renames that over the target: a reader
+in the session sees the old file or the new one, and the file belongs to the
+container user. Content uploaded to ``.baifs-tmp`` is named
+``<token>.<name>``, flat, so that runs can remove it even where uploads
+belong to another user; what the script itself makes there goes into
+``<token>/``.
 
 Coalescing that falls out of the planning: a doomed remote regular file that
 an upload replaces is not removed (the upload overwrites it in place); a new
@@ -50,12 +60,13 @@ from ..api.client import MAX_UPLOAD_BYTES
 from ..api.listing import RemoteEntry
 from .content import ContentStore
 from .model import Namespace, Node, depth, is_ancestor_or_self, join
+from .profile import SessionProfile
 from .shell import ShellScript, StepResults
 
 REMOTE_TMP = b".baifs-tmp"
 #: Longer scripts travel as a file with the uploads instead of on the command line.
 INLINE_SCRIPT_MAX = 96 * 1024
-SCRIPT_NAME = b"flush.sh"
+SCRIPT_SUFFIX = b".sh"
 REPORT_NAME = b"report"
 #: Modes an upload or a ``mkdir`` gives new objects (the agent's umask 022).
 DEFAULT_FILE_MODE = stat.S_IFREG | 0o644
@@ -147,10 +158,16 @@ class FlushPlan:
     litter: list[bytes] = field(default_factory=list)
     #: the script, when the plan needs one (rendered by `script`).
     shell: ShellScript | None = None
+    profile: SessionProfile = field(default_factory=SessionProfile)
 
     @property
     def tmp(self) -> bytes:
+        """The directory of what the script makes (parked objects, its report)."""
         return join(REMOTE_TMP, self.token)
+
+    def staged(self, name: bytes) -> bytes:
+        """Where uploaded content waits for the script: flat in ``.baifs-tmp``, named by the token."""
+        return self.tmp + b"." + name
 
     @property
     def needs_script(self) -> bool:
@@ -187,7 +204,7 @@ class FlushPlan:
         if self.shell is None:
             return None
         if self.moves or len(self.shell.render().encode()) > INLINE_SCRIPT_MAX:
-            return join(self.tmp, SCRIPT_NAME)
+            return self.staged(SCRIPT_SUFFIX[1:])
         return None
 
     @property
@@ -223,9 +240,12 @@ def _script_paths(namespace: Namespace, doomed: Collection[bytes]) -> tuple[set[
     return sources, {n.path for n in moved}
 
 
-def _direct_ok(path: bytes, size: int, sources: set[bytes], targets: set[bytes]) -> bool:
+def _direct_ok(
+    path: bytes, size: int, sources: set[bytes], targets: set[bytes], profile: SessionProfile, overwrite: bool
+) -> bool:
     return (
-        upload_safe(path)
+        profile.direct_upload(path, overwrite=overwrite)
+        and upload_safe(path)
         and size <= MAX_UPLOAD_BYTES
         and not any(is_ancestor_or_self(p, path) for p in sources)
         and not any(is_ancestor_or_self(p, path) for p in targets)
@@ -259,7 +279,9 @@ def _upload_directly(
     """
     path = node.path
     overwritten = _overwritten(doomed, path)
-    if not _direct_ok(path, node.size, sources - ({path} if overwritten is not None else set()), targets):
+    overwrite = overwritten is not None or (node.origin == path and not _fresh(node))
+    allowed = sources - ({path} if overwritten is not None else set())
+    if not _direct_ok(path, node.size, allowed, targets, flush_plan.profile, overwrite):
         return None
     upload = _new_upload(node)
     if overwritten is not None:
@@ -289,9 +311,9 @@ def _planned_doomed(namespace: Namespace, nodes: Collection[Node]) -> dict[bytes
     return doomed
 
 
-def plan_uploads(namespace: Namespace, scope: Collection[Node]) -> FlushPlan:
+def plan_uploads(namespace: Namespace, scope: Collection[Node], profile: SessionProfile) -> FlushPlan:
     """A plan of only those uploads among ``scope`` that need no script."""
-    flush_plan = FlushPlan(secrets.token_hex(6).encode())
+    flush_plan = FlushPlan(secrets.token_hex(6).encode(), profile=profile)
     doomed = _planned_doomed(namespace, scope)
     sources, targets = _script_paths(namespace, doomed)
     for node in sorted(scope, key=lambda n: depth(n.path)):
@@ -302,9 +324,15 @@ def plan_uploads(namespace: Namespace, scope: Collection[Node]) -> FlushPlan:
     return flush_plan
 
 
-def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collection[bytes] = ()) -> FlushPlan:
+def plan(
+    namespace: Namespace,
+    profile: SessionProfile,
+    *,
+    defer: Collection[Node] = (),
+    litter: Collection[bytes] = (),
+) -> FlushPlan:
     """Read the whole overlay (but the nodes in ``defer``) into a plan; the namespace is not changed."""
-    flush_plan = FlushPlan(secrets.token_hex(6).encode(), litter=list(litter))
+    flush_plan = FlushPlan(secrets.token_hex(6).encode(), litter=list(litter), profile=profile)
     nodes = sorted(
         (n for n in namespace.pending if n.attached and n not in defer), key=lambda n: depth(n.path)
     )
@@ -315,7 +343,8 @@ def plan(namespace: Namespace, *, defer: Collection[Node] = (), litter: Collecti
         upload = _upload_directly(flush_plan, node, doomed, sources, targets)
         if upload is None:
             upload = _new_upload(node)
-            upload.target = join(flush_plan.tmp, f"u{len(flush_plan.uploads)}".encode())
+            upload.remote_mode = DEFAULT_FILE_MODE  # placed: a new file replaces the old one
+            upload.target = flush_plan.staged(f"u{len(flush_plan.uploads)}".encode())
             if node.size > MAX_UPLOAD_BYTES:
                 count = -(-node.size // MAX_UPLOAD_BYTES)
                 upload.parts = [upload.target + f".{index:06d}".encode() for index in range(count)]
@@ -362,10 +391,11 @@ def script(flush_plan: FlushPlan) -> ShellScript:
     """The one shell script of a flush (see the module docstring for the phases); numbers its steps."""
     shell = ShellScript()
     tmp = shell.word(flush_plan.tmp)
-    uses_tmp = bool(flush_plan.moves) or any(not u.direct for u in flush_plan.uploads)
+    profile = flush_plan.profile
     for path in flush_plan.litter:
-        shell.raw(f"rm -rf -- {shell.word(path)}")
-    if uses_tmp:
+        litter = shell.word(path)
+        shell.raw(f"rm -rf -- {litter} {litter}.*")
+    if flush_plan.moves:
         shell.raw(f"mkdir -p -- {tmp}")
     if flush_plan.moves:
         shell.report_to = shell.word(flush_plan.report_file)
@@ -382,7 +412,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
                 needs=source,
             )
     for upload in flush_plan.uploads:
-        if upload.parts:
+        if upload.parts and not profile.copy_placement(upload.path):
             parts = shell.word(upload.target) + ".*"
             assembled = shell.word(upload.target)
             upload.assemble_step = shell.step(
@@ -404,13 +434,30 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             move.place_step = place(move.parked, move.path, f"move to {remote_name(move.path)}", True)
 
         placements.append((move.path, place_move))
-    for upload in flush_plan.uploads:
+
+    def copy_into_place(upload: Upload, index: int) -> int:
+        """Copy staged content beside the target, then rename it over: atomic, and the runner's own."""
+        target = shell.word(upload.path)
+        parent = upload.path.rpartition(b"/")[0]
+        beside = shell.word(join(parent, b".baifs-" + flush_plan.token + f"-u{index}".encode()))
+        sources = shell.word(upload.target) + (".*" if upload.parts else "")
+        command = (
+            f"if [ -d {target} ] && [ ! -L {target} ]; then echo 'a directory is in the way' >&2; false; "
+            f"elif cat -- {sources} > {beside} && mv -f -- {beside} {target}; then true; "
+            f"else rm -f -- {beside}; false; fi"
+        )
+        return shell.step(command, f"place {remote_name(upload.path)}")
+
+    for index, upload in enumerate(flush_plan.uploads):
         if not upload.direct:
 
-            def place_upload(upload: Upload = upload) -> None:
-                upload.place_step = place(
-                    upload.target, upload.path, f"place {remote_name(upload.path)}", False
-                )
+            def place_upload(upload: Upload = upload, index: int = index) -> None:
+                if profile.copy_placement(upload.path):
+                    upload.place_step = copy_into_place(upload, index)
+                else:
+                    upload.place_step = place(
+                        upload.target, upload.path, f"place {remote_name(upload.path)}", False
+                    )
 
             placements.append((upload.path, place_upload))
     for creation in flush_plan.creations:
@@ -448,8 +495,9 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             f"set the mtime of {remote_name(change.path)}",
             needs=target,
         )
-    shell.raw(f'if [ "$failed" = 0 ]; then rm -rf -- {tmp}; fi')
-    shell.raw(f"rmdir -- {shell.word(REMOTE_TMP)} 2>/dev/null")
+    shell.raw(f'if [ "$failed" = 0 ]; then rm -rf -- {tmp} {tmp}.*; fi')
+    if not profile.keeps_staging_dir:
+        shell.raw(f"rmdir -- {shell.word(REMOTE_TMP)} 2>/dev/null")
     return shell
 
 

@@ -9,6 +9,7 @@ session's container id):
     journal.jsonl    the pending changes (`journal`)
     staging/         their content (`content`)
     current-run      the id of a batch run not yet concluded (`RunMarker`)
+    profile.json     what discovery learnt of the session (`profile`)
     runs/            the records of runs started from the mount (`runs`)
 
 `build_filesystem` assembles a `Filesystem` with its store, journal and
@@ -44,6 +45,7 @@ from ..api.errors import BaifsError, LocalStateError
 from .content import ContentStore
 from .filesystem import Filesystem, MountOptions
 from .journal import Journal
+from .profile import ProfileKeeper
 from .recovery import recover
 
 log = logging.getLogger(__name__)
@@ -179,12 +181,20 @@ def build_filesystem(session: SessionClient, state: Path, cache: Path, options: 
     if left is not None:
         log.info("run %s was left going by an earlier process; it is concluded before the next run", left)
         executor.adopt(left)
-    return Filesystem(session, executor, store, Journal(state), options)
+    return Filesystem(session, executor, store, Journal(state), options, ProfileKeeper(state))
 
 
 async def start_filesystem(filesystem: Filesystem, nursery: trio.Nursery) -> int:
-    """Replay the journal, then start the background work; the number of changes recovered."""
+    """Replay the journal, then start the background work; the number of changes recovered.
+
+    A session's folders and container user are fixed when it is created, so
+    a profile discovered once serves every later mount of the session;
+    otherwise discovery starts here, in the background.
+    """
     recovered = await recover(filesystem)
     await nursery.start(filesystem.executor.run_background)
     await nursery.start(filesystem.run_background)
+    profiles = filesystem.sync.profiles
+    if not profiles.profile.known:
+        nursery.start_soon(profiles.keep_discovering, filesystem.session, filesystem.executor)
     return recovered

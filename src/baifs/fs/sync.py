@@ -55,13 +55,14 @@ import trio
 from ..api.archive import single_member
 from ..api.batch import BatchExecutor, BatchSteps
 from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
-from ..api.errors import BaifsError, RemotePathError, SessionBusy, SessionTerminated
+from ..api.errors import BaifsError, RemotePathError, SessionBusy, SessionTerminated, UploadNotApplied
 from ..api.listing import RemoteEntry
 from ..concurrency import gather
 from .content import ContentStore
 from .fetch import Fetcher
 from .flush import (
     REMOTE_TMP,
+    SCRIPT_SUFFIX,
     Committer,
     FlushPlan,
     FlushReport,
@@ -71,6 +72,7 @@ from .flush import (
 )
 from .journal import Journal, encode_path, overlay_state
 from .model import Namespace, Node, is_ancestor_or_self
+from .profile import ProfileKeeper, SessionProfile
 from .shell import StepResults
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,7 @@ class SyncEngine:
         store: ContentStore,
         journal: Journal,
         fetcher: Fetcher,
+        profiles: ProfileKeeper,
         *,
         write_back: float,
         on_vanished: Callable[[list[Node]], None],
@@ -146,6 +149,7 @@ class SyncEngine:
         self.store = store
         self.journal = journal
         self.fetcher = fetcher
+        self.profiles = profiles
         self.write_back = write_back
         self.on_vanished = on_vanished
         self.expire_listings = expire_listings
@@ -269,6 +273,7 @@ class SyncEngine:
             return await self.flush_uploads(
                 [n for n in self.namespace.pending if n.dirty and n.write_count == 0], progress
             )
+        await self.profiles.wait()
         with trio.CancelScope() as waiting:
             if stoppable:
                 self._slot_wait = waiting
@@ -286,9 +291,10 @@ class SyncEngine:
         unresolved = self.unresolved
         if unresolved is not None and self.executor.unconcluded_run == unresolved.run_id:
             raise FlushUnresolved("an earlier flush's run is not concluded yet; uploads wait for it")
+        await self.profiles.wait()
         async with self._flush_lock:
             await self._resolve()
-            report = await self._transact(plan_uploads(self.namespace, nodes), progress)
+            report = await self._transact(lambda: plan_uploads(self.namespace, nodes, self.profile), progress)
             report.partial = True
             return report
 
@@ -299,12 +305,15 @@ class SyncEngine:
         async with self._flush_lock:
             await self._resolve()
             open_writers = {n for n in self.namespace.pending if n.write_count > 0}
-            flush_plan = plan(
-                self.namespace,
-                defer=open_writers if skip_open_writers else (),
-                litter=self._litter(),
+            return await self._transact(
+                lambda: plan(
+                    self.namespace,
+                    self.profile,
+                    defer=open_writers if skip_open_writers else (),
+                    litter=self._litter(),
+                ),
+                progress,
             )
-            return await self._transact(flush_plan, progress)
 
     async def flush_all(
         self, progress: ProgressCallback | None = None, *, slot_timeout: float = math.inf
@@ -325,7 +334,8 @@ class SyncEngine:
         """Return once this file (and what it depends on) is on the session."""
         if not node.attached or node not in self.namespace.pending:
             return
-        flush_plan = plan_uploads(self.namespace, [node])
+        await self.profiles.wait()
+        flush_plan = plan_uploads(self.namespace, [node], self.profile)
         if flush_plan.uploaded(node):
             await self.flush_uploads([node])
         if node not in self.namespace.pending:
@@ -357,7 +367,23 @@ class SyncEngine:
 
     # -- the transaction ----------------------------------------------------
 
-    async def _transact(self, flush_plan: FlushPlan, progress: ProgressCallback | None) -> FlushReport:
+    @property
+    def profile(self) -> SessionProfile:
+        return self.profiles.profile
+
+    async def _transact(
+        self, planner: Callable[[], FlushPlan], progress: ProgressCallback | None
+    ) -> FlushReport:
+        """Plan, then carry the plan out; planned once more if uploads showed a folder not known."""
+        try:
+            return await self._carry_out(planner(), progress)
+        except UploadNotApplied as error:
+            vanished = [name.encode("utf-8", "surrogateescape") for name in error.paths]
+            if self.profile.known or not self.profiles.learn_from_vanished(vanished):
+                raise
+        return await self._carry_out(planner(), progress)
+
+    async def _carry_out(self, flush_plan: FlushPlan, progress: ProgressCallback | None) -> FlushReport:
         """Upload, run the script (in the slot the caller holds), commit what the session confirmed."""
         report = FlushReport()
         if flush_plan.empty:
@@ -414,7 +440,10 @@ class SyncEngine:
 
         try:
             with self.store.holding(flush_plan.stages):  # rm during the upload waits for it
-                listings = await self.session.upload_all(files, on_batch=on_batch)
+                # Without a known profile, a listing shows uploads that vanished into a folder.
+                listings = await self.session.upload_all(
+                    files, on_batch=on_batch, verify=not self.profile.known
+                )
         except BaseException:
             self.committer.uncertain_uploads(flush_plan)
             if flush_plan.uses_tmp:
@@ -529,10 +558,10 @@ class SyncEngine:
     async def _lost_outcome(self, unresolved: Unresolved) -> StepResults:
         """What an unresolved script did: its report file if it has one, else the output that arrived.
 
-        A script that runs from a file (one that moves objects) had its
-        directory in the session before it started, and removes it only
-        when every step succeeded: no directory means all done; otherwise the
-        report beside the script lists the steps that happened.
+        A script that runs from a file (one that moves objects) was in the
+        session before it started, and removes itself only when every step
+        succeeded: no script file means all done; otherwise the report in its
+        directory lists the steps that happened.
         """
         flush_plan = unresolved.plan
         assert flush_plan.shell is not None
@@ -546,7 +575,7 @@ class SyncEngine:
             if error.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise
             names = set()
-        if remote_name(flush_plan.token) not in names:
+        if remote_name(flush_plan.token + SCRIPT_SUFFIX) not in names:
             return StepResults.all_ok(descriptions)
         try:
             archives = await self.session.download([remote_name(flush_plan.report_file)])
