@@ -460,3 +460,47 @@ def test_with_the_server_down_a_stale_listing_still_serves_create_and_stat(fault
     faulty.server.restart()
     m.sync()
     assert (m.work / "d" / "created.txt").read_text() == "made offline\n"
+
+
+# -- 5. the inbox of the mount's own run ---------------------------------------
+
+
+def test_faults_between_the_mount_and_its_runs_supervisor_lose_nothing(faulty: Faulty) -> None:
+    m = faulty.mount.start("--write-back", "0.3")
+    (m.path / "keep").mkdir()
+    for index in range(10):
+        (m.path / "keep" / f"f{index}").write_text(f"{index}\n")
+    m.sync()
+    argv = ["run", str(m.path), "--", "echo begin; sleep 25; echo done"]
+    runner = in_background(lambda: baifs(*argv, env=m.env, timeout=120))
+    wait_for(lambda: (m.path / ".runs" / "1").exists(), 20, "the run to start")
+    time.sleep(1)
+    faulty.proxy.set(
+        *(
+            {
+                "endpoint": endpoint,
+                "fault": fault,
+                "rate": 0.25,
+                **({"status": 503} if fault == "status" else {}),
+            }
+            for endpoint in ("upload", "list", "download")
+            for fault in ("status", "reset_before", "reset_after")
+        ),
+        seed=11,
+    )
+    os.rename(m.path / "keep", m.path / "kept")
+    os.unlink(m.path / "kept" / "f3")
+    (m.path / "kept" / "sub").mkdir()
+    big = os.urandom(2 * 1024 * 1024 + 3)
+    (m.path / "kept" / "sub" / "big.bin").write_bytes(big)
+    time.sleep(6)
+    assert m.alive, m.log_text()
+    faulty.proxy.clear()
+    m.sync()
+    assert json.loads((m.path / ".runs" / "1" / "status").read_text())["state"] == "running"
+    assert not (m.work / "keep").exists() and not (m.work / "kept" / "f3").exists()
+    assert (m.work / "kept" / "sub" / "big.bin").read_bytes() == big
+    assert sorted(os.listdir(m.work / "kept")) == sorted([f"f{i}" for i in range(10) if i != 3] + ["sub"])
+    runner.join(60)
+    assert (m.path / ".runs" / "1" / "output").read_text() == "begin\ndone\n"
+    assert sum(faulty.proxy.state()["injected"].values()) >= 3

@@ -23,6 +23,7 @@ import pytest
 from conftest import CONTAINER_UID
 from mounting import (
     Mount,
+    baifs,
     baifs_run,
     create_session,
     delta,
@@ -32,6 +33,8 @@ from mounting import (
     wait_for,
 )
 from support import LocalServer, signed_request
+
+from baifs.mountctl import UNANSWERED_SECONDS
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
 
@@ -201,12 +204,15 @@ def test_while_another_clients_run_blocks_discovery_uploads_show_the_folder(
     realistic: LocalServer, tmp_path: Path, folders: dict[str, Path]
 ) -> None:
     session = create_session(realistic)
-    other = occupy_session(realistic, session, 20)
+    other = occupy_session(realistic, session, 30)
     time.sleep(0.5)
     m = mount_for(realistic, tmp_path, session)
     try:
         m.start(settle=False)
         assert not m.status()["profile"]["source"], "discovery cannot have run yet"
+        time.sleep(UNANSWERED_SECONDS + 1)
+        status = baifs("status", str(m.path), env=m.env).stdout
+        assert "another client's run holds the session" in status and "not known yet" in status, status
         name = f"fallback-{secrets.token_hex(4)}.txt"
         (m.path / "data" / name).write_text("placed after all\n")
         wait_for(lambda: "did not arrive: taking data" in m.log_text(), 30, "an upload to vanish")

@@ -202,6 +202,25 @@ def _reaped(pid: int, patience: float) -> None:
         time.sleep(0.05)
 
 
+#: After this long without a first answer, a run of ours is probably queued behind another client's.
+UNANSWERED_SECONDS = 5
+
+
+def _slot(slot: dict[str, Any]) -> str:
+    """Who holds the session's one execution slot, and what waits for it."""
+    if not slot.get("run"):
+        state = "free"
+    else:
+        state = f"held by {slot.get('purpose') or 'a run'} of this mount for {slot.get('seconds')} s"
+        if slot.get("inbox"):
+            state += " (its supervisor runs the mount's scripts meanwhile)"
+        elif not slot.get("answered") and (slot.get("seconds") or 0) > UNANSWERED_SECONDS:
+            state += ", not started by the session yet: another client's run holds the session"
+    if slot.get("waiting"):
+        state += "; waiting for it: " + ", ".join(slot["waiting"])
+    return state
+
+
 def _profile(profile: dict[str, Any]) -> str:
     """What the mount learnt of the session: folders, upload ownership, the agent's behaviour."""
     if not profile.get("source"):
@@ -232,6 +251,7 @@ def format_status(document: dict[str, Any]) -> str:
         f"log         {document.get('log') or 'standard error of the daemon'}",
         f"remote      {_remote_state(remote)}",
         f"profile     {_profile(document.get('profile') or {})}",
+        f"slot        {_slot(document.get('slot') or {})}",
         f"pending     {pending['uploads']} upload(s), {pending['upload_bytes']:,} bytes; "
         f"{pending['namespace_changes']} namespace change(s)",
     ]

@@ -54,7 +54,7 @@ import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -96,6 +96,12 @@ class BatchSteps:
         return "\n".join(lines) if lines else "true"
 
 
+class ComposedSteps(Protocol):
+    """What a run sends: one script for the ``clean`` slot (`BatchSteps`, or steps wrapped around them)."""
+
+    def script(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class BatchOutcome:
     run_id: str
@@ -132,6 +138,12 @@ class BatchExecutor:
         self._nursery: trio.Nursery | None = None
         #: set once the last run's trailing markers are read (runs concluded in the background).
         self._concluding: trio.Event | None = None
+        #: what the current run is for ("run 3", "a flush", ...), since when, and whether it answered.
+        self.purpose = ""
+        self.started_at: float | None = None
+        self.answered = False
+        #: tasks waiting for the execution slot, and for what.
+        self.waiting: list[str] = []
 
     @property
     def current_run_id(self) -> str | None:
@@ -150,8 +162,21 @@ class BatchExecutor:
         """A run an earlier process left going: it is concluded before the next run starts."""
         self._unconcluded = run_id
 
+    def slot_state(self) -> dict[str, Any]:
+        """Who holds the execution slot and who waits for it, for ``baifs status``."""
+        holder = self._current_run or self._unconcluded
+        return {
+            "run": holder,
+            "purpose": self.purpose if holder else "",
+            "seconds": None
+            if self.started_at is None or not holder
+            else round(trio.current_time() - self.started_at, 1),
+            "answered": self.answered,
+            "waiting": list(self.waiting),
+        }
+
     @asynccontextmanager
-    async def slot(self, queue_timeout: float = math.inf) -> AsyncIterator[None]:
+    async def slot(self, queue_timeout: float = math.inf, purpose: str = "") -> AsyncIterator[None]:
         """Hold the session's one execution slot; `SessionBusy` after ``queue_timeout``.
 
         A run left unconcluded is concluded first, within the same wait. A
@@ -160,6 +185,7 @@ class BatchExecutor:
         and starts runs with `run_held`.
         """
         acquired = ready = False
+        self.waiting.append(purpose or "a run")
         try:
             with trio.move_on_after(queue_timeout):
                 await self._lock.acquire()
@@ -173,6 +199,8 @@ class BatchExecutor:
             if acquired:
                 self._lock.release()
             raise
+        finally:
+            self.waiting.remove(purpose or "a run")
         if not ready:
             if acquired:
                 self._lock.release()
@@ -185,18 +213,24 @@ class BatchExecutor:
 
     async def run(
         self,
-        steps: BatchSteps,
+        steps: ComposedSteps,
         on_console: ConsoleSink | None = None,
         run_id: str | None = None,
         *,
         queue_timeout: float = math.inf,
+        purpose: str = "",
     ) -> BatchOutcome:
         """Run ``steps`` after earlier runs; `SessionBusy` if that takes over ``queue_timeout``."""
-        async with self.slot(queue_timeout):
-            return await self.run_held(steps, on_console, run_id)
+        async with self.slot(queue_timeout, purpose):
+            return await self.run_held(steps, on_console, run_id, purpose=purpose)
 
     async def run_held(
-        self, steps: BatchSteps, on_console: ConsoleSink | None = None, run_id: str | None = None
+        self,
+        steps: ComposedSteps,
+        on_console: ConsoleSink | None = None,
+        run_id: str | None = None,
+        *,
+        purpose: str = "",
     ) -> BatchOutcome:
         """Run ``steps`` in the slot the calling task already holds (see `slot`)."""
         if not self._lock.locked():
@@ -204,6 +238,7 @@ class BatchExecutor:
         run_id = run_id or secrets.token_hex(16)
         await self._tell(run_id)  # before anything is sent: a full disk stops the run here
         self._current_run = self._unconcluded = run_id
+        self.purpose, self.started_at, self.answered = purpose, trio.current_time(), False
         try:
             return await self._drive(steps, run_id, on_console)
         finally:
@@ -257,6 +292,7 @@ class BatchExecutor:
         """Read a run whose end we missed to its end, so the session takes new runs."""
         log.info("run %s: reading it to its end before the next run", run_id)
         self._current_run = run_id
+        self.purpose, self.started_at = "an earlier run, read to its end", trio.current_time()
         try:
             await self._await_marker(run_id)
         finally:
@@ -313,10 +349,11 @@ class BatchExecutor:
             raise
         return None
 
-    async def _drive(self, steps: BatchSteps, run_id: str, sink: ConsoleSink | None) -> BatchOutcome:
+    async def _drive(self, steps: ComposedSteps, run_id: str, sink: ConsoleSink | None) -> BatchOutcome:
         options = {"clean": steps.script(), "build": None, "exec": None, "buildLog": False}
         log.debug("run %s: starting", run_id)
         result = await self._start(run_id, options)
+        self.answered = True
         if result is None:
             exit_code = await self._await_marker(run_id, sink)
             await self._concluded(run_id)

@@ -225,6 +225,7 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
             "unconcluded_run": fs.executor.unconcluded_run,
             "unresolved_flush": None if unresolved is None else unresolved.run_id,
         },
+        "slot": {**fs.executor.slot_state(), "inbox": fs.supervisor.inbox is not None},
         "cache": {
             "bytes": fs.store.cached_bytes,
             "limit": fs.store.cache_limit,

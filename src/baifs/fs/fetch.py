@@ -6,8 +6,10 @@ to five of them, files someone is waiting for first, then prefetched ones.
 `prefetch` queues files a scan will read next (`filesystem` decides what is
 a scan), so a directory of files costs about one request per five files.
 
-Larger files are read in chunks of `CHUNK_BYTES`, through a run in the
-session that first checks the file's size and mtime against the listing. A
+Larger files are read in chunks of `CHUNK_BYTES`, through a script in the
+session (a run of its own, or a request to the supervisor of the mount's run
+that holds the execution slot: `supervisor`) that first checks the file's
+size and mtime against the listing. A
 single chunk (the first read of a file, or a random access) travels inline,
 base64 in the run's output: one run, nothing left behind. A wider window is
 cut with ``dd`` into parts under ``.baifs-tmp/read-<token>/``, which are then
@@ -34,7 +36,6 @@ from dataclasses import dataclass, field
 import trio
 
 from ..api.archive import single_member
-from ..api.batch import BatchExecutor, BatchSteps
 from ..api.client import MAX_DOWNLOAD_PATHS, SessionClient
 from ..api.errors import BaifsError, ServerError, SessionWedged
 from ..concurrency import gather
@@ -42,6 +43,7 @@ from .content import CHUNK_BYTES, DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
 from .flush import REMOTE_TMP, remote_name
 from .model import Node, join
 from .shell import ShellScript
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,10 @@ class RangeState:
 
 class Fetcher:
     def __init__(
-        self, session: SessionClient, executor: BatchExecutor, store: ContentStore, *, parallel: int = 4
+        self, session: SessionClient, supervisor: Supervisor, store: ContentStore, *, parallel: int = 4
     ) -> None:
         self.session = session
-        self.executor = executor
+        self.supervisor = supervisor
         self.store = store
         self.parallel = parallel
         self._wants: dict[bytes, Want] = {}
@@ -299,8 +301,13 @@ class Fetcher:
     async def _read_chunks(
         self, entry: CacheEntry, indices: list[int], arrived: Callable[[int], None]
     ) -> None:
-        """One chunk travels inline in the run's output; several are cut in the session and downloaded."""
-        if len(indices) == 1:
+        """One chunk travels inline in the run's output; several are cut in the session and downloaded.
+
+        Through a supervised run's inbox output travels as a file, which a
+        chunk in base64 would make larger than a download can carry: parts
+        are always cut then.
+        """
+        if len(indices) == 1 and self.supervisor.available() is None:
             await self._run_read(entry, indices, None, arrived)
             return
         staging = join(REMOTE_TMP, b"read-" + secrets.token_hex(6).encode())
@@ -349,8 +356,8 @@ class Fetcher:
         try:
             for _ in range(RANGE_ATTEMPTS):
                 output.clear()
-                outcome = await self.executor.run(
-                    BatchSteps(exec=shell.render()), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
+                outcome = await self.supervisor.run(
+                    shell.render(), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
                 )
                 if outcome.complete:
                     break

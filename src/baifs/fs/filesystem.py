@@ -56,6 +56,7 @@ from .flush import REMOTE_TMP
 from .journal import Journal, encode_path
 from .model import ROOT_INODE, Namespace, Node, join
 from .profile import ProfileKeeper
+from .supervisor import Supervisor
 from .sync import SyncEngine
 from .watchdog import Watchdog
 
@@ -134,7 +135,8 @@ class Filesystem:
         self.journal = journal
         self.options = options
         self.namespace = Namespace()
-        self.fetcher = Fetcher(session, executor, store)
+        self.supervisor = Supervisor(session, executor)
+        self.fetcher = Fetcher(session, self.supervisor, store)
         self.sync = SyncEngine(
             session,
             executor,
@@ -143,6 +145,7 @@ class Filesystem:
             journal,
             self.fetcher,
             profiles,
+            self.supervisor,
             write_back=options.write_back,
             on_vanished=self._vanished,
             expire_listings=self.expire_listings,

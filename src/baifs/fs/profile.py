@@ -244,7 +244,7 @@ class ProfileKeeper:
             if stream == "stdout":
                 output.append(text)
 
-        outcome = await executor.run(BatchSteps(exec=discovery_script(probe)), collect)
+        outcome = await executor.run(BatchSteps(exec=discovery_script(probe)), collect, purpose="discovery")
         if outcome.exit_code is None:
             raise ProfileUnavailable("the answer of the discovery run was lost")
         discovered = parse_discovery("".join(output))

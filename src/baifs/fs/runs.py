@@ -9,7 +9,8 @@ a time and in order. A run then:
 
 1. flushes everything pending in the mount while holding the slot (the
    barrier: a run sees everything written before it);
-2. runs its steps as one batch execution, appending the console to
+2. runs its steps as one batch execution, wrapped in a supervisor that
+   serves the mount's own scripts while they go (`supervisor`), appending the console to
    ``output`` (both streams in arrival order), ``stdout`` and ``stderr`` as
    it arrives;
 3. ends ``finished`` with its exit code, or ``failed`` with the cause (the
@@ -43,9 +44,10 @@ from typing import IO, Any
 
 import trio
 
-from ..api.batch import BatchSteps
+from ..api.batch import BatchOutcome, BatchSteps
 from ..api.errors import BaifsError
 from .filesystem import Filesystem
+from .supervisor import SupervisedSteps
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +260,7 @@ class RunManager:
     async def _carry_out(self, record: RunRecord) -> None:
         executor = self.fs.executor
         try:
-            async with executor.slot():
+            async with executor.slot(purpose=f"run {record.number}"):
                 record.state, record.started_at = "running", time.time()
                 record.save()
                 try:
@@ -269,7 +271,7 @@ class RunManager:
                     ) from error
                 record.run_id = secrets.token_hex(16)
                 record.save()
-                outcome = await executor.run_held(record.steps, self._sink(record), record.run_id)
+                outcome = await self._supervised(record)
             if not outcome.complete:
                 record.output_note = "an answer from the session was lost on the way: some output is missing"
             if outcome.exit_code is None:
@@ -286,6 +288,24 @@ class RunManager:
                 self.fs.expire_listings()
                 if self.after_run is not None:
                     await self.after_run()
+
+    async def _supervised(self, record: RunRecord) -> BatchOutcome:
+        """The run, with a supervisor that serves the mount's scripts while it goes (`supervisor`)."""
+        supervisor = self.fs.supervisor
+        inbox = supervisor.open()
+        assert record.run_id is not None
+        ended = False
+        try:
+            steps = SupervisedSteps(record.steps, inbox.box)
+            outcome = await self.fs.executor.run_held(
+                steps, self._sink(record), record.run_id, purpose=f"run {record.number}"
+            )
+            ended = True
+            return outcome
+        finally:
+            supervisor.close(inbox, ended=ended)
+            if not ended and self._nursery is not None:
+                self._nursery.start_soon(supervisor.conclude, inbox)
 
     def _sink(self, record: RunRecord) -> Callable[[str, str], Awaitable[None]]:
         async def sink(stream: str, text: str) -> None:
@@ -322,6 +342,8 @@ class RunManager:
             return
         log.info("interrupting run %d", number)
         await self.fs.executor.interrupt()
+        if self._nursery is not None:
+            self._nursery.start_soon(self.fs.supervisor.relay_interrupt, lambda: record.state == "running")
 
     def _prune(self) -> None:
         for number in sorted(self.records)[: -self.keep]:

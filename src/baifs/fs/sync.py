@@ -74,6 +74,7 @@ from .journal import Journal, encode_path, overlay_state
 from .model import Namespace, Node, is_ancestor_or_self
 from .profile import ProfileKeeper, SessionProfile
 from .shell import StepResults
+from .supervisor import Inbox, InboxClosed, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class Unresolved:
     plan: FlushPlan
     run_id: str
     output: dict[str, list[str]] = field(default_factory=lambda: {"stdout": [], "stderr": []})
+    #: the inbox request that carries the script, when a supervised run's inbox does.
+    request: tuple[Inbox, int] | None = None
 
 
 class SyncEngine:
@@ -138,6 +141,7 @@ class SyncEngine:
         journal: Journal,
         fetcher: Fetcher,
         profiles: ProfileKeeper,
+        supervisor: Supervisor,
         *,
         write_back: float,
         on_vanished: Callable[[list[Node]], None],
@@ -150,6 +154,7 @@ class SyncEngine:
         self.journal = journal
         self.fetcher = fetcher
         self.profiles = profiles
+        self.supervisor = supervisor
         self.write_back = write_back
         self.on_vanished = on_vanished
         self.expire_listings = expire_listings
@@ -181,6 +186,7 @@ class SyncEngine:
             self.namespace.pending_changes()
             or self.leftover_tmp
             or self.fetcher.has_litter
+            or self.supervisor.has_litter
             or self.unresolved is not None
         )
 
@@ -263,13 +269,19 @@ class SyncEngine:
     ) -> FlushReport:
         """Push pending changes to the session.
 
-        While a user's run holds the execution slot, a write-back flush
-        (``skip_open_writers``) uploads what needs no script and returns; every
-        other flush waits for the slot (`SessionBusy` after ``slot_timeout``).
-        A ``stoppable`` flush (write-back's) is called off by `stop` while it
-        only waits for the slot.
+        While a run the mount started holds the execution slot, the flush's
+        script goes to that run's supervisor (`supervisor.Inbox`). While
+        another run holds it, a write-back flush (``skip_open_writers``)
+        uploads what needs no script and returns; every other flush waits for
+        the slot (`SessionBusy` after ``slot_timeout``). A ``stoppable`` flush
+        (write-back's) is called off by `stop` while it only waits for the slot.
         """
-        if skip_open_writers and self.executor.busy:
+        inbox = self.supervisor.available()
+        if inbox is not None:
+            report = await self._flush_through(inbox, skip_open_writers, progress)
+            if report is not None:
+                return report
+        elif skip_open_writers and self.executor.busy:
             return await self.flush_uploads(
                 [n for n in self.namespace.pending if n.dirty and n.write_count == 0], progress
             )
@@ -278,7 +290,7 @@ class SyncEngine:
             if stoppable:
                 self._slot_wait = waiting
             try:
-                async with self.executor.slot(slot_timeout):
+                async with self.executor.slot(slot_timeout, "a flush"):
                     self._slot_wait = None
                     return await self.flush_in_slot(skip_open_writers=skip_open_writers, progress=progress)
             finally:
@@ -297,6 +309,28 @@ class SyncEngine:
             report = await self._transact(lambda: plan_uploads(self.namespace, nodes, self.profile), progress)
             report.partial = True
             return report
+
+    async def _flush_through(
+        self, inbox: Inbox, skip_open_writers: bool, progress: ProgressCallback | None
+    ) -> FlushReport | None:
+        """A full flush whose script a going run's supervisor runs; None if the run ended first."""
+        await self.profiles.wait()
+        async with self._flush_lock:
+            await self._resolve()
+            open_writers = {n for n in self.namespace.pending if n.write_count > 0}
+            try:
+                return await self._transact(
+                    lambda: plan(
+                        self.namespace,
+                        self.profile,
+                        defer=open_writers if skip_open_writers else (),
+                        litter=self._litter(),
+                    ),
+                    progress,
+                    inbox,
+                )
+            except InboxClosed:
+                return None  # the script never ran: what it was to do is still pending
 
     async def flush_in_slot(
         self, *, skip_open_writers: bool = False, progress: ProgressCallback | None = None
@@ -356,6 +390,7 @@ class SyncEngine:
     def _litter(self) -> list[bytes]:
         """Scratch directories in the session that nothing refers to any more."""
         self.leftover_tmp.update(self.fetcher.take_litter())
+        self.leftover_tmp.update(self.supervisor.take_litter())
         referenced = [n.origin for n in self.namespace.pending if n.origin is not None]
         free = {
             tmp
@@ -372,18 +407,20 @@ class SyncEngine:
         return self.profiles.profile
 
     async def _transact(
-        self, planner: Callable[[], FlushPlan], progress: ProgressCallback | None
+        self, planner: Callable[[], FlushPlan], progress: ProgressCallback | None, inbox: Inbox | None = None
     ) -> FlushReport:
         """Plan, then carry the plan out; planned once more if uploads showed a folder not known."""
         try:
-            return await self._carry_out(planner(), progress)
+            return await self._carry_out(planner(), progress, inbox)
         except UploadNotApplied as error:
             vanished = [name.encode("utf-8", "surrogateescape") for name in error.paths]
             if self.profile.known or not self.profiles.learn_from_vanished(vanished):
                 raise
-        return await self._carry_out(planner(), progress)
+        return await self._carry_out(planner(), progress, inbox)
 
-    async def _carry_out(self, flush_plan: FlushPlan, progress: ProgressCallback | None) -> FlushReport:
+    async def _carry_out(
+        self, flush_plan: FlushPlan, progress: ProgressCallback | None, inbox: Inbox | None
+    ) -> FlushReport:
         """Upload, run the script (in the slot the caller holds), commit what the session confirmed."""
         report = FlushReport()
         if flush_plan.empty:
@@ -392,7 +429,7 @@ class SyncEngine:
             with self.motion.moving():
                 await self._upload(flush_plan, report, progress)
                 if flush_plan.shell is not None:
-                    await self._run_script(flush_plan, report)
+                    await self._run_script(flush_plan, report, inbox)
         except BaseException as error:
             self.leftover_tmp.update(flush_plan.litter)
             if isinstance(error, BaifsError | OSError):
@@ -469,40 +506,20 @@ class SyncEngine:
                 files.append(UploadFile(remote_name(part), length, _reader(stage, offset, length)))
         return files
 
-    async def _run_script(self, flush_plan: FlushPlan, report: FlushReport) -> None:
-        """Run the plan's script in the slot the caller holds, and commit what its report confirms."""
+    async def _run_script(self, flush_plan: FlushPlan, report: FlushReport, inbox: Inbox | None) -> None:
+        """Run the plan's script (in the slot the caller holds, or through ``inbox``), commit what it did."""
         assert flush_plan.shell is not None
         shell = flush_plan.shell
         script_file = flush_plan.script_file
         self.journal.record(
             "script", moves=[[encode_path(m.origin), encode_path(m.parked)] for m in flush_plan.moves]
         )
-        run_id = secrets.token_hex(16)
-        unresolved = Unresolved(flush_plan, run_id)
-
-        async def collect(stream: str, text: str) -> None:
-            unresolved.output.setdefault(stream, []).append(text)
-
         command = shell.render() if script_file is None else f"sh {shlex.quote(remote_name(script_file))}"
-        self.unresolved = unresolved
-        try:
-            outcome = await self.executor.run_held(BatchSteps(exec=command), collect, run_id)
-        except BaseException:
-            if self.executor.unconcluded_run != run_id:
-                self.unresolved = None  # it provably never ran
-                self.committer.commit_script(flush_plan, StepResults.none_ran(shell.descriptions), report)
-                self._leave_tmp(flush_plan, report)
-            raise
-        self.unresolved = None
-        report.script_ran = True
-        stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
-        if outcome.complete:
-            results = StepResults.parse(stdout, stderr, shell.descriptions)
+        if inbox is None:
+            exit_code, stdout, stderr, results = await self._run_in_slot(flush_plan, report, command)
         else:
-            log.warning("run %s: part of the flush's answer was lost; reading what it did", run_id)
-            self.unresolved = unresolved
-            results = await self._lost_outcome(unresolved)
-            self.unresolved = None
+            exit_code, stdout, stderr, results = await self._run_in_inbox(flush_plan, report, command, inbox)
+        report.script_ran = True
         if results.failed:
             detail = stderr.strip().splitlines()[-3:]
             log.error(
@@ -510,11 +527,68 @@ class SyncEngine:
                 len(results.failed),
                 "; ".join(results.failed_descriptions()[:3]),
                 " | ".join(detail),
-                outcome.exit_code,
+                exit_code,
             )
         self.committer.commit_script(flush_plan, results, report)
         self._leave_tmp(flush_plan, report)
         await self._learn_placed(flush_plan, results)
+
+    def _never_ran(self, flush_plan: FlushPlan, report: FlushReport) -> None:
+        assert flush_plan.shell is not None
+        self.unresolved = None
+        self.committer.commit_script(flush_plan, StepResults.none_ran(flush_plan.shell.descriptions), report)
+        self._leave_tmp(flush_plan, report)
+
+    async def _run_in_slot(
+        self, flush_plan: FlushPlan, report: FlushReport, command: str
+    ) -> tuple[int | None, str, str, StepResults]:
+        assert flush_plan.shell is not None
+        run_id = secrets.token_hex(16)
+        unresolved = Unresolved(flush_plan, run_id)
+
+        async def collect(stream: str, text: str) -> None:
+            unresolved.output.setdefault(stream, []).append(text)
+
+        self.unresolved = unresolved
+        try:
+            outcome = await self.executor.run_held(
+                BatchSteps(exec=command), collect, run_id, purpose="a flush"
+            )
+        except BaseException:
+            if self.executor.unconcluded_run != run_id:
+                self._never_ran(flush_plan, report)  # it provably never ran
+            raise
+        self.unresolved = None
+        stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
+        if outcome.complete:
+            return (
+                outcome.exit_code,
+                stdout,
+                stderr,
+                StepResults.parse(stdout, stderr, flush_plan.shell.descriptions),
+            )
+        log.warning("run %s: part of the flush's answer was lost; reading what it did", run_id)
+        self.unresolved = unresolved
+        results = await self._lost_outcome(unresolved)
+        self.unresolved = None
+        return outcome.exit_code, stdout, stderr, results
+
+    async def _run_in_inbox(
+        self, flush_plan: FlushPlan, report: FlushReport, command: str, inbox: Inbox
+    ) -> tuple[int | None, str, str, StepResults]:
+        """The script as a request to a going run's supervisor; unresolved until its results are read."""
+        assert flush_plan.shell is not None
+        number = inbox.reserve(command)
+        self.unresolved = Unresolved(flush_plan, f"{inbox.box.decode()}.{number}", request=(inbox, number))
+        try:
+            await inbox.deliver()
+            result = await inbox.outcome(number)
+        except InboxClosed:
+            self._never_ran(flush_plan, report)
+            raise
+        self.unresolved = None
+        results = StepResults.parse(result.stdout, result.stderr, flush_plan.shell.descriptions)
+        return result.exit_code, result.stdout, result.stderr, results
 
     async def _learn_placed(self, flush_plan: FlushPlan, results: StepResults) -> None:
         """List where the script placed files, so their content is known by (size, mtime) from now on.
@@ -566,6 +640,13 @@ class SyncEngine:
         flush_plan = unresolved.plan
         assert flush_plan.shell is not None
         descriptions = flush_plan.shell.descriptions
+        if unresolved.request is not None:
+            inbox, number = unresolved.request
+            try:
+                result = await inbox.outcome(number)
+            except InboxClosed:
+                return StepResults.none_ran(descriptions)
+            return StepResults.parse(result.stdout, result.stderr, descriptions)
         if flush_plan.script_file is None:
             stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
             return StepResults.parse(stdout, stderr, descriptions, complete=False)

@@ -1,0 +1,288 @@
+"""Runs the mount starts carry a supervisor, so the mount's own scripts need not wait for them.
+
+A session runs one execution at a time, and a user's run may hold it for
+hours. Every run the mount starts (``.run``, ``baifs run``) is therefore
+wrapped in a small POSIX ``sh`` supervisor (`supervised_script`):
+
+- the user's steps run in the foreground exactly as they would alone: same
+  working directory, same standard output and error (the supervisor writes
+  nothing to either), same exit code; an interrupt reaches them as it would
+  alone (see `Supervisor.interrupt`);
+- meanwhile a background loop serves an *inbox*: request scripts the mount
+  uploads as ``.baifs-tmp/<box>.req.<n>`` (complete once their last line is
+  ``# baifs-request <n>``), taken strictly in order, each run with ``sh`` and
+  its results written as ``<box>.out.<n>``, ``<box>.err.<n>`` and, last,
+  ``<box>.code.<n>`` (its presence says the request is done);
+- when the steps end, the loop finishes the request it is running, removes
+  requests it has not taken, and only then does the supervisor exit: once the
+  run has ended, a request without a ``code`` file never ran and never will
+  (`InboxClosed`). The results left behind are litter the mount's next
+  script removes, so nothing stays in ``/home/work``.
+
+The mount's side is `Inbox` (one per supervised run) and `Supervisor`, which
+sends a script through the open inbox while the mount's run holds the
+execution slot, and through the slot otherwise (`Supervisor.run`). The sync
+engine sends flush scripts the same way (`sync.SyncEngine.flush`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ..api.archive import single_member
+from ..api.batch import BatchExecutor, BatchOutcome, BatchSteps, ConsoleSink
+from ..api.client import SessionClient, UploadFile
+from ..api.errors import BaifsError, RemotePathError
+from .flush import REMOTE_TMP, remote_name
+from .model import join
+
+log = logging.getLogger(__name__)
+
+#: How often the supervisor looks at its inbox, and the mount at the results (growing to the second).
+LOOP_SLEEP = "0.1"
+POLL_FIRST, POLL_MAX = 0.05, 0.5
+#: How long after an interrupt the mount relays it through the inbox, if the steps still run.
+RELAY_AFTER = 0.5
+
+
+#: A request that interrupts the supervisor's child (the steps), not the inbox loop running it.
+RELAY_INTERRUPT = """for entry in /proc/[0-9]*; do
+  parent=$(sed -n 's/^PPid:[[:space:]]*//p' "$entry/status" 2>/dev/null)
+  [ "$parent" = "$BAIFS_SUPERVISOR" ] && [ "${entry#/proc/}" != "$PPID" ] && kill -INT "${entry#/proc/}"
+done
+true"""
+
+
+class InboxClosed(BaifsError):
+    """The run ended before its supervisor took the request: it never ran, and never will."""
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def supervised_script(steps: BatchSteps, box: bytes) -> str:
+    """The supervisor around ``steps`` (see the module docstring); ``box`` names its inbox files."""
+    prefix = join(REMOTE_TMP, box).decode("ascii")
+    loop = f"""(
+  trap 'stop=1' TERM
+  stop=
+  n=0
+  while :; do
+    request={prefix}.req.$n
+    if [ -f "$request" ] && [ "$(tail -n 1 "$request")" = "# baifs-request $n" ]; then
+      mv -f -- "$request" {prefix}.run.$n
+      BAIFS_SUPERVISOR=$supervisor sh {prefix}.run.$n > {prefix}.out.$n 2> {prefix}.err.$n
+      echo "$?" > {prefix}.code.$n.part
+      mv -f -- {prefix}.code.$n.part {prefix}.code.$n
+      rm -f -- {prefix}.run.$n
+      n=$((n + 1))
+      continue
+    fi
+    [ -n "$stop" ] && break
+    kill -0 "$supervisor" 2>/dev/null || break
+    sleep {LOOP_SLEEP} 2>/dev/null || sleep 1
+  done
+  rm -f -- {prefix}.req.*
+) > /dev/null 2>&1 < /dev/null &"""
+    return "\n".join(
+        [
+            "mkdir -p -- .baifs-tmp 2>/dev/null",
+            "supervisor=$$",
+            loop,
+            "inbox=$!",
+            "trap : INT",
+            "(",
+            steps.script(),
+            ")",
+            "code=$?",
+            'kill -TERM "$inbox" 2>/dev/null',
+            'while kill -0 "$inbox" 2>/dev/null; do wait "$inbox"; done',
+            'exit "$code"',
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class SupervisedSteps:
+    """Steps wrapped in a supervisor, as the executor sends them."""
+
+    steps: BatchSteps
+    box: bytes
+
+    def script(self) -> str:
+        return supervised_script(self.steps, self.box)
+
+
+@dataclass
+class Inbox:
+    """The mount's side of one supervised run's inbox."""
+
+    session: SessionClient
+    box: bytes = field(default_factory=lambda: b"run-" + secrets.token_hex(6).encode())
+    #: set once the run is over (its supervisor has exited).
+    ended: trio.Event = field(default_factory=trio.Event)
+    _next: int = 0
+    #: requests reserved but not known to be in the session yet (sent again, in order, until they are).
+    _unsent: dict[int, str] = field(default_factory=dict)
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+    #: result files already read, for the next script to remove (shared with the `Supervisor`).
+    litter: set[bytes] = field(default_factory=set)
+
+    def _name(self, kind: str, number: int) -> bytes:
+        return join(REMOTE_TMP, self.box + f".{kind}.{number}".encode())
+
+    def reserve(self, script: str) -> int:
+        """Number ``script`` as the next request; `deliver` sends it."""
+        if self.ended.is_set():
+            raise InboxClosed("the run has ended")
+        number, self._next = self._next, self._next + 1
+        self._unsent[number] = script
+        return number
+
+    async def deliver(self) -> None:
+        """Send every reserved request, in order: the supervisor takes none until the one before is in.
+
+        A request whose upload failed stays reserved and goes with the next
+        delivery (sending it twice is harmless: the supervisor takes a number
+        once).
+        """
+        async with self._lock:
+            for number in sorted(self._unsent):
+                body = f"{self._unsent[number].rstrip()}\n# baifs-request {number}\n".encode()
+                name = remote_name(self._name("req", number))
+                await self.session.upload([UploadFile.of(name, body)], verify=False)
+                del self._unsent[number]
+
+    async def request(self, script: str) -> ScriptResult:
+        """Run ``script`` through the inbox; `InboxClosed` if the run ended before it was taken."""
+        number = self.reserve(script)
+        await self.deliver()
+        return await self.outcome(number)
+
+    async def outcome(self, number: int) -> ScriptResult:
+        """The results of request ``number`` once it is done; `InboxClosed` if it never will be."""
+        delay = POLL_FIRST
+        while True:
+            ended = self.ended.is_set()  # before the listing: an end seen now means no later change
+            if number in self._unsent:
+                if ended:
+                    raise InboxClosed(f"the run ended before request {number} reached it")
+                await self.deliver()
+            if remote_name(self._name("code", number)).rpartition("/")[2] in await self._names():
+                return await self._read(number)
+            if ended:
+                raise InboxClosed(f"the run ended before it took request {number}")
+            with trio.move_on_after(delay):
+                await self.ended.wait()
+            delay = min(delay * 2, POLL_MAX)
+
+    async def _names(self) -> set[str]:
+        try:
+            return {entry.name for entry in await self.session.list_dir(remote_name(REMOTE_TMP))}
+        except RemotePathError:
+            return set()
+
+    async def _read(self, number: int) -> ScriptResult:
+        paths = [self._name(kind, number) for kind in ("out", "err", "code")]
+        archives = await self.session.download([remote_name(path) for path in paths])
+        out, err, code = (single_member(archive)[1].decode("utf-8", "replace") for archive in archives)
+        self.litter.update(paths)
+        return ScriptResult(int(code.strip() or "1"), out, err)
+
+
+class Supervisor:
+    """Which supervised run of the mount is going, and the way to the session for the mount's scripts."""
+
+    def __init__(self, session: SessionClient, executor: BatchExecutor) -> None:
+        self.session = session
+        self.executor = executor
+        #: the inbox of the mount's run that holds the execution slot, if one does.
+        self.inbox: Inbox | None = None
+        self._litter: set[bytes] = set()
+
+    def open(self) -> Inbox:
+        inbox = Inbox(self.session, litter=self._litter)
+        self.inbox = inbox
+        return inbox
+
+    def close(self, inbox: Inbox, *, ended: bool) -> None:
+        """No new requests for ``inbox``; ``ended`` once its run is surely over (else see `conclude`)."""
+        if self.inbox is inbox:
+            self.inbox = None
+        if ended:
+            inbox.ended.set()
+
+    async def conclude(self, inbox: Inbox) -> None:
+        """The run's end was not read: it is over once the executor has concluded it (in the slot)."""
+        delay = 1.0
+        while True:
+            try:
+                async with self.executor.slot():
+                    break
+            except BaifsError as error:
+                log.warning("the mount's run is not concluded yet (%s); trying again in %.0f s", error, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+        inbox.ended.set()
+
+    def available(self) -> Inbox | None:
+        """The inbox to send a script to now, if the mount's own run holds the slot."""
+        inbox = self.inbox
+        return inbox if inbox is not None and not inbox.ended.is_set() and self.executor.busy else None
+
+    async def run(self, script: str, sink: ConsoleSink, *, queue_timeout: float) -> BatchOutcome:
+        """Run a script of the mount: through the inbox of a going run, else in the execution slot."""
+        inbox = self.available()
+        if inbox is not None:
+            try:
+                result = await inbox.request(script)
+            except InboxClosed:
+                log.debug("the run ended before it took the script; waiting for the slot instead")
+            else:
+                await sink("stdout", result.stdout)
+                await sink("stderr", result.stderr)
+                return BatchOutcome(f"inbox {inbox.box.decode()}", result.exit_code)
+        return await self.executor.run(
+            BatchSteps(exec=script), sink, queue_timeout=queue_timeout, purpose="a ranged read"
+        )
+
+    async def relay_interrupt(self, still_running: Callable[[], bool]) -> None:
+        """After the session was asked to interrupt the mount's run: through the inbox, if that did not do.
+
+        Agents signal only the shell they started. Without a supervisor that
+        shell has become the user's command by ``exec``; here it is the
+        supervisor, which waits for the steps, so a request signals the
+        supervisor's child instead (the process that ``exec`` made the
+        command), as the agent would have. `baifs serve` signals the whole
+        process group itself, so the relay follows only when the steps still
+        run ``RELAY_AFTER`` seconds later.
+        """
+        inbox = self.inbox
+        if inbox is None:
+            return
+        await trio.sleep(RELAY_AFTER)
+        if still_running() and not inbox.ended.is_set():
+            log.info("relaying the interrupt through the run's supervisor")
+            try:
+                await inbox.request(RELAY_INTERRUPT)
+            except BaifsError as error:
+                log.warning("could not relay the interrupt (%s)", error)
+
+    def take_litter(self) -> list[bytes]:
+        """Result files of requests already read, for the next script to remove."""
+        litter = sorted(self._litter)
+        self._litter.clear()
+        return litter
+
+    @property
+    def has_litter(self) -> bool:
+        return bool(self._litter)

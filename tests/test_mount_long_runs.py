@@ -1,0 +1,91 @@
+"""A long run the mount started holds the execution slot; the mount keeps working beside it.
+
+Namespace changes, large writes and ranged reads need a script in the
+session. While the mount's own run goes they go to its supervisor's inbox:
+each finishes in seconds and is in the session before the run ends, and the
+run's output and exit code are what they would have been.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mounting import Mount, baifs, needs_fuse, wait_for
+
+pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
+RUN_SECONDS = 30
+QUICK = 5.0
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.monotonic()
+    action()
+    return time.monotonic() - started
+
+
+def fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def start_long_run(m: Mount, command: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "baifs", "run", str(m.path), "--", command]
+    runner = subprocess.Popen(argv, env=m.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(
+        lambda: (
+            (m.path / ".runs" / "1" / "status").exists()
+            and json.loads((m.path / ".runs" / "1" / "status").read_text())["state"] == "running"
+        ),
+        20,
+        "the run to start",
+    )
+    time.sleep(1)  # well into the run: the supervisor is serving its inbox
+    return runner
+
+
+def test_namespace_changes_big_writes_and_ranged_reads_do_not_wait_for_the_mounts_run(
+    mount: Mount,
+) -> None:
+    (mount.work / "old" / "deep").mkdir(parents=True)
+    (mount.work / "old" / "deep" / "f.txt").write_text("to remove\n")
+    (mount.work / "rename-me.txt").write_text("moving\n")
+    big_remote = os.urandom(20 * 1024 * 1024)
+    (mount.work / "big-remote.bin").write_bytes(big_remote)
+    m = mount.start()
+    big_local = os.urandom(5 * 1024 * 1024)
+    runner = start_long_run(m, f"echo start; sleep {RUN_SECONDS}; echo end; exit 3")
+    run_started = time.monotonic()
+    status = baifs("status", str(m.path), env=m.env).stdout
+    assert "held by run 1 of this mount" in status and "supervisor runs the mount's scripts" in status, status
+    spent = {
+        "rm -r": timed(lambda: subprocess.run(["rm", "-r", str(m.path / "old")], check=True)),
+        "mv": timed(lambda: os.rename(m.path / "rename-me.txt", m.path / "renamed.txt")),
+        "mkdir": timed(lambda: (m.path / "made" / "inner").mkdir(parents=True)),
+        "5 MB write": timed(lambda: (m.path / "big-local.bin").write_bytes(big_local)),
+        "read 20 MB": timed(lambda: (m.path / "big-remote.bin").read_bytes() == big_remote or 1 / 0),
+    }
+    spent["sync"] = timed(lambda: fsync_path(m.path))
+    assert all(seconds < QUICK for seconds in spent.values()), spent
+    assert runner.poll() is None and time.monotonic() - run_started < RUN_SECONDS - 5, "the run ended"
+    # In the session before the run ends:
+    assert not (m.work / "old").exists()
+    assert (m.work / "renamed.txt").read_text() == "moving\n" and not (m.work / "rename-me.txt").exists()
+    assert (m.work / "made" / "inner").is_dir()
+    assert (m.work / "big-local.bin").read_bytes() == big_local
+    out, err = runner.communicate(timeout=RUN_SECONDS + 30)
+    assert (runner.returncode, out, err) == (3, b"start\nend\n", b""), (runner.returncode, out, err)
+    record = m.path / ".runs" / "1"
+    assert (record / "output").read_bytes() == b"start\nend\n"
+    assert (record / "exit_code").read_text().strip() == "3"
+    m.sync()
+    assert not (m.work / ".baifs-tmp").exists(), os.listdir(m.work / ".baifs-tmp")
