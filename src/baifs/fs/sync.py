@@ -16,8 +16,14 @@ Invariants:
 
 - one flush at a time (``_flush_lock``); a flush that needs a script takes
   the session's execution slot *before* the flush lock, so waiting behind a
-  user's long run never blocks an ``fsync``; while a run holds the slot,
-  write-back uploads what needs no script and leaves the rest pending;
+  user's long run never blocks an ``fsync``; while a run the mount started
+  holds the slot, the script goes to that run's supervisor instead
+  (`supervisor`); while another run holds it, write-back uploads what needs
+  no script and leaves the rest pending;
+- plans follow the session's profile (`profile`): nothing is uploaded into
+  a virtual folder, and where uploads belong to another user than the
+  container's, files are placed by the script; flushes wait (briefly) for
+  discovery, and while no profile is known uploads are verified;
 - nothing is committed that the session did not confirm, so a failure or a
   cancellation at any ``await`` loses nothing: the change stays pending as
   it was. An upload that may have landed without confirmation dooms its name
@@ -26,7 +32,8 @@ Invariants:
 - a script whose outcome is unknown (its answer lost, its caller cancelled,
   the session away) is *unresolved*: nothing new is planned until its run is
   concluded and its report read (for a script that moves objects, from the
-  report file beside it in the session), then committed;
+  report file beside it in the session; for an inbox request, from its result
+  files, or the run's end without them), then committed;
 - while a flush changes the session, remote paths are in motion
   (`RemoteMotion`): listings wait for it or keep serving the previous
   listing, and a listing that was in flight meanwhile is taken again;
@@ -317,18 +324,8 @@ class SyncEngine:
         await self.profiles.wait()
         async with self._flush_lock:
             await self._resolve()
-            open_writers = {n for n in self.namespace.pending if n.write_count > 0}
             try:
-                return await self._transact(
-                    lambda: plan(
-                        self.namespace,
-                        self.profile,
-                        defer=open_writers if skip_open_writers else (),
-                        litter=self._litter(),
-                    ),
-                    progress,
-                    inbox,
-                )
+                return await self._transact(self._planner(skip_open_writers), progress, inbox)
             except InboxClosed:
                 return None  # the script never ran: what it was to do is still pending
 
@@ -338,16 +335,21 @@ class SyncEngine:
         """A full flush by a caller that holds the session's execution slot (a run's barrier)."""
         async with self._flush_lock:
             await self._resolve()
+            return await self._transact(self._planner(skip_open_writers), progress)
+
+    def _planner(self, skip_open_writers: bool) -> Callable[[], FlushPlan]:
+        """How a full flush plans (again, after uploads showed a folder), files open for writing left out."""
+
+        def planner() -> FlushPlan:
             open_writers = {n for n in self.namespace.pending if n.write_count > 0}
-            return await self._transact(
-                lambda: plan(
-                    self.namespace,
-                    self.profile,
-                    defer=open_writers if skip_open_writers else (),
-                    litter=self._litter(),
-                ),
-                progress,
+            return plan(
+                self.namespace,
+                self.profile,
+                defer=open_writers if skip_open_writers else (),
+                litter=self._litter(),
             )
+
+        return planner
 
     async def flush_all(
         self, progress: ProgressCallback | None = None, *, slot_timeout: float = math.inf
