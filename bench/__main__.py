@@ -106,6 +106,8 @@ def main() -> int:
                     bench.big_file()
                     if isinstance(target, Baifs):
                         bench.runs_overhead()
+                        bench.folder_copy()
+                        bench.beside_a_run()
                 finally:
                     target.stop()
                     if isinstance(target, Baifs):

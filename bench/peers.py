@@ -145,12 +145,18 @@ class Sshd:
         return cls(port, keys / "user_key", remote_root)
 
 
+#: The virtual folder every benchmark session has, at /home/work/data.
+FOLDER = "data"
+
+
 @dataclass
 class BaifsServer:
-    """`baifs serve` with its data directory and one session for the benchmarks."""
+    """`baifs serve` with its data directory and one session (with a virtual folder) for the benchmarks."""
 
     port: int
     data_dir: Path
+    #: the host directory of the session's virtual folder ``FOLDER``.
+    folder: Path
     session_id: str = ""
 
     @classmethod
@@ -162,10 +168,14 @@ class BaifsServer:
             "BACKEND_ACCESS_KEY": BENCH_ACCESS_KEY,
             "BACKEND_SECRET_KEY": BENCH_SECRET_KEY,
         }
+        folder = work / "folder-data"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         argv = [sys.executable, "-m", "baifs", "serve", "--port", "0", "--data-dir", str(data_dir)]
+        argv += ["--vfolder", f"{FOLDER}={folder}"]
         process = processes.start(argv, log, env=environment)
         port = int(wait_for_line(log, r"listening on http://127\.0\.0\.1:(\d+)", process).group(1))
-        server = cls(port, data_dir)
+        server = cls(port, data_dir, folder)
         answer = server.request("POST", "/session", {"name": f"bench-{os.getpid()}", "image": "bench"})
         server.session_id = answer["sessionId"]
         return server

@@ -118,6 +118,32 @@ def targets(figures: list[Figure], rss_kb: int | None, files: int) -> list[tuple
                     value <= 1.2,
                 )
             )
+    for latency in (0, 20):
+        folder, scratch = by.get((latency, "folder-copy", "baifs")), by.get((latency, "copy", "baifs"))
+        if folder is not None and folder.requests:
+            value = ratio(folder, scratch)
+            uploads = max(r.get("upload", 0) for r in folder.requests)
+            runs = max(r.get("batch_runs", 0) for r in folder.requests)
+            limit = math.ceil(files / 20) + 2
+            results.append(
+                (
+                    f"{latency:g} ms: 8. folder copy in at most {limit} uploads and 2 runs",
+                    f"{uploads} uploads, {runs} run(s); {value:.2f}× the time of the scratch copy",
+                    uploads <= limit and runs <= 2,
+                )
+            )
+        during = [
+            f for f in figures if f.latency_ms == latency and f.target == "baifs" and f.key.endswith("-run")
+        ]
+        if during:
+            slowest = max(during, key=lambda f: median(f.seconds))
+            results.append(
+                (
+                    f"{latency:g} ms: 9. every operation during a long run within 5 s",
+                    f"slowest {median(slowest.seconds):.2f} s ({slowest.label})",
+                    median(slowest.seconds) <= 5.0,
+                )
+            )
     if rss_kb is not None:
         results.append(("daemon peak RSS under 150 MB", f"{rss_kb / 1024:.0f} MB", rss_kb < RSS_LIMIT_KB))
     return results

@@ -18,6 +18,7 @@ import hashlib
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,9 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .peers import Baifs, Target
+from .peers import FOLDER, Baifs, Target
 
 NEEDLE = "needle-7f3a9c"
+#: The mount's default --dir-cache-time: a directory made in the session shows after it.
+DIR_CACHE_SECONDS = 5
 
 
 @dataclass
@@ -278,6 +281,115 @@ class Bench:
             "7. the same run through the API client (a python process)",
             lambda run: f"cd {bench_dir} && {keys} {python} -m bench.direct_run {session}",
         )
+
+    def folder_copy(self) -> None:
+        """8. Copy the tree into the session's virtual folder, then sync: staged, then placed by a run."""
+        assert isinstance(self.target, Baifs) and self.target.server is not None
+        folder = self.target.server.folder
+        source = shlex.quote(str(self.data.tree))
+
+        def check(run: int) -> None:
+            if run == 0:
+                copied = folder / f"copy-{self.latency_ms:g}-0"
+                count = sum(1 for path in copied.rglob("*") if path.is_file())
+                if count != self.data.files:
+                    raise RuntimeError(f"{count} files arrived in the folder, not {self.data.files}")
+
+        self.measure(
+            "folder-copy",
+            f"8. copy {self.data.files} files into a virtual folder, then sync",
+            lambda run: f"cp -r {source} {FOLDER}/copy-{self.latency_ms:g}-{run} && {self.sync()}",
+            check=check,
+        )
+
+    def beside_a_run(self) -> None:
+        """9. Five operations that need a script: with no run going, then while the mount's run goes.
+
+        rm -r of 100 files, mv of a directory, mkdir, a 5 MB write (each
+        then synced: the time until the session has it), and a cold read of
+        a 20 MB file (created in the session, never read through the mount).
+        """
+        assert isinstance(self.target, Baifs)
+        medium = self.data.root / "medium.bin"
+        if not medium.exists():
+            with open(self.data.big_file, "rb") as big:
+                medium.write_bytes(big.read(5 * 1024 * 1024))
+        reads = f"reads-{self.latency_ms:g}"
+        (self.target.remote / reads).mkdir(exist_ok=True)
+        with open(self.data.big_file, "rb") as big:
+            chunk = big.read(20 * 1024 * 1024)
+        for condition in ("idle", "run"):
+            for run in range(self.runs + 1):
+                (self.target.remote / reads / f"{condition}-{run}.bin").write_bytes(chunk[run:] + chunk[:run])
+        time.sleep(DIR_CACHE_SECONDS + 1)  # the mount sees the new directory
+        for condition in ("idle", "run"):
+            runner = self._long_run() if condition == "run" else None
+            try:
+                self._five_operations(condition, reads, medium)
+            finally:
+                if runner is not None:
+                    runner.send_signal(signal.SIGINT)
+                    runner.wait(120)
+
+    def _five_operations(self, condition: str, reads: str, medium: Path) -> None:
+        during = "during a long run" if condition == "run" else "no run going"
+        sync = self.sync()
+        tag = f"{condition}-{self.latency_ms:g}"
+
+        def files(run: int) -> None:
+            sh(
+                f"mkdir rm-{tag}-{run} && for i in $(seq 100); do echo $i > rm-{tag}-{run}/f$i; "
+                f"done && mkdir mv-{tag}-{run} && echo x > mv-{tag}-{run}/f && {sync}",
+                cwd=self.root,
+            )
+
+        self.measure(
+            f"rm-{condition}",
+            f"9. rm -r of 100 files, then sync ({during})",
+            lambda run: f"rm -r rm-{tag}-{run} && {sync}",
+            prepare=files,
+        )
+        self.measure(
+            f"mv-{condition}",
+            f"9. mv of a directory, then sync ({during})",
+            lambda run: f"mv mv-{tag}-{run} moved-{tag}-{run} && {sync}",
+        )
+        self.measure(
+            f"mkdir-{condition}",
+            f"9. mkdir, then sync ({during})",
+            lambda run: f"mkdir -p made-{tag}-{run}/inner && {sync}",
+        )
+        self.measure(
+            f"write-{condition}",
+            f"9. write 5 MB, then sync ({during})",
+            lambda run: f"cp {shlex.quote(str(medium))} w-{tag}-{run}.bin && {sync}",
+        )
+        self.measure(
+            f"read-{condition}",
+            f"9. read a 20 MB file, cold ({during})",
+            lambda run: f"cat {reads}/{condition}-{run}.bin > /dev/null",
+        )
+
+    def _long_run(self) -> subprocess.Popen[bytes]:
+        """``baifs run -- sleep 3600`` from the mount, once it holds the session's execution slot."""
+        assert isinstance(self.target, Baifs)
+        argv = [sys.executable, "-m", "baifs", "run", str(self.root), "--", "sleep 3600"]
+        runner = subprocess.Popen(
+            argv, env=self.target.environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while '"running"' not in _latest_run_status(self.root):
+            if runner.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the long run did not start")
+            time.sleep(0.1)
+        return runner
+
+
+def _latest_run_status(root: Path) -> str:
+    try:
+        return (root / ".run").read_text()
+    except OSError:
+        return ""
 
 
 def _summary(seconds: list[float]) -> str:

@@ -89,3 +89,22 @@ def test_namespace_changes_big_writes_and_ranged_reads_do_not_wait_for_the_mount
     assert (record / "exit_code").read_text().strip() == "3"
     m.sync()
     assert not (m.work / ".baifs-tmp").exists(), os.listdir(m.work / ".baifs-tmp")
+
+
+def test_a_run_that_kills_its_supervisor_costs_a_wait_not_a_change(mount: Mount) -> None:
+    m = mount.start()
+    kill_siblings = (
+        'sup=$PPID; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; '
+        '[ "$(sed -n \'s/^PPid:[[:space:]]*//p\' "$d/status" 2>/dev/null)" = "$sup" ] && kill -9 "$p"; '
+        "done; echo killed; sleep 20; echo end"
+    )
+    runner = start_long_run(m, kill_siblings)
+    (m.path / "made-while-orphaned").mkdir()
+    waited = timed(lambda: fsync_path(m.path))
+    out, _ = runner.communicate(timeout=60)
+    assert out == b"killed\nend\n", out
+    assert (m.work / "made-while-orphaned").is_dir()
+    assert 10 <= waited < 40, waited
+    assert "supervisor of the mount's run stopped answering" in m.log_text()
+    m.sync()
+    assert not (m.work / ".baifs-tmp").exists(), os.listdir(m.work / ".baifs-tmp")

@@ -12,7 +12,8 @@ wrapped in a small POSIX ``sh`` supervisor (`supervised_script`):
   uploads as ``.baifs-tmp/<box>.req.<n>`` (complete once their last line is
   ``# baifs-request <n>``), taken strictly in order, each run with ``sh`` and
   its results written as ``<box>.out.<n>``, ``<box>.err.<n>`` and, last,
-  ``<box>.code.<n>`` (its presence says the request is done);
+  ``<box>.code.<n>`` (its presence says the request is done); each request
+  also removes the results the mount has read since the one before;
 - when the steps end, the loop finishes the request it is running, removes
   requests it has not taken, and only then does the supervisor exit: once the
   run has ended, a request without a ``code`` file never ran and never will
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,6 +50,8 @@ LOOP_SLEEP = "0.1"
 POLL_FIRST, POLL_MAX = 0.05, 0.5
 #: How long after an interrupt the mount relays it through the inbox, if the steps still run.
 RELAY_AFTER = 0.5
+#: The supervisor's loop touches ``<box>.alive`` every second; unchanged this long, the loop is gone.
+HEARTBEAT_STALE = 10.0
 
 
 #: A request that interrupts the supervisor's child (the steps), not the inbox loop running it.
@@ -62,11 +66,17 @@ class InboxClosed(BaifsError):
     """The run ended before its supervisor took the request: it never ran, and never will."""
 
 
+class InboxStalled(InboxClosed):
+    """The supervisor's loop is gone (its heartbeat stopped) before it took the request."""
+
+
 @dataclass(frozen=True)
 class ScriptResult:
-    exit_code: int
+    exit_code: int | None
     stdout: str
     stderr: str
+    #: False when the loop died while it ran the request: the output may stop short.
+    complete: bool = True
 
 
 def supervised_script(steps: BatchSteps, box: bytes) -> str:
@@ -99,6 +109,9 @@ def supervised_script(steps: BatchSteps, box: bytes) -> str:
             "supervisor=$$",
             loop,
             "inbox=$!",
+            f"(trap 'exit 0' TERM; while kill -0 \"$inbox\" 2>/dev/null; do : > {prefix}.alive; "
+            'sleep 1 & wait "$!"; done) > /dev/null 2>&1 &',
+            "beat=$!",
             "trap : INT",
             "(",
             steps.script(),
@@ -106,6 +119,9 @@ def supervised_script(steps: BatchSteps, box: bytes) -> str:
             "code=$?",
             'kill -TERM "$inbox" 2>/dev/null',
             'while kill -0 "$inbox" 2>/dev/null; do wait "$inbox"; done',
+            'kill "$beat" 2>/dev/null',
+            'while kill -0 "$beat" 2>/dev/null; do wait "$beat"; done',
+            f"rm -f -- {prefix}.alive",
             'exit "$code"',
         ]
     )
@@ -136,6 +152,9 @@ class Inbox:
     _lock: trio.Lock = field(default_factory=trio.Lock)
     #: result files already read, for the next script to remove (shared with the `Supervisor`).
     litter: set[bytes] = field(default_factory=set)
+    #: the heartbeat's last mtime, and when this mount saw it change; set once the loop is gone.
+    _beat: tuple[int, float] | None = None
+    dead: bool = False
 
     def _name(self, kind: str, number: int) -> bytes:
         return join(REMOTE_TMP, self.box + f".{kind}.{number}".encode())
@@ -157,9 +176,16 @@ class Inbox:
         """
         async with self._lock:
             for number in sorted(self._unsent):
-                body = f"{self._unsent[number].rstrip()}\n# baifs-request {number}\n".encode()
+                removed = sorted(self.litter)  # results already read go with the next request
+                self.litter.difference_update(removed)
+                removal = "".join(f"rm -f -- {shlex.quote(remote_name(path))}\n" for path in removed)
+                body = f"{removal}{self._unsent[number].rstrip()}\n# baifs-request {number}\n".encode()
                 name = remote_name(self._name("req", number))
-                await self.session.upload([UploadFile.of(name, body)], verify=False)
+                try:
+                    await self.session.upload([UploadFile.of(name, body)], verify=False)
+                except BaseException:
+                    self.litter.update(removed)
+                    raise
                 del self._unsent[number]
 
     async def request(self, script: str) -> ScriptResult:
@@ -177,26 +203,50 @@ class Inbox:
                 if ended:
                     raise InboxClosed(f"the run ended before request {number} reached it")
                 await self.deliver()
-            if remote_name(self._name("code", number)).rpartition("/")[2] in await self._names():
+            names = await self._names()
+            if self._base("code", number) in names:
                 return await self._read(number)
             if ended:
                 raise InboxClosed(f"the run ended before it took request {number}")
+            if not self._beating(names):
+                self.dead = True
+                log.warning("the supervisor of the mount's run stopped answering; scripts wait for the slot")
+                self.litter.update([self._name("req", number), self._name("run", number)])
+                self.litter.add(self._name("code", number) + b".part")
+                if self._base("out", number) not in names:
+                    raise InboxStalled(f"the supervisor is gone; request {number} was never taken")
+                return await self._read(number, complete=False)
             with trio.move_on_after(delay):
                 await self.ended.wait()
             delay = min(delay * 2, POLL_MAX)
 
-    async def _names(self) -> set[str]:
-        try:
-            return {entry.name for entry in await self.session.list_dir(remote_name(REMOTE_TMP))}
-        except RemotePathError:
-            return set()
+    def _base(self, kind: str, number: int) -> str:
+        return remote_name(self._name(kind, number)).rpartition("/")[2]
 
-    async def _read(self, number: int) -> ScriptResult:
-        paths = [self._name(kind, number) for kind in ("out", "err", "code")]
+    async def _names(self) -> dict[str, int]:
+        """The names in ``.baifs-tmp`` and their mtimes."""
+        try:
+            entries = await self.session.list_dir(remote_name(REMOTE_TMP))
+        except RemotePathError:
+            return {}
+        return {entry.name: entry.mtime_ns for entry in entries}
+
+    def _beating(self, names: dict[str, int]) -> bool:
+        """Whether the loop's heartbeat changed within `HEARTBEAT_STALE` seconds of this mount's clock."""
+        mtime, now = names.get((self.box + b".alive").decode("ascii"), -1), trio.current_time()
+        if self._beat is None or self._beat[0] != mtime:
+            self._beat = (mtime, now)
+        return now - self._beat[1] < HEARTBEAT_STALE
+
+    async def _read(self, number: int, *, complete: bool = True) -> ScriptResult:
+        kinds = ("out", "err", "code") if complete else ("out", "err")
+        paths = [self._name(kind, number) for kind in kinds]
         archives = await self.session.download([remote_name(path) for path in paths])
-        out, err, code = (single_member(archive)[1].decode("utf-8", "replace") for archive in archives)
+        texts = [single_member(archive)[1].decode("utf-8", "replace") for archive in archives]
         self.litter.update(paths)
-        return ScriptResult(int(code.strip() or "1"), out, err)
+        if not complete:
+            return ScriptResult(None, texts[0], texts[1], complete=False)
+        return ScriptResult(int(texts[2].strip() or "1"), texts[0], texts[1])
 
 
 class Supervisor:
@@ -237,7 +287,8 @@ class Supervisor:
     def available(self) -> Inbox | None:
         """The inbox to send a script to now, if the mount's own run holds the slot."""
         inbox = self.inbox
-        return inbox if inbox is not None and not inbox.ended.is_set() and self.executor.busy else None
+        usable = inbox is not None and not inbox.ended.is_set() and not inbox.dead
+        return inbox if usable and self.executor.busy else None
 
     async def run(self, script: str, sink: ConsoleSink, *, queue_timeout: float) -> BatchOutcome:
         """Run a script of the mount: through the inbox of a going run, else in the execution slot."""
@@ -250,7 +301,7 @@ class Supervisor:
             else:
                 await sink("stdout", result.stdout)
                 await sink("stderr", result.stderr)
-                return BatchOutcome(f"inbox {inbox.box.decode()}", result.exit_code)
+                return BatchOutcome(f"inbox {inbox.box.decode()}", result.exit_code, result.complete)
         return await self.executor.run(
             BatchSteps(exec=script), sink, queue_timeout=queue_timeout, purpose="a ranged read"
         )
@@ -285,4 +336,5 @@ class Supervisor:
 
     @property
     def has_litter(self) -> bool:
-        return bool(self._litter)
+        """Result files to remove once no run is going (while one is, each request removes the last)."""
+        return bool(self._litter) and self.inbox is None

@@ -589,7 +589,8 @@ class SyncEngine:
             self._never_ran(flush_plan, report)
             raise
         self.unresolved = None
-        results = StepResults.parse(result.stdout, result.stderr, flush_plan.shell.descriptions)
+        descriptions = flush_plan.shell.descriptions
+        results = StepResults.parse(result.stdout, result.stderr, descriptions, complete=result.complete)
         return result.exit_code, result.stdout, result.stderr, results
 
     async def _learn_placed(self, flush_plan: FlushPlan, results: StepResults) -> None:
@@ -648,7 +649,7 @@ class SyncEngine:
                 result = await inbox.outcome(number)
             except InboxClosed:
                 return StepResults.none_ran(descriptions)
-            return StepResults.parse(result.stdout, result.stderr, descriptions)
+            return StepResults.parse(result.stdout, result.stderr, descriptions, complete=result.complete)
         if flush_plan.script_file is None:
             stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
             return StepResults.parse(stdout, stderr, descriptions, complete=False)
