@@ -164,15 +164,15 @@ class Bench:
             "copy",
             f"1. copy {self.data.files} files into the mount, then sync",
             lambda run: f"cp -r {source} copy-{run} && {self.sync()}",
-            check=lambda run: self._check_copy(run) if run == 0 else None,
+            check=lambda run: self._check_files(self.target.remote / f"copy-{run}") if run == 0 else None,
         )
 
-    def _check_copy(self, run: int) -> None:
-        remote = self.target.remote / f"copy-{run}"
-        count = sum(1 for path in remote.rglob("*") if path.is_file())
+    def _check_files(self, directory: Path) -> None:
+        """All the tree's files arrived in ``directory`` (on the remote side)."""
+        count = sum(1 for path in directory.rglob("*") if path.is_file())
         if count != self.data.files:
             raise RuntimeError(
-                f"{self.target.name}: {count} files arrived on the remote, not {self.data.files}"
+                f"{self.target.name}: {count} files arrived in {directory}, not {self.data.files}"
             )
 
     def listing_and_grep(self) -> None:
@@ -287,19 +287,12 @@ class Bench:
         assert isinstance(self.target, Baifs) and self.target.server is not None
         folder = self.target.server.folder
         source = shlex.quote(str(self.data.tree))
-
-        def check(run: int) -> None:
-            if run == 0:
-                copied = folder / f"copy-{self.latency_ms:g}-0"
-                count = sum(1 for path in copied.rglob("*") if path.is_file())
-                if count != self.data.files:
-                    raise RuntimeError(f"{count} files arrived in the folder, not {self.data.files}")
-
+        name = f"copy-{self.latency_ms:g}"
         self.measure(
             "folder-copy",
             f"8. copy {self.data.files} files into a virtual folder, then sync",
-            lambda run: f"cp -r {source} {FOLDER}/copy-{self.latency_ms:g}-{run} && {self.sync()}",
-            check=check,
+            lambda run: f"cp -r {source} {FOLDER}/{name}-{run} && {self.sync()}",
+            check=lambda run: self._check_files(folder / f"{name}-0") if run == 0 else None,
         )
 
     def beside_a_run(self) -> None:
