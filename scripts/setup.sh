@@ -3,7 +3,8 @@
 # (FUSE, the build tools for pyfuse3, bubblewrap for `baifs serve`, and the
 # programs the tests and benchmarks drive), a virtual environment in .venv,
 # and baifs itself with its test extras. Safe to run again: it installs only
-# what is missing.
+# what is missing. Links `baifs` into /usr/local/bin (or ~/.local/bin when
+# that is not writable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +40,25 @@ if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[t
 fi
 rm -f "$pip_log"
 .venv/bin/baifs --version >/dev/null
+# `baifs` on PATH, for the README's commands and the systemd unit (and
+# `mount -t fuse.baifs`, which runs mount.fuse.baifs from /sbin or /usr/sbin).
+bin_dir=/usr/local/bin
+if [[ ! -w "$bin_dir" ]]; then
+    bin_dir="$HOME/.local/bin"
+    mkdir -p "$bin_dir"
+fi
+ln -sfn "$PWD/.venv/bin/baifs" "$bin_dir/baifs"
+echo "setup: baifs is $bin_dir/baifs" >&2
+if [[ -w /usr/sbin ]]; then  # mount(8) looks for helpers in /sbin (= /usr/sbin on Debian 12)
+    ln -sfn "$PWD/.venv/bin/mount.fuse.baifs" /usr/sbin/mount.fuse.baifs
+fi
+# The man page and shell completions, generated from baifs's own arguments.
+if [[ -w /usr/local/share ]]; then
+    mkdir -p /usr/local/share/man/man1 /usr/local/share/zsh/site-functions
+    .venv/bin/baifs manpage > /usr/local/share/man/man1/baifs.1
+    .venv/bin/baifs completion zsh > /usr/local/share/zsh/site-functions/_baifs
+fi
+if [[ -d /etc/bash_completion.d && -w /etc/bash_completion.d ]]; then
+    .venv/bin/baifs completion bash > /etc/bash_completion.d/baifs
+fi
 echo "setup: done" >&2

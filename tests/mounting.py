@@ -26,8 +26,6 @@ FUSE_AVAILABLE = os.path.exists("/dev/fuse") and any(
     os.access(os.path.join(directory, "fusermount3"), os.X_OK)
     for directory in os.environ.get("PATH", "").split(os.pathsep)
 )
-#: Names at a mount's root that belong to baifs (they are not on the session).
-CONTROL_NAMES = (".baifs-status", ".run", ".runs")
 needs_fuse = pytest.mark.skipif(not FUSE_AVAILABLE, reason="needs /dev/fuse and fusermount3")
 
 
@@ -226,8 +224,6 @@ def tree(root: Path, *, modes: bool = False) -> dict[str, Any]:
         for name in subdirs + files:
             full = Path(directory) / name
             relative = str(full.relative_to(root))
-            if name in CONTROL_NAMES and directory == str(root):
-                continue
             if full.is_symlink():
                 found[relative] = ("link", os.readlink(full))
             elif full.is_dir():

@@ -7,11 +7,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mounting import Mount, baifs, baifs_environment, force_unmount, needs_fuse, wait_for
+from mounting import Mount, baifs, baifs_environment, force_unmount, mount_for, needs_fuse, wait_for
 from support import LocalServer, signed_request
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
@@ -136,6 +139,11 @@ def test_mount_fails_fast_with_a_clear_message(server: LocalServer, tmp_path: Pa
             [mount.session_id],
             "cannot reach the endpoint",
         ),
+        (
+            {"BACKEND_ENDPOINT": f"{server.endpoint}/api/v1"},
+            ["--create", "python:3.11", mount.session_id],
+            "does not answer like a Backend.AI manager",
+        ),
     ]
     for change, session, message in cases:
         started = time.monotonic()
@@ -173,3 +181,76 @@ def test_mount_local_starts_the_embedded_session(tmp_path: Path, server: LocalSe
         force_unmount(mountpoint)
         if record.exists():
             os.kill(json.loads(record.read_text())["pid"], signal.SIGTERM)
+
+
+def test_sighup_reopens_the_log_and_sigusr1_toggles_debug_without_unmounting(mount: Mount) -> None:
+    m = mount.start("--log-level", "info")
+    assert m.process is not None
+    rotated = m.log.with_name(m.log.name + ".old")
+    m.log.rename(rotated)
+    m.process.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: m.log.exists() and "log file reopened" in m.log.read_text(), 10, "the log to be reopened"
+    )
+    assert os.path.ismount(m.path) and m.alive
+    m.process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "logging at debug now" in m.log.read_text(), 10, "debug logging")
+    baifs("run", str(m.path), "--", "true", env=m.env)
+    assert "DEBUG baifs.api.batch" in m.log.read_text()
+    m.process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "logging at info now" in m.log.read_text(), 10, "info logging again")
+
+
+def test_umount_with_nothing_pending_is_quick_and_a_dead_mount_is_forced(mount: Mount) -> None:
+    m = mount.start()
+    (m.path / "a.txt").write_text("a\n")
+    m.sync()
+    started = time.monotonic()
+    baifs("umount", str(m.path), env=m.env)
+    assert time.monotonic() - started < 2.5  # a fresh interpreter, fusermount3 and the daemon's exit
+    assert m.process is not None and m.process.wait(10) == 0
+    m.process = None
+    m.start("--write-back", "600")
+    (m.path / "pending.txt").write_text("kept\n")
+    assert m.process is not None
+    m.process.kill()
+    m.process.wait(10)
+    m.process = None
+    dead = baifs("umount", str(m.path), env=m.env, check=False)
+    assert dead.returncode == 1 and "--force" in dead.stderr and "Traceback" not in dead.stderr
+    forced = baifs("umount", "--force", str(m.path), env=m.env)
+    assert "next mount" in forced.stderr and not os.path.ismount(m.path)
+    m.start()
+    m.sync()
+    assert (m.work / "pending.txt").read_text() == "kept\n"
+
+
+def test_ctrl_c_during_umount_answers_at_once_and_the_uploads_go_on(
+    server_factory: Callable[..., LocalServer], tmp_path: Path
+) -> None:
+    slow = server_factory(latency_ms=400)
+    m = mount_for(slow, tmp_path)
+    try:
+        m.start("--write-back", "600")
+        for index in range(2000):
+            (m.path / f"f{index:04d}").write_text(f"{index}\n")
+        umount = subprocess.Popen(
+            [sys.executable, "-m", "baifs", "umount", str(m.path)],
+            env=m.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        umount.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = umount.communicate(timeout=15)
+        assert time.monotonic() - started < 2 and umount.returncode == 130, err
+        assert "interrupted" in err and "still mounted" in err and "Traceback" not in err
+        assert "/2000 files, " in err and "/s" in err, err  # not a terminal: plain progress lines
+        assert os.path.ismount(m.path)
+        wait_for(lambda: not m.status()["pending"]["uploads"], 120, "the uploads to go on")
+        assert (m.work / "f1999").read_text() == "1999\n"
+    finally:
+        m.stop()

@@ -173,6 +173,7 @@ def test_batch_steps_compose_with_runner_semantics(
 
 
 def test_credentials_file_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env above it
     for key in ("ENDPOINT", "ACCESS_KEY", "SECRET_KEY"):
         monkeypatch.delenv(f"BACKEND_{key}", raising=False)
     path = tmp_path / "config.toml"
@@ -188,6 +189,23 @@ def test_credentials_file_must_be_private(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("BACKEND_SECRET_KEY", "SK2")
     assert load_credentials(config_path=path).endpoint == "http://env"
     assert load_credentials("default", config_path=path).endpoint == "http://h"
+
+
+def test_a_dotenv_file_above_the_working_directory_gives_the_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("ENDPOINT", "ACCESS_KEY", "SECRET_KEY"):
+        monkeypatch.delenv(f"BACKEND_{key}", raising=False)
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    (project / ".env").write_text(
+        "BACKEND_ENDPOINT=http://from-dotenv\nBACKEND_ACCESS_KEY=AKDOT\nBACKEND_SECRET_KEY=SKDOT\n"
+    )
+    monkeypatch.chdir(project / "sub")
+    credentials = load_credentials(config_path=tmp_path / "none.toml")
+    assert (credentials.endpoint, credentials.access_key) == ("http://from-dotenv", "AKDOT")
+    monkeypatch.setenv("BACKEND_ENDPOINT", "http://from-environment")
+    assert load_credentials(config_path=tmp_path / "none.toml").endpoint == "http://from-environment"
 
 
 async def test_retries_honour_retry_after_and_give_up(autojump_clock: trio.testing.MockClock) -> None:

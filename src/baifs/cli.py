@@ -8,7 +8,7 @@ a traceback. The work itself lives in the modules each subcommand calls.
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -16,21 +16,8 @@ from pathlib import Path
 
 from . import __version__
 from .api.errors import BaifsError
+from .logs import mount_log_path, setup_logging
 from .server.compat import Compat
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def setup_logging(level: str, log_file: Path | None) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "hypercorn.error"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def add_logging_options(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument(
-        "--port", type=int, default=8090, help="port to bind, 0 for any (default: %(default)s)"
+        "--port", type=port, default=8090, help="port to bind, 0 for any (default: %(default)s)"
     )
     serve.add_argument(
         "--data-dir", type=Path, help="where sessions live (default: ~/.local/share/baifs/serve)"
@@ -99,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--latency-ms",
-        type=float,
+        type=milliseconds,
         default=0.0,
         help="delay added to every request, to emulate a remote cluster",
     )
@@ -131,11 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="where bubblewrap is missing, run batch commands directly on this host, with the "
         "server's privileges and access to everything it can read (never on a shared machine)",
     )
+    serve.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the server running on the data directory (with --local: the one 'baifs mount --local' "
+        "started), instead of starting one",
+    )
+    serve.add_argument(
+        "--local", action="store_true", help="the data directory of the embedded local session"
+    )
     add_logging_options(serve)
     serve.set_defaults(handler=run_serve)
 
     mount = commands.add_parser(
         "mount",
+        usage="baifs mount [options] SESSION MOUNTPOINT\n       baifs mount [options] --local MOUNTPOINT",
         help="mount a session's /home/work on a local directory",
         description="Mount the /home/work of a running compute session on MOUNTPOINT. Checks the "
         "endpoint, keys and session first, then goes to the background once the mount works. "
@@ -160,28 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)")
     mount.add_argument(
         "--attr-timeout",
-        type=float,
+        type=seconds,
         default=1.0,
         metavar="SECONDS",
         help="how long the kernel caches attributes and names (default: %(default)s)",
     )
     mount.add_argument(
         "--dir-cache-time",
-        type=float,
+        type=positive_seconds,
         default=5.0,
         metavar="SECONDS",
         help="how long a directory listing is trusted (default: %(default)s)",
     )
     mount.add_argument(
         "--negative-timeout",
-        type=float,
+        type=seconds,
         default=1.0,
         metavar="SECONDS",
         help="how long a missing name is remembered (default: %(default)s)",
     )
     mount.add_argument(
         "--write-back",
-        type=float,
+        type=seconds,
         default=1.5,
         metavar="SECONDS",
         help="quiet time before changes are uploaded (default: %(default)s)",
@@ -196,14 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="cache size limit, e.g. 500M or 4G (default: 2G)",
     )
-    mount.add_argument("--uid", type=int, help="owner shown for every file (default: you)")
-    mount.add_argument("--gid", type=int, help="group shown for every file (default: your group)")
-    mount.add_argument(
-        "--umask", type=lambda text: int(text, 8), metavar="OCTAL", help="permission bits to hide, e.g. 022"
-    )
+    mount.add_argument("--uid", type=identity, help="owner shown for every file (default: you)")
+    mount.add_argument("--gid", type=identity, help="group shown for every file (default: your group)")
+    mount.add_argument("--umask", type=umask, metavar="OCTAL", help="permission bits to hide, e.g. 022")
     mount.add_argument(
         "--keep-runs",
-        type=int,
+        type=count,
         default=100,
         metavar="N",
         help="how many runs .runs/ keeps (default: %(default)s)",
@@ -219,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     umount = commands.add_parser(
         "umount",
         help="upload everything pending, then unmount",
-        description="Upload everything pending (showing files and bytes), unmount, and wait for the "
-        "mount daemon to exit.",
+        description="Upload everything pending (showing files, bytes, rate and time left), unmount, and "
+        "wait for the mount daemon to exit. Ctrl-C stops waiting at once; the mount stays and goes on "
+        "uploading.",
     )
     umount.add_argument("mountpoint", type=Path)
     umount.add_argument(
@@ -228,10 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="detach even if busy; the daemon finishes when the last user lets go",
     )
+    umount.add_argument(
+        "--force",
+        action="store_true",
+        help="detach a mount whose daemon died or does not answer, without flushing; pending changes "
+        "stay in its state directory and the next mount of the session replays them",
+    )
     add_logging_options(umount)
     umount.set_defaults(handler=run_umount)
 
-    status = commands.add_parser("status", help="show pending uploads, cache and requests of a mount")
+    status = commands.add_parser(
+        "status",
+        help="show pending uploads, cache and requests of a mount",
+        description="Show what a mount has not put on the session yet (uploads, namespace changes, the "
+        "first pending paths), what it learnt of the session (virtual folders, who owns uploads), who "
+        "holds the session's execution slot, the cache, requests per endpoint and the last errors. "
+        "Without MOUNTPOINT, the mount containing the current directory. --json prints the document "
+        "MOUNTPOINT/.baifs-status holds.",
+    )
     add_mount_argument(status, "mountpoint")
     status.add_argument("--json", action="store_true", help="print the raw status document")
     add_logging_options(status)
@@ -245,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         "is on the session. Standard output and error stream to this terminal as they arrive; the exit "
         "status is the command's (127 when the build step failed, 130 after Ctrl-C, which interrupts "
         "the command in the session, 255 when the run could not be carried out). One word is run as a "
-        "shell command as it stands ('make test && ./app'); several are quoted and joined. The run's "
-        "record stays in MOUNT/.runs/N/.",
+        "shell command as it stands ('make test && ./app'); several are quoted and joined. The steps "
+        "start in the session directory that matches the current one when it is inside the mount "
+        "(cd ~/work/proj && baifs run -- make runs make in /home/work/proj), else in /home/work. "
+        "The run's record stays in MOUNT/.runs/N/.",
         epilog="examples:\n"
         "  baifs run ~/work -- make test\n"
         "  baifs run --build 'make' -- './app --fast'      (in the mount containing the current directory)",
@@ -260,7 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_logging_options(run)
     run.set_defaults(handler=run_run, command=[])
 
-    sync = commands.add_parser("sync", help="upload everything pending and wait until it is on the session")
+    sync = commands.add_parser(
+        "sync",
+        help="upload everything pending and wait until it is on the session",
+        description="Flush a mount: upload everything pending (files still open for writing included) "
+        "and carry out pending namespace changes, showing progress, and return once all of it is on the "
+        "session. Exits 1, saying why, when that is not possible (the session is away or terminated, "
+        "a run started elsewhere holds the execution slot); the changes stay pending. Plain 'sync' does "
+        "not reach FUSE file systems; 'sync MOUNTPOINT' or this command does.",
+    )
     add_mount_argument(sync, "mountpoint")
     add_logging_options(sync)
     sync.set_defaults(handler=run_sync)
@@ -298,7 +318,83 @@ def build_parser() -> argparse.ArgumentParser:
     for each in (salvage, listing, exporting, replaying, forgetting):
         add_logging_options(each)
     salvage.set_defaults(handler=run_salvage)
+
+    completion = commands.add_parser(
+        "completion",
+        help="print the shell completion script for bash or zsh",
+        description="Print a completion script generated from baifs's own arguments (shtab). "
+        "scripts/setup.sh installs both; by hand: baifs completion bash > "
+        "/etc/bash_completion.d/baifs, or baifs completion zsh > ~/.zfunc/_baifs.",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(handler=run_completion)
+    manpage = commands.add_parser(
+        "manpage",
+        help="print the man page (troff), generated from the arguments",
+        description="Print baifs(1) in troff, generated from baifs's own arguments (argparse-manpage). "
+        "scripts/setup.sh installs it; by hand: baifs manpage > /usr/local/share/man/man1/baifs.1.",
+    )
+    manpage.set_defaults(handler=run_manpage)
     return parser
+
+
+def run_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def run_manpage(args: argparse.Namespace) -> int:
+    from argparse_manpage.manpage import Manpage  # type: ignore[import-untyped]
+
+    print(Manpage(build_parser()))
+    return 0
+
+
+def _number(kind: type[float] | type[int], text: str, what: str, low: float, high: float = math.inf) -> float:
+    """``text`` as a number with ``low <= value <= high``, or an argparse error naming what is expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    return float(_number(float, text, "a number of seconds, 0 or more", 0))
+
+
+def positive_seconds(text: str) -> float:
+    return float(_number(float, text, "a number of seconds above 0", math.ulp(0.0)))
+
+
+def milliseconds(text: str) -> float:
+    return float(_number(float, text, "a number of milliseconds, 0 or more", 0))
+
+
+def count(text: str) -> int:
+    return int(_number(int, text, "a whole number, 1 or more", 1))
+
+
+def identity(text: str) -> int:
+    return int(_number(int, text, "a numeric id, 0 or more", 0))
+
+
+def port(text: str) -> int:
+    return int(_number(int, text, "a port number from 0 to 65535", 0, 65535))
+
+
+def umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected an octal mask from 000 to 777, such as 022, not {text!r}")
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -313,9 +409,23 @@ def parse_size(text: str) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .local import local_data_dir, stop_server
     from .server.main import ServeOptions, serve
     from .server.sandbox import ContainerUser
     from .server.workdir import VFolder
+
+    if args.local:
+        args.data_dir = local_data_dir()
+    if args.stop:
+        data_dir = args.data_dir or ServeOptions().data_dir
+        pid = stop_server(data_dir)
+        print(
+            f"baifs serve: stopped pid {pid} ({data_dir})"
+            if pid
+            else f"baifs serve: none runs on {data_dir}",
+            file=sys.stderr,
+        )
+        return 0
 
     try:
         user = ContainerUser.parse(args.container_uid) if args.container_uid else None
@@ -395,9 +505,7 @@ def run_mount_command(args: argparse.Namespace) -> int:
     if args.foreground:
         request.log_file = args.log_file
         return run_foreground(request)
-    request.log_file = (
-        args.log_file or config.state_dir() / "logs" / f"mount-{mountpoint_path.name or 'root'}.log"
-    )
+    request.log_file = args.log_file or mount_log_path(config.state_dir(), mountpoint_path)
     return run_detached(request, request.log_file)
 
 
@@ -416,13 +524,21 @@ def mounted_session(path: Path) -> str | None:
 def run_umount(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .mountctl import flush, unmount
+    from .mountctl import flush, force_unmount, unmount
 
-    mountpoint = args.mountpoint.expanduser().resolve()
+    mountpoint = args.mountpoint.expanduser().absolute()
     console = Console(stderr=True)
+    if args.force:
+        force_unmount(mountpoint)
+        console.print(
+            f"detached {mountpoint}; what was pending stays in its state directory, and the next mount "
+            "of the session replays it (or see 'baifs salvage list')",
+            soft_wrap=True,
+        )
+        return 0
     flush(mountpoint, console)
     unmount(mountpoint, lazy=args.lazy)
-    console.print(f"unmounted {mountpoint}")
+    console.print(f"unmounted {mountpoint}", soft_wrap=True)
     return 0
 
 
@@ -447,13 +563,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_run(args: argparse.Namespace) -> int:
     from .mountctl import find_mount
-    from .runctl import RUN_FAILED_EXIT, MountGone, run
+    from .runctl import RUN_FAILED_EXIT, run
 
     if not args.command:
         raise BaifsError("put the command after --: baifs run [MOUNT] [--build CMD] -- COMMAND...")
     try:
         return run(find_mount(args.mount), args.command, build=args.build, clean=args.clean)
-    except MountGone as error:
+    except BaifsError as error:  # no mount, a mount gone: the run could not be carried out
         print(f"baifs: error: {error}", file=sys.stderr)
         return RUN_FAILED_EXIT
 
@@ -530,11 +646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(words)
     if args.handler is run_run:
         args.command = command
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(getattr(args, "log_level", "warning"), getattr(args, "log_file", None))
     try:
         return int(args.handler(args))
     except BaifsError as error:
-        print(f"baifs: error: {error}", file=sys.stderr)
-        return 1
+        kind = "" if error.exit_status == 130 else "error: "  # an interruption is not an error
+        print(f"baifs: {kind}{error}", file=sys.stderr)
+        return error.exit_status
     except KeyboardInterrupt:
         return 130

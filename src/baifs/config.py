@@ -4,7 +4,9 @@ Credentials are read, in this order, from:
 
 1. the profile named with ``--profile`` in ``~/.config/baifs/config.toml``;
 2. the official SDK's variables ``BACKEND_ENDPOINT``, ``BACKEND_ACCESS_KEY`` and
-   ``BACKEND_SECRET_KEY`` (``SORNA_*`` as fallbacks, like the SDK);
+   ``BACKEND_SECRET_KEY`` (``SORNA_*`` as fallbacks, like the SDK), from the
+   environment or, as the SDK reads them too, from the nearest ``.env`` file
+   of the working directory and its parents;
 3. the profile ``default`` of the same file.
 
 Invariants: a configuration file that holds a secret and is readable by group or
@@ -20,6 +22,8 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import dotenv
 
 from .api.errors import BaifsError
 
@@ -98,7 +102,24 @@ def load_profiles(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _environment(key: str) -> str:
-    return os.environ.get(f"BACKEND_{key}") or os.environ.get(f"SORNA_{key}") or ""
+    """``BACKEND_<key>`` (or the older ``SORNA_<key>``) from the environment, else from a ``.env`` file.
+
+    Like the official client, the nearest ``.env`` from the working directory
+    upward is read; the environment wins over it.
+    """
+    names = (f"BACKEND_{key}", f"SORNA_{key}")
+    found = next((os.environ[name] for name in names if os.environ.get(name)), "")
+    if found:
+        return found
+    dotenv = _dotenv()
+    return next((dotenv[name] for name in names if dotenv.get(name)), "")
+
+
+def _dotenv() -> dict[str, str]:
+    path = dotenv.find_dotenv(usecwd=True)
+    if not path:
+        return {}
+    return {name: value for name, value in dotenv.dotenv_values(path).items() if value is not None}
 
 
 def _from_profile(path: Path, name: str, profile: dict[str, str]) -> Credentials:

@@ -23,6 +23,7 @@ import trio
 
 from .api.errors import BaifsError
 from .fs.mount import MountRequest, run_mount
+from .logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def _daemon(request: MountRequest, log_file: Path, report_fd: int) -> int:
     os.dup2(output, 2)
     os.close(null)
     os.close(output)
+    setup_logging(logging.getLevelName(logging.getLogger().level).lower(), log_file)  # rotated by size
     reported = False
 
     def report(kind: str, message: str) -> None:

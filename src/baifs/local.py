@@ -3,7 +3,8 @@
 The server lives in ``~/.local/share/baifs/local`` with its own generated
 keypair, listens on an ephemeral port on 127.0.0.1 and runs detached from the
 terminal, so it outlives the command that started it; later ``--local``
-mounts find it through ``serve.json`` and reuse it. Its session is named
+mounts find it through ``serve.json`` and reuse it; ``baifs serve --stop
+--local`` stops it (`stop_server`). Its session is named
 ``local``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ import httpx
 
 from . import config
 from .api.errors import BaifsError
+from .processes import running
 
 LOCAL_SESSION = "local"
 LOCAL_IMAGE = "baifs/local"
@@ -52,6 +55,21 @@ def ensure_local_server(data_dir: Path | None = None) -> config.Credentials:
     config.check_private(keypair_file)
     keys = tomllib.loads(keypair_file.read_text())
     return config.Credentials(endpoint, keys["access_key"], keys["secret_key"])
+
+
+def stop_server(data_dir: Path, timeout: float = 30.0) -> int | None:
+    """Stop the `baifs serve` of ``data_dir`` (SIGTERM, then wait); its pid, or None if none runs."""
+    try:
+        pid = int(json.loads((data_dir / "serve.json").read_text())["pid"])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, KeyError):
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not running(pid):
+            return pid
+        time.sleep(0.05)
+    raise BaifsError(f"baifs serve (pid {pid}) did not stop within {timeout:.0f} s")
 
 
 def _start(data_dir: Path) -> str:

@@ -14,15 +14,24 @@ import json
 import os
 import shutil
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.filesize import decimal
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from .api.errors import BaifsError
+from .processes import running
 
 STATUS_FILE = ".baifs-status"
 FLUSH_XATTR = "user.baifs.flush"
@@ -38,7 +47,7 @@ def find_mount(start: Path) -> Path:
     for candidate in (path, *path.parents):
         if os.path.ismount(candidate) and (candidate / STATUS_FILE).exists():
             return candidate
-    raise NotAMount(f"{start} is not inside a baifs mount")
+    raise NotAMount(f"{path} is not inside a baifs mount")
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:
@@ -47,7 +56,10 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise NotAMount(f"{mountpoint} is not a baifs mount") from None
     except OSError as error:
-        raise NotAMount(f"{mountpoint} does not answer ({error.strerror}); is the mount dead?") from None
+        raise NotAMount(
+            f"{mountpoint} does not answer ({error.strerror}): its daemon died or hangs; detach it with "
+            f"'baifs umount --force {mountpoint}' (pending changes stay for the next mount)"
+        ) from None
 
 
 #: A flush that keeps failing is given up once nothing moved for this long.
@@ -66,65 +78,155 @@ def _progress_mark(status: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
-    """Flush everything in the mount, showing files and bytes as they go.
+class FlushInterrupted(BaifsError):
+    """Ctrl-C while waiting for a flush: the mount stays, and goes on uploading."""
 
-    A flush that fails (the session failed a request after its retries) is
-    asked for again while it makes headway; it is given up once nothing
-    moved for `FLUSH_PATIENCE` seconds, when the session is terminated, or
-    when a run holds the execution slot (EAGAIN).
+    exit_status = 130
+
+
+def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
+    """Flush everything in the mount, showing files, bytes, rate and time left as they go.
+
+    On a terminal this is a progress bar; otherwise a plain line every few
+    seconds. A flush that fails (the session failed a request after its
+    retries) is asked for again while it makes headway; it is given up once
+    nothing moved for `FLUSH_PATIENCE` seconds, when the session is
+    terminated, or when a run holds the execution slot (EAGAIN). Ctrl-C
+    stops waiting at once (`FlushInterrupted`): the mount stays up and
+    goes on uploading in the background.
     """
     status = read_status(mountpoint)
     pending = status["pending"]
     if not pending["uploads"] and not pending["namespace_changes"]:
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn())
     mark, moved_at = _progress_mark(status), time.monotonic()
-    with Progress(*columns, console=console, transient=True) as progress:
-        files = progress.add_task(f"{label} files", total=max(pending["uploads"], 1))
-        while True:
-            error = _flush_once(
-                mountpoint,
-                lambda flushing: progress.update(
-                    files, total=max(flushing["files_total"], 1), completed=flushing["files_done"]
-                ),
-            )
-            if error is None:
-                break
-            status = read_status(mountpoint)
-            remote = status.get("remote") or {}
-            if error.errno == errno.EAGAIN or remote.get("terminated"):
-                raise BaifsError(_flush_failure(mountpoint, error, status))
-            if _progress_mark(status) != mark:
-                mark, moved_at = _progress_mark(status), time.monotonic()
-            elif time.monotonic() - moved_at > FLUSH_PATIENCE:
-                raise BaifsError(_flush_failure(mountpoint, error, status))
-            progress.update(files, description=f"{label} files (retrying: {error.strerror})")
-            time.sleep(1)
+    try:
+        with _FlushDisplay(console, label, pending) as display:
+            while True:
+                error = _flush_once(mountpoint, display.show)
+                if error is None:
+                    break
+                status = read_status(mountpoint)
+                remote = status.get("remote") or {}
+                if error.errno == errno.EAGAIN or remote.get("terminated"):
+                    raise BaifsError(_flush_failure(mountpoint, error, status))
+                if _progress_mark(status) != mark:
+                    mark, moved_at = _progress_mark(status), time.monotonic()
+                elif time.monotonic() - moved_at > FLUSH_PATIENCE:
+                    raise BaifsError(_flush_failure(mountpoint, error, status))
+                display.retrying(error.strerror or str(error))
+                time.sleep(1)
+    except KeyboardInterrupt:
+        raise FlushInterrupted(
+            f"interrupted: {mountpoint} is still mounted; uploads continue in the background "
+            f"(baifs status {mountpoint})"
+        ) from None
     console.print(
         f"{label}: {pending['uploads']} file(s), {pending['upload_bytes']:,} bytes and "
-        f"{pending['namespace_changes']} namespace change(s) are on the session"
+        f"{pending['namespace_changes']} namespace change(s) are on the session",
+        soft_wrap=True,
     )
 
 
+class _FlushDisplay:
+    """A rich progress bar on a terminal (files, bytes, rate, time left); plain lines elsewhere."""
+
+    PLAIN_EVERY = 5.0
+
+    def __init__(self, console: Console, label: str, pending: dict[str, Any]) -> None:
+        self.console = console
+        self.label = label
+        self.pending = pending
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.started = time.monotonic()
+        self.said_at = 0.0
+
+    def __enter__(self) -> _FlushDisplay:
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[files]}"),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.progress.__enter__()
+            total = max(self.pending["upload_bytes"], 1)
+            self.task = self.progress.add_task(self.label, total=total, files=self._files(0, None))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+
+    def _files(self, done: int, total: int | None) -> str:
+        return f"{done}/{total if total is not None else self.pending['uploads']} files"
+
+    def show(self, flushing: dict[str, Any]) -> None:
+        done, total = flushing.get("bytes_done", 0), max(flushing.get("bytes_total", 0), 1)
+        files = self._files(flushing.get("files_done", 0), flushing.get("files_total"))
+        if self.progress is not None:
+            self.progress.update(self.task, total=total, completed=done, files=files)
+            return
+        now = time.monotonic()
+        if now - self.said_at < self.PLAIN_EVERY:
+            return
+        self.said_at = now
+        rate = done / max(now - self.started, 1e-3)
+        left = f", about {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+        self.console.print(
+            f"{self.label}: {files}, {decimal(done)} of {decimal(total)}, {decimal(int(rate))}/s{left}",
+            soft_wrap=True,
+        )
+
+    def retrying(self, cause: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"{self.label} (retrying: {cause})")
+        else:
+            self.console.print(f"{self.label}: retrying ({cause})", soft_wrap=True)
+
+
+#: Sets the flush attribute in a process of its own (see `_flush_once`); prints the errno on failure.
+_FLUSH_CHILD = (
+    "import os, sys\n"
+    "try:\n"
+    "    os.setxattr(sys.argv[1], sys.argv[2], b'1')\n"
+    "except OSError as error:\n"
+    "    print(error.errno, error.strerror)\n"
+    "    sys.exit(1)\n"
+)
+
+
 def _flush_once(mountpoint: Path, show: Any) -> OSError | None:
-    """Ask the mount to flush everything (in a thread, showing progress); the error, if any."""
-    failure: list[OSError] = []
+    """Ask the mount to flush everything, showing progress; the error, if any.
 
-    def set_flag() -> None:
-        try:
-            os.setxattr(mountpoint, FLUSH_XATTR, b"1")
-        except OSError as error:
-            failure.append(error)
-
-    worker = threading.Thread(target=set_flag, daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.25)
+    The request is made by a child process in a session of its own: a
+    process blocked in a FUSE call cannot exit before the call returns, so
+    Ctrl-C leaves this command at once while the child (and the flush) go
+    on in the background.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _FLUSH_CHILD, str(mountpoint), FLUSH_XATTR],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        text=True,
+    )
+    while child.poll() is None:
+        time.sleep(0.25)
         flushing = read_status(mountpoint).get("flush") or {}
         if flushing:
             show(flushing)
-    return failure[0] if failure else None
+    if child.returncode == 0:
+        return None
+    number, _, text = (child.stdout.read() if child.stdout else "").strip().partition(" ")
+    code = int(number) if number.isdigit() else errno.EIO
+    return OSError(code, text or os.strerror(code))
 
 
 def _flush_failure(mountpoint: Path, error: OSError, status: dict[str, Any]) -> str:
@@ -142,6 +244,14 @@ def _flush_failure(mountpoint: Path, error: OSError, status: dict[str, Any]) -> 
         f"flush failed ({cause}); the changes stay pending: "
         f"see 'baifs status {mountpoint}' and the mount's log"
     )
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Detach a mount without asking its daemon anything (it may be dead)."""
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    result = subprocess.run([fusermount, "-uz", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BaifsError(f"detaching {mountpoint} failed: {result.stderr.strip()}")
 
 
 def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
@@ -162,11 +272,17 @@ def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
     if pid is None or lazy:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running(int(pid)):
-            _reaped(int(pid), 2.0)
-            return
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            if not running(int(pid)):
+                _reaped(int(pid), 2.0)
+                return
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        raise FlushInterrupted(
+            f"interrupted: {mountpoint} is unmounted; its daemon (pid {pid}) finishes what is left "
+            "in the background (see its log)"
+        ) from None
     raise BaifsError(f"the mount daemon (pid {pid}) is still running after {timeout:.0f} s; see its log")
 
 
@@ -184,15 +300,6 @@ def _remote_state(remote: dict[str, Any]) -> str:
     elif remote.get("unconcluded_run"):
         state += f"; run {remote['unconcluded_run']} is still to be read to its end"
     return state
-
-
-def _running(pid: int) -> bool:
-    """Whether the process runs (one that exited but was not reaped yet does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _reaped(pid: int, patience: float) -> None:
@@ -236,8 +343,18 @@ def _profile(profile: dict[str, Any]) -> str:
     return (
         f"virtual folders: {folders}; uploads belong to {owned[profile.get('uploads_owned')]}"
         f" (container uid {profile.get('container_uid')}); agent phases: {profile.get('phase_behaviour')}; "
-        f"upload names: {profile.get('upload_names')}; learnt from {profile['source']}"
+        f"upload names: {profile.get('upload_names')}; {_learnt(profile)}"
     )
+
+
+def _learnt(profile: dict[str, Any]) -> str:
+    when = profile.get("learnt_at")
+    at = f" on {time.strftime('%Y-%m-%d %H:%M', time.localtime(when))}" if when else ""
+    return {
+        "discovered": f"discovered{at}",
+        "last mount": f"discovered by an earlier mount{at}",
+        "vanished uploads": "guessed from uploads that did not arrive (discovery pending)",
+    }.get(profile["source"], profile["source"])
 
 
 def format_status(document: dict[str, Any]) -> str:
@@ -256,6 +373,8 @@ def format_status(document: dict[str, Any]) -> str:
         f"{pending['namespace_changes']} namespace change(s)",
     ]
     lines += [f"            {path}" for path in pending["paths"]]
+    if pending.get("more_paths"):
+        lines.append(f"            … and {pending['more_paths']:,} more")
     if document["flush"]:
         flushing = document["flush"]
         lines.append(

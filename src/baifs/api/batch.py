@@ -78,15 +78,18 @@ class BatchSteps:
     exec: str
     build: str = ""
     clean: str = ""
+    #: where the steps start, relative to /home/work ("" is /home/work itself, the runner's).
+    cwd: str = ""
 
     def script(self) -> str:
         """One shell script with the runner's semantics for the three steps.
 
         Each step runs in a fresh ``/bin/sh -c``; clean's exit code is ignored;
         a failed build skips exec and ends with 127; exec sees
-        ``_BACKEND_BATCH_MODE=1``.
+        ``_BACKEND_BATCH_MODE=1``. With ``cwd`` the steps start there (a
+        directory that is not there fails the run with 1, before any step).
         """
-        lines = []
+        lines = [f"cd -- {shlex.quote(self.cwd)} || exit 1"] if self.cwd else []
         if self.clean.strip():
             lines.append(f"/bin/sh -c {shlex.quote(self.clean)}")
         if self.build.strip():

@@ -302,6 +302,12 @@ class Connection:
         response = await self._send_with_retries(
             lambda: self._http.build_request("GET", self.url("/")), "version", idempotent=True
         )
+        not_a_manager = (
+            f"{self.credentials.endpoint} does not answer like a Backend.AI manager"
+            " (check BACKEND_ENDPOINT: the manager's address, with no path after the host)"
+        )
+        if 400 <= response.status_code < 500 and response.status_code != 429:
+            raise ProtocolError(f"{not_a_manager}; GET / answered {response.status_code}")
         if response.status_code != 200:
             self._raise_for_status(response, "version")
         try:
@@ -309,9 +315,7 @@ class Connection:
             server_version = str(document["version"])
             signing.version_key(server_version)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(
-                f"{self.credentials.endpoint} does not look like a Backend.AI manager"
-            ) from exc
+            raise ProtocolError(not_a_manager) from exc
         self.manager_version = str(document.get("manager", ""))
         self.api_version = min(server_version, signing.LATEST_VERSION, key=signing.version_key)
         log.info(

@@ -15,6 +15,9 @@ import os
 class BaifsError(Exception):
     """Base class of every error baifs reports to a user."""
 
+    #: the exit status of a command that ends with this error.
+    exit_status = 1
+
 
 class APIError(BaifsError):
     """The server answered with an HTTP error status."""

@@ -43,6 +43,8 @@ RUN_INODE = CONTROL_BASE + 2
 RUNS_INODE = CONTROL_BASE + 3
 LATEST_INODE = CONTROL_BASE + 4
 STATUS_NAME = b".baifs-status"
+#: Pending paths the status names; the rest are counted.
+STATUS_PATHS = 20
 RUN_NAME = b".run"
 RUNS_NAME = b".runs"
 LATEST_NAME = b"latest"
@@ -216,7 +218,8 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
             "uploads": len(uploads),
             "upload_bytes": sum(n.size for n in uploads),
             "namespace_changes": namespace_changes,
-            "paths": sorted(os.fsdecode(n.path) for n in pending)[:20],
+            "paths": sorted(os.fsdecode(n.path) for n in pending)[:STATUS_PATHS],
+            "more_paths": max(0, len(pending) - STATUS_PATHS),
         },
         "flush": dict(fs.sync.progress),
         "remote": {

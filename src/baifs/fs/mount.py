@@ -11,9 +11,10 @@ Order of events:
    earlier session of the same name left changes this one cannot take;
 3. mount, report readiness (to the waiting ``baifs mount`` process and to
    systemd), serve until unmounted or signalled;
-4. on SIGTERM, SIGINT or SIGHUP: flush everything while still mounted, then
-   unmount; on ``fusermount3 -u``: stop write-back cooperatively (a flush
-   under way finishes), then flush everything after the kernel let go.
+4. on SIGTERM or SIGINT: flush everything while still mounted, then
+   unmount (SIGHUP reopens the log, SIGUSR1 toggles debug logging); on
+   ``fusermount3 -u``: stop write-back cooperatively (a flush under way
+   finishes), then flush everything after the kernel let go.
    What cannot be flushed stays in the journal for the next mount (or
    ``baifs salvage``), and the log says so.
 
@@ -46,6 +47,8 @@ from ..api.errors import (
     SessionTerminated,
 )
 from ..concurrency import keep_running
+from ..locks import DirectoryLock, DirectoryLocked
+from ..logs import reopen_logs, toggle_debug_logging
 from .control import ControlTree
 from .filesystem import Filesystem, MountOptions
 from .operations import Operations
@@ -53,8 +56,6 @@ from .runs import DEFAULT_KEEP, RunManager
 from .salvage import pending_elsewhere
 from .state import (
     StateIdentity,
-    StateLock,
-    StateLocked,
     build_filesystem,
     start_filesystem,
     state_key,
@@ -153,10 +154,10 @@ async def run_mount(request: MountRequest, ready: Callable[[str], None]) -> None
         endpoint = request.credentials.endpoint
         session_id = str(info.get("containerId") or session.id_or_name)
         state = state_root() / state_key(endpoint, session_id)
-        lock = StateLock(state)
+        lock = DirectoryLock(state, "this session")
         try:
             lock.acquire(f"mounted at {request.mountpoint}")
-        except StateLocked as error:
+        except DirectoryLocked as error:
             raise MountError(str(error)) from None
         try:
             identity = StateIdentity(endpoint, request.session, session_id, str(request.mountpoint))
@@ -226,9 +227,21 @@ async def _serve(
 
 
 async def _handle_signals(filesystem: Filesystem) -> None:
-    """First signal: flush, then unmount. A second one: unmount now, changes stay journalled."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        received = await signals.__anext__()
+    """SIGTERM or SIGINT: flush, then unmount; a second one: unmount now, changes stay journalled.
+
+    SIGHUP reopens the log file (after an outside rotation), as daemons do;
+    SIGUSR1 switches the log between debug and the level the mount started with.
+    """
+    ending = (signal.SIGTERM, signal.SIGINT)
+    with trio.open_signal_receiver(*ending, signal.SIGHUP, signal.SIGUSR1) as signals:
+        async for received in signals:
+            if received in ending:
+                break
+            if received == signal.SIGHUP:
+                reopen_logs()
+                log.info("SIGHUP: log file reopened")
+            else:
+                log.warning("SIGUSR1: logging at %s now", toggle_debug_logging())
         log.info("%s: flushing, then unmounting", signal.Signals(received).name)
         async with trio.open_nursery() as nursery:
 

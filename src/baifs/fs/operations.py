@@ -84,6 +84,8 @@ class ControlHandle:
     snapshot: bytes | None
     request: bytearray = field(default_factory=bytearray)
     record: RunRecord | None = None
+    #: where the process that opened ``.run`` works, relative to /home/work, if inside the mount.
+    writer_cwd: str | None = None
 
 
 DirectoryEntry = tuple[bytes, Node | ControlEntry, bool]
@@ -227,9 +229,9 @@ class Operations(pyfuse3.Operations):
             directory = self.fs.node(inode)
             children = await self.fs.list_children(directory)
             entries = [(b".", directory, False), (b"..", directory.parent or directory, False)]
+            # The control files are reached by name only, never listed: tree tools (rsync -a, tar, find,
+            # git status) must not pick them up, as S3QL hides its control file.
             entries += [(node.name, node, True) for node in children]
-            if inode == ROOT_INODE:
-                entries += [(entry.name, entry, False) for entry in self.control.root_entries()]
         number = self._next_dir
         self._next_dir += 1
         self._dirs[number] = entries
@@ -327,10 +329,26 @@ class Operations(pyfuse3.Operations):
                 self.control.entry(inode)  # a run file: ENOENT if its run was pruned
             number = self._next_control
             self._next_control += 1
-            self._controls[number] = ControlHandle(inode, writable, snapshot)
+            writer_cwd = self._cwd_in_mount(ctx.pid) if writable else None
+            self._controls[number] = ControlHandle(inode, writable, snapshot, writer_cwd=writer_cwd)
             return pyfuse3.FileInfo(fh=number, direct_io=True, keep_cache=False)
         number, handle = await self.fs.open(self.fs.node(inode), flags)
         return self._file_info(number, handle)
+
+    def _cwd_in_mount(self, pid: int) -> str | None:
+        """The working directory of process ``pid`` relative to the mount's root, if it is inside."""
+        mountpoint = self.control.identity.get("mountpoint")
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            return None
+        # After a run the mount drops the kernel's entries, and the kernel then calls a working
+        # directory in the mount "deleted"; the name is still the directory's.
+        cwd = cwd.removesuffix(" (deleted)")
+        relative = os.path.relpath(cwd, mountpoint) if mountpoint else ".."
+        if relative == ".." or relative.startswith("../"):
+            return None
+        return "" if relative == "." else relative
 
     def _file_info(self, number: int, handle: Handle) -> pyfuse3.FileInfo:
         node = handle.node
@@ -368,6 +386,12 @@ class Operations(pyfuse3.Operations):
         if off > len(request):
             request.extend(b"\0" * (off - len(request)))
         request[off : off + len(buf)] = buf
+        try:
+            self.control.runs.refuse_early(bytes(request))
+        except RunRejected as error:
+            control.request = bytearray()
+            log.warning("refused a run request: %s", error)
+            raise FSError(errno.EINVAL) from None
         return len(buf)
 
     @handler
@@ -380,7 +404,7 @@ class Operations(pyfuse3.Operations):
     def _submit(self, control: ControlHandle) -> None:
         request, control.request = bytes(control.request), bytearray()
         try:
-            control.record = self.control.runs.submit(request)
+            control.record = self.control.runs.submit(request, writer_cwd=control.writer_cwd)
         except RunRejected as error:
             log.warning("refused a run request: %s", error)
             raise FSError(errno.EINVAL) from None
@@ -432,10 +456,20 @@ class Operations(pyfuse3.Operations):
         raise FSError(errno.ENOTSUP)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """The session's disk as ``df`` in it reported at discovery; until then, the local staging space."""
         data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = 65536
-        data.f_blocks = data.f_bfree = data.f_bavail = 1 << 30
-        data.f_files = data.f_ffree = data.f_favail = 1 << 30
+        data.f_bsize = data.f_frsize = 4096
+        disk = self.fs.sync.profile.disk_kib
+        if disk is not None:
+            total, available = disk[0] // 4, disk[1] // 4
+        else:
+            local = os.statvfs(self.fs.store.staging_dir)
+            total, available = (
+                local.f_blocks * local.f_frsize // 4096,
+                local.f_bavail * local.f_frsize // 4096,
+            )
+        data.f_blocks, data.f_bfree, data.f_bavail = total, available, available
+        data.f_files = data.f_ffree = data.f_favail = 1 << 30  # the session's inode count is not known
         data.f_namemax = 255
         return data
 

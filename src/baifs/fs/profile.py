@@ -75,6 +75,8 @@ class SessionProfile:
     folders_from: str = ""
     #: whether ``.baifs-tmp`` belongs to the container user (needed where uploads are foreign).
     staging_owned: bool = True
+    #: the file system of /home/work as ``df -Pk`` reported it at discovery: KiB total and available.
+    disk_kib: tuple[int, int] | None = None
 
     @property
     def known(self) -> bool:
@@ -109,6 +111,7 @@ class SessionProfile:
             "uploads_owned": self.uploads_owned,
             "container_uid": self.container_uid,
             "staging_owned": self.staging_owned,
+            "disk_kib": list(self.disk_kib) if self.disk_kib else None,
             "source": self.source,
             "learnt_at": self.learnt_at,
         }
@@ -121,6 +124,7 @@ class SessionProfile:
             uploads_owned=document.get("uploads_owned"),
             container_uid=document.get("container_uid"),
             staging_owned=bool(document.get("staging_owned", True)),
+            disk_kib=tuple(document["disk_kib"]) if document.get("disk_kib") else None,
             source=str(document.get("source", "")),
             learnt_at=document.get("learnt_at"),
         )
@@ -139,6 +143,7 @@ def discovery_script(probe: bytes) -> str:
             "if [ -O .baifs-tmp ]; then echo 'staging ours'; else echo 'staging foreign'; fi; fi",
             'if [ -n "${BACKENDAI_PERSISTENT_PATHS+set}" ]; '
             "then printf 'persistent %s\\n' \"$BACKENDAI_PERSISTENT_PATHS\"; fi",
+            "df -Pk . 2>/dev/null | awk 'NR == 2 {print \"disk\", $2, $4}'",
             "while read -r _ _ _ _ point _; do "
             "case $point in /home/work/?*) printf 'mount %s\\n' \"$point\";; esac; "
             "done < /proc/self/mountinfo",
@@ -172,6 +177,9 @@ def parse_discovery(output: str) -> SessionProfile:
             profile.uploads_owned = {"yes": True, "no": False}.get(value.strip())
         elif key == "staging":
             profile.staging_owned = value.strip() == "ours"
+        elif key == "disk" and all(part.isdigit() for part in value.split()) and len(value.split()) == 2:
+            total, available = (int(part) for part in value.split())
+            profile.disk_kib = (total, available)
         elif key == "persistent":
             persistent = [path for part in raw.split(b":") if (path := _relative(part)) is not None]
         elif key == "mount":

@@ -1,9 +1,13 @@
 """Batch runs started from the mount: what a write to ``.run`` does, and the records behind ``.runs/``.
 
 A write to ``.run`` is a *run request*: either a shell command (the exec
-step) or a small TOML document with ``clean``, ``build`` and ``exec`` keys.
-`parse_request` accepts or rejects it (`RunRejected` says why; the FUSE
-layer answers EINVAL). An accepted request becomes a `RunRecord` numbered
+step) or a small TOML document with ``clean``, ``build`` and ``exec`` keys,
+and ``cwd``, where the steps start (relative to ``/home/work``; without it,
+the directory of the writer when it is inside the mount, else
+``/home/work``). `parse_request` accepts or rejects it (`RunRejected` says
+why; the FUSE layer answers EINVAL); `early_refusal` rejects at ``write``
+what can never become valid, so that a shell's ``echo … > .run``, which
+ignores errors of ``close``, sees the error. An accepted request becomes a `RunRecord` numbered
 1, 2, 3, ... and queues for the session's execution slot, so runs go one at
 a time and in order. A run then:
 
@@ -31,8 +35,10 @@ it (the run itself, if it was going, is concluded by `mount`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import posixpath
 import secrets
 import shutil
 import time
@@ -52,6 +58,7 @@ from .supervisor import SupervisedSteps
 log = logging.getLogger(__name__)
 
 STEP_KEYS = ("clean", "build", "exec")
+REQUEST_KEYS = (*STEP_KEYS, "cwd")
 #: A command longer than this could not reach the session's shell (one argument is capped at 128 KiB).
 MAX_COMMAND_BYTES = 64 * 1024
 RECORD_FILES = ("command", "status", "output", "stdout", "stderr", "exit_code")
@@ -60,6 +67,40 @@ DEFAULT_KEEP = 100
 
 class RunRejected(BaifsError):
     """A write to ``.run`` that is not a run request."""
+
+
+class IncompleteRequest(RunRejected):
+    """A request with no command (yet): refused at ``close``, but more bytes could mend it."""
+
+
+def session_directory(path: str) -> str:
+    """A directory under /home/work as the runs' ``cwd``: relative, normalised; `RunRejected` if outside."""
+    absolute = posixpath.normpath(posixpath.join("/home/work", path))
+    if absolute != "/home/work" and not absolute.startswith("/home/work/"):
+        raise RunRejected(f"cwd {path!r} is outside /home/work")
+    return absolute[len("/home/work/") :] if absolute != "/home/work" else ""
+
+
+def early_refusal(data: bytes) -> str | None:
+    """Why a request being written can never become valid, or None (it may, once complete).
+
+    Only what more bytes cannot mend: too long, a NUL, or a complete TOML
+    document with a key or a value a request cannot have. An empty request,
+    or a document without steps yet, may be the start of a valid one.
+    """
+    try:
+        parse_request(data)
+    except IncompleteRequest:
+        return None
+    except RunRejected as error:
+        if b"\0" in data or len(data) > MAX_COMMAND_BYTES:
+            return str(error)
+        try:
+            tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return None  # not UTF-8 yet: the rest of a character may follow
+        return str(error)
+    return None
 
 
 def parse_request(data: bytes) -> BatchSteps:
@@ -73,23 +114,35 @@ def parse_request(data: bytes) -> BatchSteps:
     if "\0" in text:
         raise RunRejected("the request contains a NUL byte")
     if not text.strip():
-        raise RunRejected("the request is empty: write a command, or a TOML table with clean, build and exec")
+        raise IncompleteRequest(
+            "the request is empty: write a command, or a TOML table with clean, build and exec"
+        )
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return BatchSteps(exec=text.strip())
-    unknown = sorted(set(document) - set(STEP_KEYS))
+    unknown = sorted(set(document) - set(REQUEST_KEYS))
     if unknown:
         raise RunRejected(
             f"unknown key(s) {', '.join(map(repr, unknown))}: a structured request has only "
-            'clean, build and exec (to run a command that looks like TOML, write exec = "...")'
+            'clean, build, exec and cwd (to run a command that looks like TOML, write exec = "...")'
         )
-    if not all(isinstance(document.get(key, ""), str) for key in STEP_KEYS):
-        raise RunRejected("clean, build and exec must be strings")
-    steps = BatchSteps(**{key: document.get(key, "").strip() for key in STEP_KEYS})
+    if not all(isinstance(document.get(key, ""), str) for key in REQUEST_KEYS):
+        raise RunRejected("clean, build, exec and cwd must be strings")
+    steps = BatchSteps(
+        **{key: document.get(key, "").strip() for key in STEP_KEYS},
+        cwd=session_directory(document.get("cwd", "")),
+    )
     if not (steps.clean or steps.build or steps.exec):
-        raise RunRejected("every step is empty")
+        raise IncompleteRequest("every step is empty")
     return steps
+
+
+def _document_keys(data: bytes) -> set[str]:
+    try:
+        return set(tomllib.loads(data.decode("utf-8")))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return set()
 
 
 @dataclass
@@ -120,7 +173,7 @@ class RunRecord:
             "state": self.state,
             "exit_code": self.exit_code,
             "run_id": self.run_id,
-            "steps": {key: getattr(self.steps, key) for key in STEP_KEYS},
+            "steps": {key: getattr(self.steps, key) for key in REQUEST_KEYS},
             "queued_at": self.queued_at,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
@@ -154,7 +207,7 @@ class RunRecord:
     @classmethod
     def load(cls, directory: Path) -> RunRecord:
         document = json.loads((directory / "status").read_text())
-        steps = BatchSteps(**{key: document["steps"].get(key, "") for key in STEP_KEYS})
+        steps = BatchSteps(**{key: document["steps"].get(key, "") for key in REQUEST_KEYS})
         record = cls(
             number=int(document["number"]),
             directory=directory,
@@ -223,13 +276,27 @@ class RunManager:
             finally:
                 self._abandon_all()
 
-    def submit(self, data: bytes) -> RunRecord:
-        """Accept a run request and queue it; `RunRejected` says why not."""
+    def refuse_early(self, data: bytes) -> None:
+        """`RunRejected` now for a request being written that can never become valid."""
+        reason = early_refusal(data)
+        if reason is not None:
+            self.last_rejection = reason
+            raise RunRejected(reason)
+
+    def submit(self, data: bytes, *, writer_cwd: str | None = None) -> RunRecord:
+        """Accept a run request and queue it; `RunRejected` says why not.
+
+        ``writer_cwd`` is where the writer works, relative to /home/work, when
+        it works inside the mount: the steps start there unless the request
+        says ``cwd``.
+        """
         try:
             steps = parse_request(data)
         except RunRejected as error:
             self.last_rejection = str(error)
             raise
+        if writer_cwd and not steps.cwd and "cwd" not in _document_keys(data):
+            steps = dataclasses.replace(steps, cwd=writer_cwd)
         self.last_rejection = None
         number = max(self.records, default=0) + 1
         directory = self.directory / str(number)
@@ -276,8 +343,10 @@ class RunManager:
                 record.output_note = "an answer from the session was lost on the way: some output is missing"
             if outcome.exit_code is None:
                 raise RunFailed("the run ended, but the answer that carried its exit code was lost")
-            record.state, record.exit_code = "finished", outcome.exit_code
-            log.info("run %d finished with exit code %d", record.number, outcome.exit_code)
+            # Killed by signal N (-N, as some agents report it): the shell's 128 + N, like `baifs run`.
+            code = outcome.exit_code if outcome.exit_code >= 0 else 128 - outcome.exit_code
+            record.state, record.exit_code = "finished", code
+            log.info("run %d finished with exit code %d", record.number, code)
         except BaifsError as error:
             record.state, record.error = "failed", str(error)
             log.error("run %d failed: %s", record.number, error)

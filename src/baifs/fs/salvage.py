@@ -40,14 +40,13 @@ import trio
 
 from ..api.client import SessionClient
 from ..api.errors import BaifsError
+from ..locks import DirectoryLock, DirectoryLocked
 from .filesystem import MountOptions
 from .journal import decode_path, read_journal
 from .model import depth, is_ancestor_or_self
 from .state import (
     CURRENT_RUN_FILE,
     StateIdentity,
-    StateLock,
-    StateLocked,
     build_filesystem,
     start_filesystem,
     state_directories,
@@ -277,10 +276,10 @@ def export(state: Path, target: Path) -> ExportReport:
 
 async def replay(state: Path, session: SessionClient, progress: Any = None) -> int:
     """Push a state directory's pending changes to ``session``; how many changes were recovered."""
-    lock = StateLock(state)
+    lock = DirectoryLock(state, "this session")
     try:
         lock.acquire("replaying it with baifs salvage")
-    except StateLocked as error:
+    except DirectoryLocked as error:
         raise SalvageError(f"{error}: unmount it first") from None
     try:
         (state / CURRENT_RUN_FILE).unlink(missing_ok=True)  # a run of the old session, not of this one

@@ -5,7 +5,7 @@ session's container id):
 
     session.json     who this state belongs to: endpoint, session name and id,
                      the last mountpoint and mount time (for ``baifs salvage``)
-    lock             held by the mount that serves the session (one per machine)
+    lock             held by the mount that serves the session (one per machine, `locks`)
     journal.jsonl    the pending changes (`journal`)
     staging/         their content (`content`)
     current-run      the id of a batch run not yet concluded (`RunMarker`)
@@ -26,7 +26,6 @@ cannot be written stops the run before anything is sent (`LocalStateError`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -41,7 +40,7 @@ import trio
 
 from ..api.batch import BatchExecutor
 from ..api.client import SessionClient
-from ..api.errors import BaifsError, LocalStateError
+from ..api.errors import LocalStateError
 from .content import ContentStore
 from .filesystem import Filesystem, MountOptions
 from .journal import Journal
@@ -56,10 +55,6 @@ IDENTITY_FILE = "session.json"
 RUN_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
-class StateLocked(BaifsError):
-    """Another process serves this session from this machine."""
-
-
 def state_root() -> Path:
     from .. import config
 
@@ -68,30 +63,6 @@ def state_root() -> Path:
 
 def state_key(endpoint: str, session_id: str) -> str:
     return hashlib.sha256(f"{endpoint}\0{session_id}".encode()).hexdigest()[:16]
-
-
-class StateLock:
-    """One process per session and machine: an exclusive lock in the state directory."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = directory / "lock"
-        self._handle = open(self.path, "a+")
-
-    def acquire(self, holder: str) -> None:
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._handle.seek(0)
-            owner = self._handle.read().strip() or "another process"
-            raise StateLocked(f"this session is already in use from this machine ({owner})") from None
-        self._handle.seek(0)
-        self._handle.truncate()
-        self._handle.write(f"pid {os.getpid()} {holder}")
-        self._handle.flush()
-
-    def release(self) -> None:
-        self._handle.close()
 
 
 class RunMarker:

@@ -8,6 +8,7 @@ Owns the server's process-level state:
   lines a client needs;
 - ``<data root>/serve.json``: the PID and endpoint of the running server, so
   that ``baifs mount --local`` can reuse it; removed on a clean exit;
+- ``<data root>/lock``: one server per data directory (`locks`);
 - the listener: 127.0.0.1 unless told otherwise (a warning is logged for any
   other address, since batch commands run on this host);
 - the sandbox batch commands run in (`sandbox`): the server refuses to start
@@ -22,6 +23,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
 from .. import config
+from ..api.errors import BaifsError
+from ..locks import DirectoryLock
 from .app import ServerState, build_app
 from .auth import Keypair
 from .compat import Compat
@@ -45,6 +49,10 @@ log = logging.getLogger(__name__)
 
 KEYPAIR_FILE = "keypair.toml"
 SERVE_FILE = "serve.json"
+
+
+class PortBusy(BaifsError):
+    """The address to listen on is taken (another server, another program)."""
 
 
 @dataclass
@@ -104,7 +112,32 @@ def is_loopback(host: str) -> bool:
 
 async def serve(options: ServeOptions, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGINT or SIGTERM; reports the endpoint URL through ``task_status``."""
-    options.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = DirectoryLock(options.data_dir, f"the data directory {options.data_dir}")
+    lock.acquire(f"baifs serve on {options.host}:{options.port}")
+    try:
+        await _serve(options, task_status)
+    finally:
+        lock.release()
+
+
+def check_port(host: str, port: int) -> None:
+    """`PortBusy` now, rather than a traceback from the server, when the address is taken."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PortBusy(
+                f"cannot listen on {host}:{port}: {error.strerror}; choose another port with --port "
+                "(0 picks a free one)"
+            ) from None
+
+
+async def _serve(options: ServeOptions, task_status: trio.TaskStatus[str]) -> None:
+    check_port(options.host, options.port)
     os.umask(0o022)  # the agent's: uploads are 0644, the directories they make 0755
     keypair, generated = load_keypair(options)
     sandbox = Sandbox.create(
