@@ -24,7 +24,13 @@ def test_writes_are_visible_at_once_and_on_the_session_after_sync(mount: Mount) 
     m.sync()
     assert (m.work / "hello.txt").read_text() == "hello\n"
     assert (m.work / "dir/sub/deep.bin").read_bytes() == bytes(range(256)) * 100
-    assert m.status()["pending"] == {"uploads": 0, "upload_bytes": 0, "namespace_changes": 0, "paths": []}
+    assert m.status()["pending"] == {
+        "uploads": 0,
+        "upload_bytes": 0,
+        "namespace_changes": 0,
+        "paths": [],
+        "more_paths": 0,
+    }
 
 
 def test_write_back_uploads_without_being_asked(mount: Mount) -> None:
