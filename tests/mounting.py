@@ -181,6 +181,20 @@ class Mount:
         force_unmount(self.path)
 
 
+def run_status(m: Mount, number: int | str) -> dict:
+    return json.loads((m.path / ".runs" / str(number) / "status").read_text())
+
+
+def wait_done(m: Mount, number: int | str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = run_status(m, number)
+        if current["state"] in ("finished", "failed"):
+            return current
+        time.sleep(0.05)
+    raise AssertionError(f"run {number} did not end: {current}")
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
     """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

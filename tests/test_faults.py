@@ -504,3 +504,19 @@ def test_faults_between_the_mount_and_its_runs_supervisor_lose_nothing(faulty: F
     runner.join(60)
     assert (m.path / ".runs" / "1" / "output").read_text() == "begin\ndone\n"
     assert sum(faulty.proxy.state()["injected"].values()) >= 3
+
+
+def test_discovery_through_failing_uploads_and_a_lost_run_answer_gets_there(faulty: Faulty) -> None:
+    faulty.proxy.set(
+        {"endpoint": "upload", "fault": "status", "status": 503, "count": 5},
+        {"endpoint": "execute", "fault": "reset_after", "count": 1},
+    )
+    m = faulty.mount.start(timeout=60)
+    profile = m.status()["profile"]
+    assert profile["source"] == "discovered" and profile["uploads_owned"] is True, m.log_text()
+    assert m.alive
+    (m.path / "after.txt").write_text("x\n")
+    m.sync()
+    assert (m.work / "after.txt").read_text() == "x\n"
+    assert not any(name.startswith(".baifs-probe") for name in os.listdir(m.work)), os.listdir(m.work)
+    assert sum(faulty.proxy.state()["injected"].values()) >= 2

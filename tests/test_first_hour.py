@@ -13,11 +13,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from mounting import Mount, baifs, needs_fuse, wait_for
+from mounting import Mount, baifs, needs_fuse, wait_done, wait_for
 from support import LocalServer, start_server
 
 
@@ -45,26 +44,14 @@ def test_a_run_starts_in_the_session_directory_that_matches_the_callers(mount: M
     assert (m.work / "proj" / "here.txt").read_text() == "made\n"
     written = shell("echo pwd > ../../.run", m.path / "proj" / "sub")  # a shell in proj/sub writes .run
     assert written.returncode == 0, written
-    latest = m.path / ".runs" / "latest"
-    status = _wait_finished(latest)
-    assert (latest / "stdout").read_text() == "/home/work/proj/sub\n" and status["exit_code"] == 0
+    status = wait_done(m, 2)
+    assert (m.path / ".runs" / "2" / "stdout").read_text() == "/home/work/proj/sub\n" and status[
+        "exit_code"
+    ] == 0
     explicit = shell("""printf 'exec = "pwd"\\ncwd = "proj"\\n' > .run""", m.path)
     assert explicit.returncode == 0, explicit
-    _wait_finished(latest, number=3)
+    wait_done(m, 3)
     assert (m.path / ".runs" / "3" / "stdout").read_text() == "/home/work/proj\n"
-
-
-def _wait_finished(record: Path, number: int | None = None) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            status = json.loads((record / "status").read_text())
-        except (OSError, ValueError):
-            status = {}
-        if status.get("state") in ("finished", "failed") and (number is None or status["number"] == number):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"no finished run at {record}")
 
 
 @needs_fuse

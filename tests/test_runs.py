@@ -11,24 +11,10 @@ import sys
 import time
 
 import pytest
-from mounting import Mount, baifs_run, needs_fuse
+from mounting import Mount, baifs_run, needs_fuse, run_status, wait_done
 from support import signed_request
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(120)]
-
-
-def status(m: Mount, number: int | str) -> dict:
-    return json.loads((m.path / ".runs" / str(number) / "status").read_text())
-
-
-def wait_done(m: Mount, number: int | str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = status(m, number)
-        if current["state"] in ("finished", "failed"):
-            return current
-        time.sleep(0.05)
-    raise AssertionError(f"run {number} did not end: {current}")
 
 
 def test_a_run_sees_what_was_written_before_it_and_its_files_show_at_once(mount: Mount) -> None:
@@ -54,7 +40,7 @@ def test_exit_codes_come_through_every_way(mount: Mount, command: str, build: st
     m = mount.start()
     result = baifs_run(m, command, build=build)
     assert result.returncode == code, result
-    final = status(m, "latest")
+    final = run_status(m, "latest")
     assert final["state"] == "finished" and final["exit_code"] == code
     assert (m.path / ".runs/latest/exit_code").read_text() == f"{code}\n"
     assert json.loads((m.path / ".run").read_text())["latest"]["exit_code"] == code
@@ -79,7 +65,7 @@ def test_output_is_readable_while_the_run_goes(mount: Mount) -> None:
     seen_running = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        current = status(m, 1)
+        current = run_status(m, 1)
         output = (m.path / ".runs/1/output").read_text()
         if current["state"] == "running" and "line 2" in output:
             seen_running.append(output)
@@ -100,7 +86,7 @@ def test_tail_f_follows_a_run(mount: Mount) -> None:
     try:
         first = tail.stdout.readline()  # type: ignore[union-attr]
         assert first == b"tick 1\n"
-        assert status(m, 1)["state"] == "running"
+        assert run_status(m, 1)["state"] == "running"
     finally:
         tail.kill()
         tail.wait()
@@ -161,7 +147,7 @@ def test_ctrl_c_interrupts_the_command_in_the_session(mount: Mount) -> None:
     argv = [sys.executable, "-m", "baifs", "run", str(m.path), "--", "sleep 60; echo not interrupted"]
     runner = subprocess.Popen(argv, env=m.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
-    while not (m.path / ".runs/1").exists() or status(m, 1)["state"] != "running":
+    while not (m.path / ".runs/1").exists() or run_status(m, 1)["state"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.5)
@@ -189,7 +175,7 @@ def test_a_session_that_dies_during_a_run_fails_it_with_the_cause(mount: Mount) 
     m = mount.start()
     (m.path / ".run").write_text("sleep 30\n")
     deadline = time.monotonic() + 10
-    while status(m, 1)["state"] != "running":
+    while run_status(m, 1)["state"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     signed_request(m.server, "DELETE", f"/session/{m.session_id}").raise_for_status()

@@ -52,6 +52,7 @@ import trio
 
 from ..api.batch import BatchOutcome, BatchSteps
 from ..api.errors import BaifsError
+from ..concurrency import keep_running
 from .filesystem import Filesystem
 from .supervisor import SupervisedSteps
 
@@ -374,7 +375,7 @@ class RunManager:
         finally:
             supervisor.close(inbox, ended=ended)
             if not ended and self._nursery is not None:
-                self._nursery.start_soon(supervisor.conclude, inbox)
+                self._nursery.start_soon(keep_running, "concluding a run", lambda: supervisor.conclude(inbox))
 
     def _sink(self, record: RunRecord) -> Callable[[str, str], Awaitable[None]]:
         async def sink(stream: str, text: str) -> None:
@@ -412,7 +413,10 @@ class RunManager:
         log.info("interrupting run %d", number)
         await self.fs.executor.interrupt()
         if self._nursery is not None:
-            self._nursery.start_soon(self.fs.supervisor.relay_interrupt, lambda: record.state == "running")
+            relay = self.fs.supervisor.relay_interrupt
+            self._nursery.start_soon(
+                keep_running, "the interrupt relay", lambda: relay(lambda: record.state == "running")
+            )
 
     def _prune(self) -> None:
         for number in sorted(self.records)[: -self.keep]:

@@ -41,6 +41,7 @@ import trio
 from ..api.batch import BatchExecutor
 from ..api.client import SessionClient
 from ..api.errors import LocalStateError
+from ..concurrency import keep_running
 from .content import ContentStore
 from .filesystem import Filesystem, MountOptions
 from .journal import Journal
@@ -167,5 +168,9 @@ async def start_filesystem(filesystem: Filesystem, nursery: trio.Nursery) -> int
     await nursery.start(filesystem.run_background)
     profiles = filesystem.sync.profiles
     if not profiles.profile.known:
-        nursery.start_soon(profiles.keep_discovering, filesystem.session, filesystem.executor)
+        nursery.start_soon(
+            keep_running,
+            "discovery",
+            lambda: profiles.keep_discovering(filesystem.session, filesystem.executor),
+        )
     return recovered
