@@ -17,20 +17,27 @@ stored with; staging files are only removed by `discard_stage`, after the
 content is on the session or the file was deleted, and never while a flush
 reads them (`holding`): a file deleted while its upload is under way is
 removed when that upload is done.
+
+Costs, whatever the number of entries: a lookup, a stored chunk and the
+accounting of ``cached_bytes`` are O(1) (the total is kept, not recomputed);
+eviction is amortized O(1) per entry it drops (entries sit in least recently
+used order, and a pinned one it meets moves to the back); moving a remote
+directory's entries is O(log n + k) for its k cached files (a sorted index of
+paths).
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import os
 import secrets
 import shutil
-import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
 #: Largest file fetched by one download: a 1 MiB tar minus headers, with margin.
 DIRECT_DOWNLOAD_MAX = 1_040_000
@@ -42,30 +49,42 @@ def chunk_count(size: int) -> int:
     return max(1, -(-size // CHUNK_BYTES))
 
 
-@dataclass
 class CacheEntry:
-    remote_path: bytes
-    size: int
-    mtime_ns: int
-    file: Path
-    chunks: set[int] = field(default_factory=set)
-    last_used: float = field(default_factory=time.monotonic)
-    pins: int = 0
+    """One version (size, mtime) of a remote file, whole or in chunks, in a file of the cache."""
+
+    __slots__ = ("remote_path", "size", "mtime_ns", "file", "present", "pins")
+
+    def __init__(self, remote_path: bytes, size: int, mtime_ns: int, file: Path) -> None:
+        self.remote_path = remote_path
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.file = file
+        #: the chunks present, as a bit set (bit i: chunk i).
+        self.present = 0
+        #: open descriptors reading it: a pinned entry is never evicted.
+        self.pins = 0
 
     @property
     def chunk_total(self) -> int:
         return chunk_count(self.size)
 
+    def has(self, index: int) -> bool:
+        return bool(self.present >> index & 1)
+
     @property
     def complete(self) -> bool:
-        return len(self.chunks) >= self.chunk_total
+        return self.present.bit_count() >= self.chunk_total
+
+    @property
+    def cached_bytes(self) -> int:
+        return min(self.size, self.present.bit_count() * CHUNK_BYTES)
 
     def missing_chunks(self, offset: int, length: int) -> list[int]:
         if self.size == 0 or length <= 0:
             return []
         first = offset // CHUNK_BYTES
         last = min(self.size - 1, offset + length - 1) // CHUNK_BYTES
-        return [index for index in range(first, last + 1) if index not in self.chunks]
+        return [index for index in range(first, last + 1) if not self.has(index)]
 
 
 class ContentStore:
@@ -73,7 +92,12 @@ class ContentStore:
         self.cache_dir = cache_dir
         self.staging_dir = staging_dir
         self.cache_limit = cache_limit
-        self._entries: dict[bytes, CacheEntry] = {}
+        #: entries by remote path, least recently used first.
+        self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        #: the same paths, sorted: the entries under a directory are a range.
+        self._paths: SortedList = SortedList()
+        self._cached_bytes = 0
+        self._file_names = itertools.count()
         #: staging files being read by a flush, and how many flushes read each.
         self._held: Counter[str] = Counter()
         #: held staging files discarded meanwhile: removed when the last hold ends.
@@ -91,27 +115,43 @@ class ContentStore:
         if entry.size != size or entry.mtime_ns != mtime_ns:
             self._drop(entry)
             return None
-        entry.last_used = time.monotonic()
+        self._entries.move_to_end(remote_path)
         return entry
+
+    def new_file(self) -> Path:
+        """A name in the cache no entry has had (safe to fill from a worker thread)."""
+        return self.cache_dir / format(next(self._file_names), "x")
 
     def entry_for(self, remote_path: bytes, size: int, mtime_ns: int) -> CacheEntry:
-        """The entry to fill for this version of a file (an empty one if unknown)."""
+        """The entry to fill chunk by chunk for this version of a file (an empty one if unknown)."""
         entry = self.lookup(remote_path, size, mtime_ns)
         if entry is None:
-            name = hashlib.sha256(remote_path).hexdigest()[:32]
-            entry = CacheEntry(remote_path, size, mtime_ns, self.cache_dir / name)
+            entry = self._add(CacheEntry(remote_path, size, mtime_ns, self.new_file()))
             with open(entry.file, "wb") as handle:
                 handle.truncate(size)
-            self._entries[remote_path] = entry
         return entry
 
-    def store_chunk(self, entry: CacheEntry, index: int, data: bytes) -> None:
-        """Write one chunk (or a whole small file as chunk 0) into its entry."""
+    def add_whole(self, remote_path: bytes, size: int, mtime_ns: int, file: Path) -> CacheEntry:
+        """A small file written whole into ``file`` (from `new_file`) becomes the entry for its version."""
+        stale = self._entries.get(remote_path)
+        if stale is not None:
+            self._drop(stale)
+        entry = self._add(CacheEntry(remote_path, size, mtime_ns, file))
+        self._mark_present(entry, (1 << entry.chunk_total) - 1)
+        return entry
+
+    @staticmethod
+    def write_chunk(entry: CacheEntry, index: int, data: bytes) -> None:
+        """Write one chunk into its entry's file (file I/O only: run it in a worker thread)."""
         with open(entry.file, "r+b") as handle:
             handle.seek(index * CHUNK_BYTES)
             handle.write(data)
-        entry.chunks.add(index)
-        entry.last_used = time.monotonic()
+
+    def chunk_written(self, entry: CacheEntry, index: int) -> None:
+        """A chunk written by `write_chunk` is present (unless the entry was dropped meanwhile)."""
+        if self._entries.get(entry.remote_path) is entry:
+            self._mark_present(entry, entry.present | 1 << index)
+            self._entries.move_to_end(entry.remote_path)
 
     def forget(self, remote_path: bytes) -> None:
         entry = self._entries.get(remote_path)
@@ -120,36 +160,55 @@ class ContentStore:
 
     def rename(self, old: bytes, new: bytes) -> None:
         """Remote objects moved by a flush keep their cached content."""
-        moved = [
-            (path, entry)
-            for path, entry in self._entries.items()
-            if path == old or path.startswith(old + b"/")
-        ]
-        for path, entry in moved:
-            del self._entries[path]
+        inside = list(self._paths.irange(old + b"/", old + b"0", inclusive=(True, False)))
+        for path in ([old] if old in self._entries else []) + inside:
+            entry = self._entries[path]
+            self._remove(entry)
+            replaced = self._entries.get(new + path[len(old) :])
+            if replaced is not None:
+                self._drop(replaced)
             entry.remote_path = new + path[len(old) :]
-            self._entries[entry.remote_path] = entry
+            self._add(entry)
+
+    def _add(self, entry: CacheEntry) -> CacheEntry:
+        self._entries[entry.remote_path] = entry
+        self._paths.add(entry.remote_path)
+        self._cached_bytes += entry.cached_bytes
+        return entry
+
+    def _remove(self, entry: CacheEntry) -> None:
+        del self._entries[entry.remote_path]
+        self._paths.remove(entry.remote_path)
+        self._cached_bytes -= entry.cached_bytes
+
+    def _mark_present(self, entry: CacheEntry, present: int) -> None:
+        self._cached_bytes -= entry.cached_bytes
+        entry.present = present
+        self._cached_bytes += entry.cached_bytes
 
     def _drop(self, entry: CacheEntry) -> None:
-        self._entries.pop(entry.remote_path, None)
+        if self._entries.get(entry.remote_path) is entry:
+            self._remove(entry)
         entry.file.unlink(missing_ok=True)
 
     @property
     def cached_bytes(self) -> int:
-        return sum(min(entry.size, len(entry.chunks) * CHUNK_BYTES) for entry in self._entries.values())
+        return self._cached_bytes
 
     def evict(self) -> None:
-        """Drop least recently used entries until the cache fits its limit."""
-        total = self.cached_bytes
-        if total <= self.cache_limit:
-            return
-        for entry in sorted(self._entries.values(), key=lambda e: e.last_used):
-            if total <= self.cache_limit:
-                break
+        """Drop least recently used entries until the cache fits its limit.
+
+        A pinned entry (an open file reads it) moves to the back: it is in
+        use, and the next eviction does not step over it again.
+        """
+        for _ in range(len(self._entries)):
+            if self._cached_bytes <= self.cache_limit:
+                return
+            path, entry = next(iter(self._entries.items()))
             if entry.pins:
-                continue
-            total -= min(entry.size, len(entry.chunks) * CHUNK_BYTES)
-            self._drop(entry)
+                self._entries.move_to_end(path)
+            else:
+                self._drop(entry)
 
     # -- the staging area -------------------------------------------------
 
@@ -192,7 +251,7 @@ class ContentStore:
             self._drop(entry)
             self.discard_stage(stage)
             return
-        entry.chunks.update(range(entry.chunk_total))
+        self._mark_present(entry, (1 << entry.chunk_total) - 1)
 
     def discard_stage(self, stage: str) -> None:
         if self._held[stage]:

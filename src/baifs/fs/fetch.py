@@ -30,8 +30,10 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -92,6 +94,9 @@ class Fetcher:
         self.store = store
         self.parallel = parallel
         self._wants: dict[bytes, Want] = {}
+        #: the wants in the order workers take them; a want may sit in both.
+        self._demanded: deque[Want] = deque()
+        self._prefetched: deque[Want] = deque()
         self._idle_workers = trio.lowlevel.ParkingLot()
         self._ranges: dict[tuple[bytes, int, int], RangeState] = {}
         self._nursery: trio.Nursery | None = None
@@ -127,11 +132,10 @@ class Fetcher:
             raise StaleContent(f"{node.origin!r} changed while it was read")
         return entry
 
-    def prefetch(self, nodes: list[Node], *, after: bytes = b"") -> None:
-        """Queue small files in a scan's order (names after ``after`` first), within bounds."""
-        ordered = sorted(nodes, key=lambda s: (s.name < after, s.name))
+    def prefetch(self, nodes: Iterable[Node]) -> None:
+        """Queue small files, in the order given (a scan's), within bounds."""
         files = size = 0
-        for sibling in ordered:
+        for sibling in nodes:
             if files >= PREFETCH_FILES or size >= PREFETCH_BYTES:
                 return
             if self._prefetchable(sibling):
@@ -156,16 +160,22 @@ class Fetcher:
         if want is None or want.done.is_set():
             want = Want(node.origin, node.remote_size, node.remote_mtime_ns, demanded)
             self._wants[node.origin] = want
-        want.demanded = want.demanded or demanded
-        self._idle_workers.unpark_all()
+            (self._demanded if demanded else self._prefetched).append(want)
+        elif demanded and not want.demanded:
+            want.demanded = True
+            self._demanded.append(want)  # ahead of the prefetched queue, where it also waits
+        self._idle_workers.unpark()
         return want
 
     def _take_batch(self) -> list[Want]:
-        waiting = [w for w in self._wants.values() if not w.done.is_set() and not w.taken]
-        waiting.sort(key=lambda w: not w.demanded)
-        batch = waiting[:MAX_DOWNLOAD_PATHS]
-        for want in batch:
-            want.taken = True
+        """Up to five waiting files, demanded ones first (queues hold stale wants; they are skipped)."""
+        batch: list[Want] = []
+        for queue in (self._demanded, self._prefetched):
+            while queue and len(batch) < MAX_DOWNLOAD_PATHS:
+                want = queue.popleft()
+                if not want.taken and not want.done.is_set():
+                    want.taken = True
+                    batch.append(want)
         return batch
 
     async def _worker(self) -> None:
@@ -194,18 +204,30 @@ class Fetcher:
             if not isinstance(error, Exception):
                 raise
             return
+        unpacked = await trio.to_thread.run_sync(self._unpack, batch, archives)
+        for want, outcome in zip(batch, unpacked, strict=True):
+            if isinstance(outcome, Exception):
+                self._finish(want, outcome)
+            else:
+                self.store.add_whole(want.remote_path, want.size, want.mtime_ns, outcome)
+                self._finish(want, None)
+
+    def _unpack(self, batch: list[Want], archives: list[memoryview]) -> list[Path | Exception]:
+        """Each archive's file written into a new cache file, or why not (in a worker thread: I/O only)."""
+        unpacked: list[Path | Exception] = []
         for want, archive in zip(batch, archives, strict=True):
             try:
-                member, data = await trio.to_thread.run_sync(single_member, archive)
+                _, data = single_member(archive)
                 if len(data) != want.size:
                     raise StaleContent(
                         f"{want.remote_path!r} has {len(data)} bytes, the listing said {want.size}"
                     )
-                entry = self.store.entry_for(want.remote_path, want.size, want.mtime_ns)
-                await trio.to_thread.run_sync(self.store.store_chunk, entry, 0, data)
-                self._finish(want, None)
+                file = self.store.new_file()
+                file.write_bytes(data)
+                unpacked.append(file)
             except Exception as error:
-                self._finish(want, error)
+                unpacked.append(error)
+        return unpacked
 
     def _finish(self, want: Want, error: BaseException | None) -> None:
         want.error = error
@@ -237,14 +259,14 @@ class Fetcher:
         first = needed[0] if needed else offset // CHUNK_BYTES
         # Sequential: the chunk before is here or on its way. Robust to the
         # kernel's readahead, which sends several reads at once, out of order.
-        sequential = first > 0 and (first - 1 in entry.chunks or first - 1 in state.in_flight)
+        sequential = first > 0 and (entry.has(first - 1) or first - 1 in state.in_flight)
         if not sequential:
             state.window = 1
             self._request(entry, state, needed)
         else:
             state.window = min(state.window * 4, MAX_WINDOW_CHUNKS)
             frontier = first
-            while frontier < entry.chunk_total and (frontier in entry.chunks or frontier in state.in_flight):
+            while frontier < entry.chunk_total and (entry.has(frontier) or frontier in state.in_flight):
                 frontier += 1
             if frontier - first < state.window:  # less than a window ahead: fetch the next one
                 self._request(entry, state, range(frontier, min(entry.chunk_total, frontier + state.window)))
@@ -252,7 +274,7 @@ class Fetcher:
 
     async def ensure_all(self, entry: CacheEntry) -> None:
         state = self._range_state(entry)
-        missing = [index for index in range(entry.chunk_total) if index not in entry.chunks]
+        missing = entry.missing_chunks(0, entry.size)
         self._request(entry, state, missing)
         await self._wait_for(entry, state, missing)
 
@@ -265,7 +287,7 @@ class Fetcher:
 
     def _request(self, entry: CacheEntry, state: RangeState, indices: Iterable[int]) -> None:
         """Start fetching the chunks that are neither cached nor on their way, in windows."""
-        wanted = [i for i in indices if i not in entry.chunks and i not in state.in_flight]
+        wanted = [i for i in indices if not entry.has(i) and i not in state.in_flight]
         for start in range(0, len(wanted), MAX_WINDOW_CHUNKS):
             window = wanted[start : start + MAX_WINDOW_CHUNKS]
             for index in window:
@@ -278,7 +300,7 @@ class Fetcher:
             event = state.in_flight.get(index)
             if event is not None:
                 await event.wait()
-            if index not in entry.chunks:
+            if not entry.has(index):
                 raise state.error or StaleContent(f"chunk {index} of {entry.remote_path!r} did not arrive")
 
     async def _fetch_window(self, entry: CacheEntry, state: RangeState, indices: list[int]) -> None:
@@ -371,7 +393,7 @@ class Fetcher:
             raise StaleContent(f"could not read {entry.remote_path!r} in the session")
         inline = _parse_chunks("".join(output), entry.size, entry.mtime_ns // 1_000_000_000)
         for index, data in inline.items():
-            await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+            await self._store_chunk(entry, index, data)
             arrived(index)
 
     async def _download_parts(
@@ -389,12 +411,16 @@ class Fetcher:
                     expected = min(CHUNK_BYTES, entry.size - index * CHUNK_BYTES)
                     if len(data) != expected:
                         raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
-                    await trio.to_thread.run_sync(self.store.store_chunk, entry, index, data)
+                    await self._store_chunk(entry, index, data)
                     arrived(index)
 
             return fetch
 
         await gather(map(fetcher, batches))
+
+    async def _store_chunk(self, entry: CacheEntry, index: int, data: bytes) -> None:
+        await trio.to_thread.run_sync(self.store.write_chunk, entry, index, data)
+        self.store.chunk_written(entry, index)
 
     @property
     def has_litter(self) -> bool:

@@ -34,13 +34,16 @@ the session confirmed wherever the nodes went meanwhile.
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import logging
 import math
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -80,6 +83,9 @@ SLOT_WAIT_SECONDS = 20.0
 SCAN_WINDOW_SECONDS = 3.0
 #: Listings taken ahead of a tree walk at the same time.
 PREFETCH_LISTINGS = 4
+#: How many names after the current one a scan looks at for what to fetch ahead
+#: (bounds the work per operation in directories of any size).
+LOOK_AHEAD = 256
 
 
 class FSError(Exception):
@@ -155,8 +161,10 @@ class Filesystem:
         self._next_handle = 1
         self._listing: dict[int, Listing] = {}
         self._nursery: trio.Nursery | None = None
-        #: directories enumerated or read from, and when (see `_note_scan`).
-        self._scanned: dict[int, float] = {}
+        #: directories enumerated or read from, and when, oldest first (see `_note_scan`).
+        self._scanned: OrderedDict[int, float] = OrderedDict()
+        #: listings merged before this moment are stale (`expire_listings`).
+        self._listings_expired_at = -math.inf
         self._prefetch_limiter = trio.CapacityLimiter(PREFETCH_LISTINGS)
         #: called with nodes whose kernel entries must be dropped (set by the FUSE layer).
         self.invalidate: Callable[[list[Node]], None] = lambda nodes: None
@@ -190,12 +198,11 @@ class Filesystem:
             return
         motion = self.sync.motion
         while True:
-            listed_at = directory.listed_at
-            stale = listed_at is not None and not force
-            if stale and listed_at is not None:
+            stale = directory.listed_at is not None and not force
+            if stale:
                 # Within the TTL, or our own flush is changing the session: the
                 # tree already shows what the flush does, so the last listing serves.
-                if time.monotonic() - listed_at < self.options.dir_ttl or not motion.quiet.is_set():
+                if self._listing_age(directory) < self.options.dir_ttl or not motion.quiet.is_set():
                     return
             listing = self._listing.get(directory.inode)
             joined = listing is not None
@@ -284,10 +291,8 @@ class Filesystem:
         self.invalidate(gone)
 
     def expire_listings(self) -> None:
-        """Every listing is stale from now on (after something changed the session)."""
-        for node in self.namespace.walk(self.namespace.root):
-            if node.is_dir:
-                node.listed_at = LISTING_EXPIRED
+        """Every listing is stale from now on (after something changed the session); O(1)."""
+        self._listings_expired_at = time.monotonic()
 
     # -- lookups ----------------------------------------------------------
 
@@ -320,26 +325,49 @@ class Filesystem:
         if not directory.is_dir:
             raise FSError(errno.ENOTDIR)
         await self._remote(self.ensure_listed(directory))
-        assert directory.children is not None
+        children = directory.children
+        assert children is not None
         parent = directory.parent
         if parent is not None and self._recently_scanned(parent):
             # A directory enumerated right after its parent: ls -R, find, du, grep -r, git status.
-            ahead = [n for n in (*(parent.children or {}).values(), *directory.children.values()) if n.is_dir]
-            self._prefetch_listings(ahead)
+            # List ahead its first subdirectories and the siblings that follow it.
+            inside = [node for node in self._scan_order(directory) if node.is_dir]
+            following = [
+                node for node in self._scan_order(parent, after=directory.name, wrap=False) if node.is_dir
+            ]
+            self._prefetch_listings(inside[:PREFETCH_LISTINGS] + following[: 2 * PREFETCH_LISTINGS])
         self._note_scan(directory)
-        return sorted(directory.children.values(), key=lambda n: n.name)
+        return [children[name] for name in self.namespace.in_order(directory)]
+
+    def _scan_order(self, directory: Node, *, after: bytes = b"", wrap: bool = True) -> Iterator[Node]:
+        """Up to `LOOK_AHEAD` children in the order a scan meets them: the names after ``after`` first,
+        then (``wrap``) those before it."""
+        names = self.namespace.in_order(directory)
+        children = directory.children or {}
+        start = bisect.bisect_right(names, after)
+        order = itertools.chain(
+            itertools.islice(names, start, None), itertools.islice(names, start if wrap else 0)
+        )
+        for name in itertools.islice(order, LOOK_AHEAD):
+            if name != after:
+                yield children[name]
 
     def _note_scan(self, directory: Node) -> bool:
         """Remember that ``directory`` was enumerated or read from; whether it was a moment ago too.
 
         Within `SCAN_WINDOW_SECONDS` of each other, these are a scan: a tree
-        walk, grep -r, an IDE indexing.
+        walk, grep -r, an IDE indexing. Entries older than that leave from the
+        front of ``_scanned`` (kept in time order), a constant cost per entry.
         """
         now = time.monotonic()
         recent = self._recently_scanned(directory)
-        if len(self._scanned) > 10_000:
-            self._scanned = {k: t for k, t in self._scanned.items() if now - t < SCAN_WINDOW_SECONDS}
         self._scanned[directory.inode] = now
+        self._scanned.move_to_end(directory.inode)
+        while self._scanned:
+            inode, seen = next(iter(self._scanned.items()))
+            if now - seen < SCAN_WINDOW_SECONDS:
+                break
+            del self._scanned[inode]
         return recent
 
     def _recently_scanned(self, directory: Node) -> bool:
@@ -352,29 +380,27 @@ class Filesystem:
         directory = node.parent
         if directory is None:
             return
-        siblings = [s for s in (directory.children or {}).values() if s is not node]
-        self.fetcher.prefetch(siblings, after=node.name)
+        self.fetcher.prefetch(self._scan_order(directory, after=node.name))
         parent = directory.parent
         if parent is None or not self._recently_scanned(parent):
             return
-        following = sorted(
-            (
-                d
-                for d in (parent.children or {}).values()
-                if d.is_dir and d.name > directory.name and d.listed_at is not None
-            ),
-            key=lambda d: d.name,
-        )
-        if following:
-            self.fetcher.prefetch(list((following[0].children or {}).values()))
+        following = self._scan_order(parent, after=directory.name, wrap=False)
+        listed = next((d for d in following if d.is_dir and d.listed_at is not None), None)
+        if listed is not None:
+            self.fetcher.prefetch(self._scan_order(listed))
+
+    def _listing_age(self, directory: Node) -> float:
+        """Seconds since the directory's listing was merged (infinite if expired or never taken)."""
+        listed_at = directory.listed_at
+        if listed_at is None or listed_at <= self._listings_expired_at:
+            return math.inf
+        return time.monotonic() - listed_at
 
     def _prefetch_listings(self, directories: list[Node]) -> None:
         """List, in the background, directories whose listing is missing or stale."""
-        now = time.monotonic()
         for directory in directories:
-            stale = directory.listed_at is None or now - directory.listed_at >= self.options.dir_ttl
             if (
-                stale
+                self._listing_age(directory) >= self.options.dir_ttl
                 and directory.origin is not None
                 and directory.inode not in self._listing
                 and self._nursery

@@ -79,6 +79,7 @@ class Node:
         "mtime_dirty",
         "target",
         "children",
+        "order",
         "listed_at",
         "lookups",
         "open_count",
@@ -108,6 +109,8 @@ class Node:
         self.mtime_dirty = False
         self.target: bytes | None = None
         self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
+        #: the children's names, sorted; None until asked for after a change (`Namespace.in_order`).
+        self.order: list[bytes] | None = None
         #: monotonic time of the last listing merge (directories with an origin); None
         #: before the first, minus infinity once expired (still known, to be listed again).
         self.listed_at: float | None = None
@@ -231,11 +234,23 @@ class Namespace:
         assert parent.children is not None
         node.parent = parent
         parent.children[node.name] = node
+        parent.order = None
 
-    def detach(self, node: Node) -> None:
+    def unhook(self, node: Node) -> None:
+        """Take a node out of its parent's children (it keeps ``parent``)."""
         parent = node.parent
         if parent is not None and parent.children is not None and parent.children.get(node.name) is node:
             del parent.children[node.name]
+            parent.order = None
+
+    def in_order(self, directory: Node) -> list[bytes]:
+        """The names in a directory, sorted: sorted once after each change, O(1) until the next."""
+        if directory.order is None:
+            directory.order = sorted(directory.children or ())
+        return directory.order
+
+    def detach(self, node: Node) -> None:
+        self.unhook(node)
         for gone in self.walk(node):
             self.pending.discard(gone)
             self.release_if_unused(gone)
@@ -347,9 +362,8 @@ class Namespace:
     def rename(self, node: Node, new_parent: Node, new_name: bytes) -> None:
         """Move a node to a free name (the caller removed what was there)."""
         assert new_name not in (new_parent.children or {})
-        old_parent = node.parent
-        assert old_parent is not None and old_parent.children is not None
-        del old_parent.children[node.name]
+        assert node.parent is not None and node.parent.children is not None
+        self.unhook(node)
         node.name = new_name
         self.attach(new_parent, node)
         self.refresh_pending(node)

@@ -104,9 +104,8 @@ async def _restore_state(fs: Filesystem, state: dict[str, Any], parked: dict[byt
             continue
         found[index] = node
     for node in found.values():
-        if node.attached and node.parent is not None:
-            assert node.parent.children is not None
-            del node.parent.children[node.name]
+        if node.attached:
+            namespace.unhook(node)
     for path_text, mode in state.get("doomed", []):
         path = decode_path(path_text)
         node = namespace.resolve(path)
