@@ -12,40 +12,42 @@ mounted and stops what it started, by PID.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from . import report
-from .peers import Baifs, BaifsServer, DelayProxy, Native, Processes, Sshd, Sshfs, unmount
+from .peers import (
+    Baifs,
+    BaifsServer,
+    Processes,
+    Sshd,
+    add_common_arguments,
+    targets_at,
+    unmet_prerequisites,
+    unmount,
+)
 from .workloads import Bench, Dataset, Figure
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = ("sshfs", "vim", "git", "fusermount3", "/usr/sbin/sshd", "ssh-keygen")
 
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run that finishes in a few minutes")
-    parser.add_argument("--latencies", default="0,20", help="round trips to emulate, in ms (default: 0,20)")
     parser.add_argument("--runs", type=int, help="measured runs per figure (default: 5, quick: 1)")
     parser.add_argument("--files", type=int, help="files in the tree (default: 1000, quick: 100)")
     parser.add_argument("--big-mb", type=int, help="size of the large file (default: 100, quick: 20)")
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp/baifs-bench"), help="scratch directory")
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
+    add_common_arguments(parser)
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse()
-    if os.geteuid() != 0:
-        print("bench: run as root (it mounts, starts sshd and drops the page cache)", file=sys.stderr)
-        return 2
-    missing = [tool for tool in REQUIRED if shutil.which(tool) is None and not Path(tool).exists()]
-    if missing:
-        print(f"bench: missing {', '.join(missing)}; bench/run installs them", file=sys.stderr)
+    unmet = unmet_prerequisites()
+    if unmet:
+        print(f"bench: {unmet}", file=sys.stderr)
         return 2
     runs = args.runs or (1 if args.quick else 5)
     files = args.files or (100 if args.quick else 1000)
@@ -69,29 +71,10 @@ def main() -> int:
         sshd = Sshd.start(processes, work)
         server = BaifsServer.start(processes, work)
         for latency in latencies:
-            ssh_proxy = DelayProxy.start(processes, work, sshd.port, latency)
-            api_proxy = DelayProxy.start(processes, work, server.port, latency)
-            native_root = work / f"native-{latency:g}"
-            targets = [
-                Native("native", native_root, native_root, processes, work),
-                Sshfs("sshfs", work / "mnt-sshfs", sshd.remote_root, processes, work, sshd, ssh_proxy.port),
-                Baifs(
-                    "baifs",
-                    work / "mnt-baifs",
-                    server.work_dir,
-                    processes,
-                    work,
-                    server,
-                    api_proxy.port,
-                    home=work / "baifs-home",
-                ),
-            ]
+            targets = targets_at(processes, work, sshd, server, latency)
             for target in targets:
                 print(f"bench: {target.name} at {latency:g} ms", file=sys.stderr)
-                for stale in (target.remote, target.root):
-                    if stale.exists() and not os.path.ismount(stale):
-                        shutil.rmtree(stale)
-                    stale.mkdir(parents=True, exist_ok=True)
+                target.clear()
                 shutil.rmtree(work / "baifs-home", ignore_errors=True)
                 mounts.append(target.root)
                 target.start()

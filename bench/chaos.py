@@ -50,6 +50,7 @@ from typing import Any
 
 import httpx
 
+from . import report
 from .peers import BENCH_ACCESS_KEY, BENCH_SECRET_KEY, BaifsServer, Processes, unmount, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -407,17 +408,6 @@ def table(outcomes: list[Outcome], settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    path = ROOT / "docs" / "performance.md"
-    document = path.read_text()
-    if BEGIN in document and END in document:
-        head, rest = document.split(BEGIN, 1)
-        document = head + text + rest.split(END, 1)[1]
-    else:
-        document += "\n" + text + "\n"
-    path.write_text(document)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="0,0.1,0.3", help="fault rates, the first one the baseline")
@@ -447,7 +437,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (results / f"chaos-{stamp}.json").write_text(json.dumps([o.__dict__ for o in outcomes], indent=2))
     if not args.no_docs:
-        write_docs(text)
+        report.replace_block(ROOT / "docs" / "performance.md", BEGIN, END, text)
     return 0 if all(o.completed for o in outcomes) else 1
 
 

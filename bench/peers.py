@@ -13,6 +13,7 @@ stopped by PID on the way out, and every mount is unmounted
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -31,8 +32,27 @@ import httpx
 
 from baifs.api import signing
 
+#: What the harnesses need on the machine (bench/run installs it).
+REQUIRED = ("sshfs", "vim", "git", "fusermount3", "/usr/sbin/sshd", "ssh-keygen")
 BENCH_ACCESS_KEY = "AKIABENCHMARK0000001"
 BENCH_SECRET_KEY = "benchmark-secret-key-not-for-production"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every harness that compares the three targets takes."""
+    parser.add_argument("--latencies", default="0,20", help="round trips to emulate, in ms (default: 0,20)")
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/baifs-bench"), help="scratch directory")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
+
+
+def unmet_prerequisites() -> str | None:
+    """Why the harness cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "run as root (it mounts, starts sshd and drops the page cache)"
+    missing = [tool for tool in REQUIRED if shutil.which(tool) is None and not Path(tool).exists()]
+    if missing:
+        return f"missing {', '.join(missing)}; bench/run installs them"
+    return None
 
 
 class Processes:
@@ -231,6 +251,13 @@ class Target:
     def stop(self) -> None:
         pass
 
+    def clear(self) -> None:
+        """Empty the remote side and the mount point (left over from an earlier run)."""
+        for stale in (self.remote, self.root):
+            if stale.exists() and not os.path.ismount(stale):
+                shutil.rmtree(stale)
+            stale.mkdir(parents=True, exist_ok=True)
+
     def cold(self) -> None:
         """Forget every cache this target has (remount; drop the kernel's page cache)."""
         self.stop()
@@ -327,6 +354,12 @@ class Baifs(Target):
         assert self.server is not None
         return self.server.counters()
 
+    def cpu_seconds(self) -> float:
+        """The mount daemon's CPU time so far, user and system."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak_rss_kb(self) -> int | None:
         """VmHWM of the mount daemon: its peak resident set since it started."""
         if self.process is None:
@@ -334,6 +367,29 @@ class Baifs(Target):
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         match = re.search(r"VmHWM:\s+(\d+) kB", status)
         return max(self.peak_kb, int(match.group(1))) if match else None
+
+
+def targets_at(
+    processes: Processes, work: Path, sshd: Sshd, server: BaifsServer, latency: float
+) -> list[Target]:
+    """A native directory, sshfs and baifs at one latency (delaying proxies started as needed)."""
+    ssh_proxy = DelayProxy.start(processes, work, sshd.port, latency)
+    api_proxy = DelayProxy.start(processes, work, server.port, latency)
+    native_root = work / f"native-{latency:g}"
+    return [
+        Native("native", native_root, native_root, processes, work),
+        Sshfs("sshfs", work / "mnt-sshfs", sshd.remote_root, processes, work, sshd, ssh_proxy.port),
+        Baifs(
+            "baifs",
+            work / "mnt-baifs",
+            server.work_dir,
+            processes,
+            work,
+            server,
+            api_proxy.port,
+            home=work / "baifs-home",
+        ),
+    ]
 
 
 def free_port() -> int:
