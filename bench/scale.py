@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import report
 from .peers import (
@@ -49,7 +51,6 @@ from .peers import (
 from .workloads import Figure, request_delta, sh
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 NEEDLE = "needle-5c81e0"
 GIT = "git -c user.name=bench -c user.email=bench@example.com -c init.defaultBranch=main"
 #: Targets: daemon CPU per file at the largest size within this factor of the smallest.
@@ -89,14 +90,7 @@ def make_data(root: Path, files: int) -> Path:
         directory = repo / f"pkg{index // 100:03d}"
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"module{index:06d}.py").write_text(f"VALUE = {rng.getrandbits(64)}\n" * 8)
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    subprocess.run(
-        f"{GIT} init -q && {GIT} add -A && {GIT} commit -q -m import",
-        shell=True,
-        cwd=repo,
-        check=True,
-        **quiet,
-    )
+    sh(f"{GIT} init -q && {GIT} add -A && {GIT} commit -q -m import", cwd=repo)
     marker.touch()
     return data
 
@@ -179,8 +173,14 @@ def main() -> int:
     latencies = [float(value) for value in args.latencies.split(",")]
     chosen = args.targets.split(",")
     command = "bash bench/run --scale" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-docs")
-    settings = {"sizes": sizes, "latencies": latencies, "targets": chosen, "command": command}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    settings = {
+        "sizes": sizes,
+        "latencies": latencies,
+        "targets": chosen,
+        "command": command,
+        "started": started,
+    }
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -191,7 +191,7 @@ def main() -> int:
 
     processes = Processes()
     figures: list[ScaleFigure] = []
-    rss: dict[str, int] = {}
+    rss: dict[tuple[float, int], int] = {}
     mounts: list[Path] = []
     clock = time.monotonic()
     try:
@@ -213,7 +213,7 @@ def main() -> int:
                     finally:
                         target.stop()
                     if isinstance(target, Baifs):
-                        rss[f"{latency:g}/{files}"] = max(bench.peak_rss_kb, target.peak_kb)
+                        rss[(latency, files)] = max(bench.peak_rss_kb, target.peak_kb)
                         target.peak_kb = 0
                     figures += bench.figures
     finally:
@@ -221,76 +221,79 @@ def main() -> int:
             unmount(mountpoint)
         processes.stop_all()
     log(f"bench: done in {(time.monotonic() - clock) / 60:.1f} min")
-    table = markdown(figures, settings, rss, started)
     record = {
-        "started": started,
         "settings": settings,
         "machine": report.machine(),
-        "daemon_peak_rss_kb": rss,
+        "daemon_peak_rss_kb": [
+            {"latency_ms": at, "files": files, "kb": kb} for (at, files), kb in rss.items()
+        ],
         "figures": [asdict(f) for f in figures],
     }
     results = ROOT / "bench" / "results" / f"scale-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(record, indent=2) + "\n")
-    if not args.no_docs:
-        report.replace_block(ROOT / "docs" / "performance.md", BEGIN, END, table)
-    print(table)
+    for latency in latencies:
+        block = markdown(figures, settings, rss, latency)
+        if not args.no_docs:
+            report.replace_block(ROOT / "docs" / "performance.md", *markers(latency), block)
+        print(block)
     return 0
 
 
 def cpu_per_thousand(figure: ScaleFigure | None) -> float:
     if figure is None or not figure.cpu_seconds:
-        return float("nan")
+        return math.nan
     return figure.cpu_seconds[0] / figure.files * 1000
 
 
-def markdown(figures: list[ScaleFigure], settings: dict, rss: dict[str, int], started: str) -> str:
+def markers(latency: float) -> tuple[str, str]:
+    """Each latency has its own block in docs/performance.md, so runs at different latencies combine."""
+    return f"<!-- scale {latency:g} ms:begin -->", f"<!-- scale {latency:g} ms:end -->"
+
+
+def markdown(
+    figures: list[ScaleFigure], settings: dict[str, Any], rss: dict[tuple[float, int], int], latency: float
+) -> str:
+    """The block of one latency: the figures, the daemon's peak RSS per size, and the targets."""
     about = report.machine()
     by = {(f.latency_ms, f.files, f.key, f.target): f for f in figures}
+    begin, end = markers(latency)
     lines = [
-        BEGIN,
+        begin,
         "",
-        f"Measured {started} with `{settings['command']}`, one run per figure, seconds. "
+        f"#### {'No added latency' if latency == 0 else f'{latency:g} ms round trip'}",
+        "",
+        f"Measured {settings['started']} with `{settings['command']}`, one run per figure, seconds. "
         f"Machine: {about['cpu']}, {about['cores']} cores; baifs {about['baifs']}, {about['sshfs']}.",
         "",
+        "| Workload | files | native | sshfs | baifs | baifs/sshfs | baifs/native "
+        "| daemon CPU s per 1,000 files | baifs requests |",
+        "| --- | ---: | --- | --- | --- | --- | --- | --- | --- |",
     ]
     keys: list[tuple[str, str]] = []
     for figure in figures:
         if (figure.key, figure.label) not in keys:
             keys.append((figure.key, figure.label))
-    for latency in settings["latencies"]:
-        lines += [
-            f"#### {'no added latency' if latency == 0 else f'{latency:g} ms round trip'}",
-            "",
-            "| Workload | files | native | sshfs | baifs | baifs/sshfs | baifs/native "
-            "| daemon CPU s per 1,000 files | baifs requests |",
-            "| --- | ---: | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for key, label in keys:
-            for files in settings["sizes"]:
-                native, sshfs, ours = (by.get((latency, files, key, t)) for t in ("native", "sshfs", "baifs"))
-                if native is None and sshfs is None and ours is None:
-                    continue
-                cells = [label, f"{files:,}", _seconds(native), _seconds(sshfs), _seconds(ours)]
-                cells += [
-                    report.ratio_text(report.ratio(ours, sshfs)),
-                    report.ratio_text(report.ratio(ours, native)),
-                ]
-                cpu = cpu_per_thousand(ours)
-                cells += ["-" if cpu != cpu else f"{cpu:.2f}", report.requests_text(ours)]
-                lines.append("| " + " | ".join(cells) + " |")
-        peaks = [
-            f"{int(k.split('/')[1]):,} files: {v / 1024:.0f} MB"
-            for k, v in rss.items()
-            if float(k.split("/")[0]) == latency
-        ]
-        if peaks:
-            lines += ["", "Daemon peak RSS (the largest of the figures of a size): " + "; ".join(peaks) + "."]
-        lines.append("")
-    lines += ["#### Targets", "", "| Target | Measured | Met |", "| --- | --- | --- |"]
-    for target, measured, met in targets(figures, settings, rss):
+    for key, label in keys:
+        for files in settings["sizes"]:
+            native, sshfs, ours = (by.get((latency, files, key, t)) for t in ("native", "sshfs", "baifs"))
+            if native is None and sshfs is None and ours is None:
+                continue
+            cells = [label, f"{files:,}", _seconds(native), _seconds(sshfs), _seconds(ours)]
+            cells += [
+                report.ratio_text(report.ratio(ours, sshfs)),
+                report.ratio_text(report.ratio(ours, native)),
+            ]
+            cpu = cpu_per_thousand(ours)
+            cells += ["-" if math.isnan(cpu) else f"{cpu:.2f}", report.requests_text(ours)]
+            lines.append("| " + " | ".join(cells) + " |")
+    peaks = [f"{files:,} files: {kb / 1024:.0f} MB" for (at, files), kb in rss.items() if at == latency]
+    if peaks:
+        lines += ["", "Daemon peak RSS (the largest over the figures of a size): " + "; ".join(peaks) + "."]
+    lines += ["", "| Target | Measured | Met |", "| --- | --- | --- |"]
+    for target, measured, met in targets(figures, settings["sizes"], rss, latency):
         lines.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -298,58 +301,54 @@ def _seconds(figure: ScaleFigure | None) -> str:
     return "-" if figure is None else f"{figure.seconds[0]:.2f}"
 
 
-def targets(figures: list[ScaleFigure], settings: dict, rss: dict[str, int]) -> list[tuple[str, str, bool]]:
-    """The scale issue's targets, each only where what it needs was measured."""
+def targets(
+    figures: list[ScaleFigure], sizes: list[int], rss: dict[tuple[float, int], int], latency: float
+) -> list[tuple[str, str, bool]]:
+    """The scale issue's targets at one latency, each only where what it needs was measured."""
     by = {(f.latency_ms, f.files, f.key, f.target): f for f in figures}
-    sizes = settings["sizes"]
     small, large = min(sizes), max(sizes)
     results: list[tuple[str, str, bool]] = []
-    for latency in settings["latencies"]:
-        first = cpu_per_thousand(by.get((latency, small, "grep-cold", "baifs")))
-        last = cpu_per_thousand(by.get((latency, large, "grep-cold", "baifs")))
-        if large > small and first == first and last == last:
-            growth = last / first
-            results.append(
-                (
-                    f"{latency:g} ms: daemon CPU per file of cold grep -r at {large:,} files "
-                    f"within {CPU_GROWTH_LIMIT}× of that at {small:,}",
-                    f"{growth:.2f}× ({last:.2f} against {first:.2f} s per 1,000 files)",
-                    growth <= CPU_GROWTH_LIMIT,
-                )
+    first = cpu_per_thousand(by.get((latency, small, "grep-cold", "baifs")))
+    last = cpu_per_thousand(by.get((latency, large, "grep-cold", "baifs")))
+    if large > small and not math.isnan(first) and not math.isnan(last):
+        growth = last / first
+        results.append(
+            (
+                f"daemon CPU per file of cold grep -r at {large:,} files within {CPU_GROWTH_LIMIT}× "
+                f"of that at {small:,}",
+                f"{growth:.2f}× ({last:.2f} against {first:.2f} s per 1,000 files)",
+                growth <= CPU_GROWTH_LIMIT,
             )
-        ours, theirs = (
-            by.get((latency, large, "grep-cold", "baifs")),
-            by.get((latency, large, "grep-cold", "sshfs")),
         )
-        if ours is not None and theirs is not None:
-            value = report.ratio(ours, theirs)
-            if latency == 0:
-                results.append(
-                    (
-                        f"0 ms: cold grep -r of {large:,} files within 2× of sshfs",
-                        f"{value:.2f}× sshfs",
-                        value <= 2.0,
-                    )
-                )
-            else:
-                results.append(
-                    (
-                        f"{latency:g} ms: cold grep -r of {large:,} files at least 20× faster than sshfs",
-                        f"{1 / value:.1f}×",
-                        1 / value >= 20,
-                    )
-                )
-        low, high = rss.get(f"{latency:g}/{small}"), rss.get(f"{latency:g}/{large}")
-        if low and high and large > small:
-            per_file = (high - low) * 1024 / (large - small)
+    ours, theirs = (
+        by.get((latency, large, "grep-cold", "baifs")),
+        by.get((latency, large, "grep-cold", "sshfs")),
+    )
+    if ours is not None and theirs is not None:
+        value = report.ratio(ours, theirs)
+        if latency == 0:
+            results.append(
+                (f"cold grep -r of {large:,} files within 2× of sshfs", f"{value:.2f}× sshfs", value <= 2)
+            )
+        else:
             results.append(
                 (
-                    f"{latency:g} ms: daemon peak RSS grows at most {RSS_PER_FILE_LIMIT:,} bytes a file",
-                    f"{per_file:,.0f} bytes ({low / 1024:.0f} MB at {small:,}, "
-                    f"{high / 1024:.0f} MB at {large:,})",
-                    per_file <= RSS_PER_FILE_LIMIT,
+                    f"cold grep -r of {large:,} files at least 20× faster than sshfs",
+                    f"{1 / value:.1f}×",
+                    value <= 0.05,
                 )
             )
+    low, high = rss.get((latency, small)), rss.get((latency, large))
+    if low and high and large > small:
+        per_file = (high - low) * 1024 / (large - small)
+        results.append(
+            (
+                f"daemon peak RSS grows at most {RSS_PER_FILE_LIMIT:,} bytes a file",
+                f"{per_file:,.0f} bytes ({low / 1024:.0f} MB at {small:,}, "
+                f"{high / 1024:.0f} MB at {large:,})",
+                per_file <= RSS_PER_FILE_LIMIT,
+            )
+        )
     return results
 
 
