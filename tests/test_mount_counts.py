@@ -62,5 +62,11 @@ def test_ls_lR_twice_within_the_ttl_lists_each_directory_once(mount: Mount) -> N
     first = subprocess.run(["ls", "-lR", str(m.path)], check=True, capture_output=True, text=True).stdout
     second = subprocess.run(["ls", "-lR", str(m.path)], check=True, capture_output=True, text=True).stdout
     spent = delta(before, m.counters())
-    assert first == second and "f29" in first
+    # The link counts of directories differ: a directory not yet listed when its parent was
+    # printed shows 1 ("unknown"), and 2 plus its subdirectories once listed.
+    assert without_link_counts(first) == without_link_counts(second) and "f29" in first
     assert spent == {"list": len(directories)}, spent
+
+
+def without_link_counts(listing: str) -> list[list[str]]:
+    return [line.split()[:1] + line.split()[2:] for line in listing.splitlines()]

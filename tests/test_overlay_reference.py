@@ -27,6 +27,7 @@ No FUSE here: the kernel adapter is tested by the mounted tests.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -44,11 +45,13 @@ from support import FaultProxy, LocalServer, start_proxy, start_server
 
 from baifs.api.client import Connection, RetryPolicy, SessionClient
 from baifs.api.errors import BaifsError
-from baifs.fs.filesystem import Filesystem, FSError, MountOptions
+from baifs.fs.filesystem import RENAME_EXCHANGE, Filesystem, FSError, MountOptions
 from baifs.fs.model import Node
 from baifs.fs.profile import PROFILE_FILE, SessionProfile
 from baifs.fs.state import build_filesystem, start_filesystem
 
+LIBC = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
 NAMES = ["a", "b", "d", "we ird'$(x)"]
 PATHS = NAMES + [f"{p}/{c}" for p in ("a", "d") for c in ("a", "b", "e")]
 SIZES = [0, 1, 17, 3000, 1_100_000]
@@ -63,6 +66,7 @@ operation_st = st.one_of(
     st.tuples(st.just("unlink"), path_st),
     st.tuples(st.just("rmdir"), path_st),
     st.tuples(st.just("rename"), path_st, path_st),
+    st.tuples(st.just("exchange"), path_st, path_st),
     st.tuples(st.just("chmod"), path_st, st.sampled_from([0o600, 0o755, 0o640])),
     st.tuples(st.just("symlink"), path_st, st.sampled_from(["a", "../b", "nowhere"])),
     st.tuples(st.just("utime"), path_st, st.integers(1_000_000_000, 1_700_000_000)),
@@ -118,7 +122,7 @@ class Reference:
             if args[0] not in self.touched or args[0] in self.written:
                 self.written.add(args[0])
             self.touched.add(args[0])
-        elif kind == "rename":
+        elif kind in ("rename", "exchange"):
             for path in args[:2]:
                 self.touched.add(path)
                 self.written = {w for w in self.written if not related(w, path)}
@@ -193,6 +197,21 @@ class Reference:
                 del self.explicit_mtime[key]
         for key, value in moved.items():
             self.explicit_mtime[target + key[len(source) :]] = value
+
+    def do_exchange(self, one: str, other: str) -> None:
+        """renameat2(RENAME_EXCHANGE): the two objects swap names."""
+        if LIBC.renameat2(AT_FDCWD, os.fsencode(self.path(one)), AT_FDCWD, os.fsencode(self.path(other)), 2):
+            raise OSError(ctypes.get_errno(), "renameat2")
+        self.explicit_mtime = {
+            (
+                other + k[len(one) :]
+                if related(k, one)
+                else one + k[len(other) :]
+                if related(k, other)
+                else k
+            ): v
+            for k, v in self.explicit_mtime.items()
+        }
 
     def do_chmod(self, relative: str, mode: int) -> None:
         os.chmod(self.path(relative), mode)
@@ -277,7 +296,7 @@ def remote_change(reference: Reference, work: Path, op: tuple) -> bool:
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every object under ``root``: type, permission bits, and content or target."""
+    """Every object under ``root``: type, permission bits, and content, target or link count."""
     found: dict[str, tuple] = {}
     for directory, subdirs, files in os.walk(root):
         for name in subdirs + files:
@@ -287,7 +306,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
             if stat.S_ISLNK(info.st_mode):
                 found[relative] = ("link", os.readlink(full))
             elif stat.S_ISDIR(info.st_mode):
-                found[relative] = ("dir", stat.S_IMODE(info.st_mode))
+                found[relative] = ("dir", stat.S_IMODE(info.st_mode), info.st_nlink)
             else:
                 with open(full, "rb") as handle:
                     found[relative] = ("file", stat.S_IMODE(info.st_mode), handle.read())
@@ -413,10 +432,23 @@ async def drive_rmdir(fs: Filesystem, relative: str) -> None:
     await fs.rmdir(parent, name)
 
 
-async def drive_rename(fs: Filesystem, source: str, target: str) -> None:
+async def drive_rename(fs: Filesystem, source: str, target: str, flags: int = 0) -> None:
+    """A rename, and the inode identity it must keep: the object moves, with its number."""
     old_parent, old_name = await parent_and_name(fs, source)
     new_parent, new_name = await parent_and_name(fs, target)
-    await fs.rename(old_parent, old_name, new_parent, new_name, 0)
+    try:
+        moving = await fs.lookup(old_parent, old_name)
+        replaced = await fs.lookup(new_parent, new_name) if flags == RENAME_EXCHANGE else None
+    except FSError:
+        moving = replaced = None  # the rename meets the same error
+    await fs.rename(old_parent, old_name, new_parent, new_name, flags)
+    assert (await fs.lookup(new_parent, new_name)).inode == getattr(moving, "inode", None), "keeps its inode"
+    if replaced is not None:
+        assert (await fs.lookup(old_parent, old_name)).inode == replaced.inode
+
+
+async def drive_exchange(fs: Filesystem, one: str, other: str) -> None:
+    await drive_rename(fs, one, other, RENAME_EXCHANGE)
 
 
 async def drive_chmod(fs: Filesystem, relative: str, mode: int) -> None:
@@ -450,6 +482,7 @@ DRIVERS = {
     "unlink": drive_unlink,
     "rmdir": drive_rmdir,
     "rename": drive_rename,
+    "exchange": drive_exchange,
     "chmod": drive_chmod,
     "symlink": drive_symlink,
     "utime": drive_utime,
@@ -466,8 +499,8 @@ async def view(fs: Filesystem, node: Node | None = None, prefix: str = "") -> di
         if child.is_symlink:
             found[relative] = ("link", os.fsdecode(await fs.readlink(child)))
         elif child.is_dir:
-            found[relative] = ("dir", stat.S_IMODE(child.mode))
-            found.update(await view(fs, child, relative + "/"))
+            found.update(await view(fs, child, relative + "/"))  # lists it: its link count is known then
+            found[relative] = ("dir", stat.S_IMODE(child.mode), child.link_count)
         else:
             number, _ = await fs.open(child, os.O_RDONLY)
             try:
@@ -476,6 +509,17 @@ async def view(fs: Filesystem, node: Node | None = None, prefix: str = "") -> di
                 await fs.release(number)
             found[relative] = ("file", stat.S_IMODE(child.mode), data)
     return found
+
+
+async def inode_numbers(fs: Filesystem, node: Node | None = None, prefix: str = "") -> dict[str, int]:
+    """Every path's inode number, read like `view` (listing what has expired)."""
+    numbers: dict[str, int] = {}
+    for child in await fs.list_children(node or fs.namespace.root):
+        relative = prefix + os.fsdecode(child.name)
+        numbers[relative] = child.inode
+        if child.is_dir:
+            numbers.update(await inode_numbers(fs, child, relative + "/"))
+    return numbers
 
 
 def differences(expected: dict[str, tuple], actual: dict[str, tuple]) -> list[str]:
@@ -621,7 +665,7 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
                 continue
             if kind not in ("flush", "crash") and reference.crosses_symlink(op[1]):
                 continue
-            if kind == "rename" and reference.crosses_symlink(op[2]):
+            if kind in ("rename", "exchange") and reference.crosses_symlink(op[2]):
                 continue
             if kind == "crash":
                 with trio.move_on_after(op[1]):
@@ -647,6 +691,9 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
         assert not differences(wanted, await view(mount.fs)), "local view"
         await mount.fs.sync.flush_all()
         assert not mount.fs.namespace.pending_changes()
+        numbers = await inode_numbers(mount.fs)
+        mount.fs.expire_listings()
+        assert await inode_numbers(mount.fs) == numbers, "listings taken again keep every inode number"
         session_tree = {path: entry for path, entry in snapshot(work).items() if path != ".baifs-tmp"}
         assert not differences(wanted, session_tree), "session after flush"
         scratch = work / ".baifs-tmp"

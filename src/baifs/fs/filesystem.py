@@ -71,6 +71,7 @@ NAME_MAX = 255
 #: Names at the root of the session that the mount never shows (control files, flush scratch).
 HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
 RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 #: ``listed_at`` of a directory whose listing is known but must be taken again.
 LISTING_EXPIRED = -math.inf
 #: How long a stale listing waits for its successor before it serves as it is
@@ -86,6 +87,21 @@ PREFETCH_LISTINGS = 4
 #: How many names after the current one a scan looks at for what to fetch ahead
 #: (bounds the work per operation in directories of any size).
 LOOK_AHEAD = 256
+
+
+def touch_directory(directory: Node, now_ns: int) -> None:
+    """An entry was added to or removed from a directory: its mtime and ctime move (locally;
+    the session's own clock sets them there, and its next listing brings them)."""
+    directory.mtime_ns = directory.ctime_ns = max(now_ns, directory.ctime_ns)
+
+
+def is_within(node: Node | None, ancestor: Node) -> bool:
+    """Whether ``node`` is ``ancestor`` or below it."""
+    while node is not None:
+        if node is ancestor:
+            return True
+        node = node.parent
+    return False
 
 
 class FSError(Exception):
@@ -640,6 +656,10 @@ class Filesystem:
     async def mkdir(self, parent: Node, name: bytes, mode: int) -> Node:
         return await self._add(parent, name, stat.S_IFDIR | stat.S_IMODE(mode))
 
+    async def mkfifo(self, parent: Node, name: bytes, mode: int) -> Node:
+        """A FIFO, made in the session by the flush's script (opened here, it is a local pipe)."""
+        return await self._add(parent, name, stat.S_IFIFO | stat.S_IMODE(mode))
+
     async def symlink(self, parent: Node, name: bytes, target: bytes) -> Node:
         node = await self._add(parent, name, stat.S_IFLNK | 0o777, target=encode_path(target))
         node.target = target
@@ -656,6 +676,7 @@ class Filesystem:
                 self.store.discard_stage(record["stage"])
             raise
         node = self.namespace.add_local(parent, name, mode)
+        touch_directory(parent, node.ctime_ns)
         self._note_change()
         return node
 
@@ -689,6 +710,8 @@ class Filesystem:
     def remove_tree(self, node: Node) -> None:
         """Take a node (and what is below it) out of the view; its remote objects are doomed."""
         self.journal.record("remove", path=encode_path(node.path))
+        if node.parent is not None:
+            touch_directory(node.parent, time.time_ns())
         self._drop_subtree(node)
         self._note_change()
 
@@ -709,8 +732,8 @@ class Filesystem:
                 node.stage = None
 
     async def rename(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes, flags: int) -> None:
-        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE and RENAME_WHITEOUT are not supported
-            raise FSError(errno.EINVAL)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FSError(errno.EINVAL)  # RENAME_WHITEOUT is for overlay file systems
         await self._changing(new_parent, new_name)
         existing = (new_parent.children or {}).get(new_name)
         if existing is not None and existing.is_dir:
@@ -719,12 +742,12 @@ class Filesystem:
         assert new_parent.children is not None
         if not new_parent.attached:
             raise FSError(errno.ENOENT)
-        ancestor: Node | None = new_parent
-        while ancestor is not None:
-            if ancestor is node:
-                raise FSError(errno.EINVAL)
-            ancestor = ancestor.parent
+        if is_within(new_parent, node):
+            raise FSError(errno.EINVAL)  # into its own subtree
         target = new_parent.children.get(new_name)
+        if flags & RENAME_EXCHANGE:
+            await self._exchange(node, target)
+            return
         if target is node:
             return
         if target is not None:
@@ -734,14 +757,35 @@ class Filesystem:
                 raise FSError(errno.ENOTDIR)
             if target.is_dir and not node.is_dir:
                 raise FSError(errno.EISDIR)
-            if target.is_dir and (target.children or target.listed_at is None and target.origin is not None):
+            if target.is_dir and (target.children or not target.children_known):
                 raise FSError(errno.ENOTEMPTY)
         self.journal.record(
             "rename", old=encode_path(node.path), new=encode_path(join(new_parent.path, new_name))
         )
         if target is not None:
             self._drop_subtree(target)
+        now = time.time_ns()
+        touch_directory(parent, now)
+        touch_directory(new_parent, now)
+        node.ctime_ns = now
         self.namespace.rename(node, new_parent, new_name)
+        self._note_change()
+
+    async def _exchange(self, node: Node, other: Node | None) -> None:
+        """RENAME_EXCHANGE: both names stay, their objects (and inode numbers) swap places."""
+        if other is None:
+            raise FSError(errno.ENOENT)
+        if other is node:
+            return
+        if is_within(node.parent, other):
+            raise FSError(errno.EINVAL)  # the other one holds this one
+        self.journal.record("rename", old=encode_path(node.path), new=encode_path(other.path), exchange=1)
+        now = time.time_ns()
+        for each in (node, other):
+            each.ctime_ns = now
+            assert each.parent is not None
+            touch_directory(each.parent, now)
+        self.namespace.exchange(node, other)
         self._note_change()
 
     async def setattr(
@@ -752,7 +796,9 @@ class Filesystem:
         mode: int | None = None,
         mtime_ns: int | None = None,
         atime_ns: int | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> Node:
+        """truncate, chmod, utimensat and chown. The owner is kept for the mount's life only."""
         if size is not None:
             if node.is_dir:
                 raise FSError(errno.EISDIR)
@@ -763,22 +809,28 @@ class Filesystem:
             os.truncate(self.store.stage_path(node.stage), size)
             node.size = size
             self._touch_content(node)
-        if mode is not None or mtime_ns is not None:
+        if mode is not None or mtime_ns is not None or atime_ns is not None:
             record: dict[str, int] = {}
             if mode is not None:
                 record["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
             if mtime_ns is not None:
                 record["mtime_ns"] = mtime_ns
+            if atime_ns is not None:
+                record["atime_ns"] = atime_ns
             self.journal.record("meta", path=encode_path(node.path), **record)
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
-            node.ctime_ns = time.time_ns()
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
             node.mtime_dirty = True
         if atime_ns is not None:
             node.atime_ns = atime_ns
-        if mode is not None or mtime_ns is not None:
+            node.atime_dirty = True
+        if owner is not None:
+            node.owner = owner
+        if mode is not None or mtime_ns is not None or atime_ns is not None or owner is not None:
+            node.ctime_ns = time.time_ns()
+        if mode is not None or mtime_ns is not None or atime_ns is not None:
             self.namespace.refresh_pending(node)
             self._note_change()
         return node

@@ -154,6 +154,8 @@ class FlushPlan:
     creations: list[Creation] = field(default_factory=list)
     chmods: list[MetaChange] = field(default_factory=list)
     touches: list[MetaChange] = field(default_factory=list)
+    #: access times set here (utimensat): the session stores them too.
+    atimes: list[MetaChange] = field(default_factory=list)
     #: leftover directories of earlier flushes and reads, removed by this script.
     litter: list[bytes] = field(default_factory=list)
     #: the script, when the plan needs one (rendered by `script`).
@@ -176,6 +178,7 @@ class FlushPlan:
             or self.moves
             or self.chmods
             or self.touches
+            or self.atimes
             or any(c.explicit for c in self.creations)
             or any(not u.direct for u in self.uploads)
         )
@@ -357,7 +360,7 @@ def plan(
             assert node.origin is not None
             parked = join(flush_plan.tmp, f"m{len(flush_plan.moves)}".encode())
             flush_plan.moves.append(Move(node, node.origin, node.path, parked))
-        elif node.origin is None and (node.is_dir or node.is_symlink):
+        elif node.origin is None and (node.is_dir or node.is_symlink or node.is_fifo):
             if (
                 node.is_dir
                 and node in implied
@@ -376,6 +379,8 @@ def plan(
             flush_plan.chmods.append(MetaChange(node, node.path, stat.S_IMODE(node.mode)))
         if node.mtime_dirty:
             flush_plan.touches.append(MetaChange(node, node.path, node.mtime_ns))
+        if node.atime_dirty:
+            flush_plan.atimes.append(MetaChange(node, node.path, node.atime_ns))
     # Doomed paths inside other doomed directories go with them.
     flush_plan.doomed = {
         path: mode
@@ -470,6 +475,13 @@ def script(flush_plan: FlushPlan) -> ShellScript:
                 creation.step = shell.step(
                     f"mkdir -p -- {target}", f"create directory {remote_name(creation.path)}"
                 )
+            elif creation.node.is_fifo:
+                # Repeatable: a FIFO an earlier, unconfirmed attempt made is kept.
+                mode = stat.S_IMODE(creation.remote_mode)
+                creation.step = shell.step(
+                    f"[ -p {target} ] || mkfifo -m {mode:04o} -- {target}",
+                    f"create FIFO {remote_name(creation.path)}",
+                )
             else:
                 # Repeatable: a link an earlier, unconfirmed attempt made is replaced.
                 link = shell.word(creation.node.target or b"")
@@ -487,14 +499,15 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             f"chmod {remote_name(change.path)}",
             needs=shell.word(change.path),
         )
-    for change in sorted(flush_plan.touches, key=lambda c: -depth(c.path)):
-        seconds, nanoseconds = divmod(change.value, 1_000_000_000)
-        target = shell.word(change.path)
-        change.step = shell.step(
-            f"touch -c -m -h -d @{seconds}.{nanoseconds:09d} -- {target}",
-            f"set the mtime of {remote_name(change.path)}",
-            needs=target,
-        )
+    for which, changes in (("m", flush_plan.touches), ("a", flush_plan.atimes)):
+        for change in sorted(changes, key=lambda c: -depth(c.path)):
+            seconds, nanoseconds = divmod(change.value, 1_000_000_000)
+            target = shell.word(change.path)
+            change.step = shell.step(
+                f"touch -c -{which} -h -d @{seconds}.{nanoseconds:09d} -- {target}",
+                f"set the {which}time of {remote_name(change.path)}",
+                needs=target,
+            )
     shell.raw(f'if [ "$failed" = 0 ]; then rm -rf -- {tmp} {tmp}.*; fi')
     if not profile.keeps_staging_dir:
         shell.raw(f"rmdir -- {shell.word(REMOTE_TMP)} 2>/dev/null")
@@ -580,6 +593,13 @@ class Committer:
                     node.mtime_dirty = False
                 if node.remote_mtime_ns >= 0:
                     node.remote_mtime_ns = change.value
+            elif change.step in steps.gone:
+                report.vanished.append(node)
+            namespace.refresh_pending(node)
+        for change in flush_plan.atimes:
+            node = change.node
+            if steps.done(change.step) and node.atime_dirty and node.atime_ns == change.value:
+                node.atime_dirty = False
             elif change.step in steps.gone:
                 report.vanished.append(node)
             namespace.refresh_pending(node)

@@ -73,6 +73,7 @@ def overlay_state(namespace: Namespace) -> dict[str, Any]:
                 "mode": node.mode,
                 "stage": node.stage if node.dirty else None,
                 "mtime_ns": node.mtime_ns if node.mtime_dirty else None,
+                "atime_ns": node.atime_ns if node.atime_dirty else None,
                 "target": None if node.target is None else encode_path(node.target),
             }
         )

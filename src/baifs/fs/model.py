@@ -5,9 +5,10 @@ overlay of local changes. Both live in one tree of `Node` objects. Each node
 records which remote object it stands for (``origin``: its path in the remote
 tree as of the last flush, or None for something created here) and what
 about it is pending: new content (``dirty``), a mode other than the remote
-one, an explicitly set mtime (``mtime_dirty``), or a move (``origin``
-differs from where its parent's origin would put it). Remote objects removed
-here wait in ``doomed`` until a flush removes them in the session.
+one, explicitly set times (``mtime_dirty``, ``atime_dirty``), or a move
+(``origin`` differs from where its parent's origin would put it). Remote
+objects removed here wait in ``doomed`` until a flush removes them in the
+session.
 
 Hard cases this layout solves:
 
@@ -25,7 +26,7 @@ Invariants:
 - a node's inode number never changes and is never reused during a mount;
 - at most one attached node has a given origin;
 - a node is in ``pending`` iff it is attached and dirty, has a mode change,
-  a set mtime, no origin (it needs creating), or an explicit move;
+  a set mtime or atime, no origin (it needs creating), or an explicit move;
 - a clean node keeps a staging file only while the remote object's mtime is
   unknown (the flush's script placed it and the listing after it failed):
   that file is its content until a listing shows the object, and then goes
@@ -60,6 +61,15 @@ def is_ancestor_or_self(ancestor: bytes, path: bytes) -> bool:
     return not ancestor or path == ancestor or path.startswith(ancestor + b"/")
 
 
+#: Listings carry times as float seconds: about 240 ns apart at today's dates.
+MTIME_PRECISION_NS = 1000
+
+
+def same_mtime(known_ns: int, listed_ns: int) -> bool:
+    """Whether a listed mtime is the one known here (set in nanoseconds by a flush), as a float can say."""
+    return abs(known_ns - listed_ns) < MTIME_PRECISION_NS
+
+
 class Node:
     __slots__ = (
         "inode",
@@ -77,9 +87,12 @@ class Node:
         "stage",
         "dirty",
         "mtime_dirty",
+        "atime_dirty",
         "target",
         "children",
         "order",
+        "subdirs",
+        "owner",
         "listed_at",
         "lookups",
         "open_count",
@@ -107,10 +120,16 @@ class Node:
         #: the local content is not (yet) on the session.
         self.dirty = False
         self.mtime_dirty = False
+        self.atime_dirty = False
         self.target: bytes | None = None
         self.children: dict[bytes, Node] | None = {} if stat.S_ISDIR(mode) else None
         #: the children's names, sorted; None until asked for after a change (`Namespace.in_order`).
         self.order: list[bytes] | None = None
+        #: how many children are directories (kept by `Namespace.attach` and `unhook`).
+        self.subdirs = 0
+        #: (uid, gid) given by chown here: shown for the mount's life, never sent to the session
+        #: (its API has no way to store it); None: the mount's configured owner.
+        self.owner: tuple[int, int] | None = None
         #: monotonic time of the last listing merge (directories with an origin); None
         #: before the first, minus infinity once expired (still known, to be listed again).
         self.listed_at: float | None = None
@@ -136,6 +155,10 @@ class Node:
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_fifo(self) -> bool:
+        return stat.S_ISFIFO(self.mode)
 
     @property
     def attached(self) -> bool:
@@ -176,12 +199,31 @@ class Node:
         )
 
     @property
+    def children_known(self) -> bool:
+        """Every child is in ``children``: the directory was listed, or made here."""
+        return self.children is not None and (self.listed_at is not None or self.origin is None)
+
+    @property
+    def link_count(self) -> int:
+        """``st_nlink``: 2 plus the subdirectories for a directory (1, "unknown", before its
+        listing is known), 1 for anything else in the tree, 0 once unlinked (still open)."""
+        if self.is_dir:
+            return 2 + self.subdirs if self.children_known else 1
+        return 1 if self.attached else 0
+
+    @property
+    def attributes_pending(self) -> bool:
+        """A mode or times set here and not yet in the session."""
+        return self.mtime_dirty or self.atime_dirty or self.mode_differs
+
+    @property
     def moved(self) -> bool:
         return self.origin is not None and self.parent is not None and self.origin != self.implied_origin()
 
     def set_remote(self, entry: RemoteEntry) -> None:
         self.remote_size = entry.size
-        self.remote_mtime_ns = entry.mtime_ns
+        if not same_mtime(self.remote_mtime_ns, entry.mtime_ns):
+            self.remote_mtime_ns = entry.mtime_ns  # else keep the exact one a flush set
         self.remote_mode = entry.mode
 
     def take_remote_attributes(self, entry: RemoteEntry) -> bool:
@@ -192,7 +234,9 @@ class Node:
         times are kept: they may be the times of a write made here, and tools
         such as make, rsync and git must not see them jump.
         """
-        changed = self.remote_size != entry.size or self.remote_mtime_ns not in (-1, entry.mtime_ns)
+        changed = self.remote_size != entry.size or (
+            self.remote_mtime_ns != -1 and not same_mtime(self.remote_mtime_ns, entry.mtime_ns)
+        )
         mode_changed = self.remote_mode != entry.mode
         self.set_remote(entry)
         if changed:
@@ -235,6 +279,7 @@ class Namespace:
         node.parent = parent
         parent.children[node.name] = node
         parent.order = None
+        parent.subdirs += node.is_dir
 
     def unhook(self, node: Node) -> None:
         """Take a node out of its parent's children (it keeps ``parent``)."""
@@ -242,6 +287,7 @@ class Namespace:
         if parent is not None and parent.children is not None and parent.children.get(node.name) is node:
             del parent.children[node.name]
             parent.order = None
+            parent.subdirs -= node.is_dir
 
     def in_order(self, directory: Node) -> list[bytes]:
         """The names in a directory, sorted: sorted once after each change, O(1) until the next."""
@@ -274,7 +320,7 @@ class Namespace:
             yield from self.walk(child)
 
     def refresh_pending(self, node: Node) -> None:
-        pending = node.dirty or node.mtime_dirty or node.origin is None or node.moved or node.mode_differs
+        pending = node.dirty or node.attributes_pending or node.origin is None or node.moved
         if pending and node.attached:
             self.pending.add(node)
         else:
@@ -312,7 +358,7 @@ class Namespace:
                 replacement = self.new_node(name, entry.mode, origin=remote_path)
                 replacement.take_remote_attributes(entry)
                 self.attach(directory, replacement)
-            elif child.dirty or child.write_count or child.mtime_dirty or child.mode_differs:
+            elif child.dirty or child.write_count or child.attributes_pending:
                 child.set_remote(entry)
             else:
                 if child.stage is not None and child.remote_mtime_ns < 0:
@@ -367,6 +413,18 @@ class Namespace:
         node.name = new_name
         self.attach(new_parent, node)
         self.refresh_pending(node)
+
+    def exchange(self, one: Node, other: Node) -> None:
+        """Swap two nodes' places (``renameat2`` with RENAME_EXCHANGE); each keeps its inode."""
+        one_place, other_place = (one.parent, one.name), (other.parent, other.name)
+        assert one_place[0] is not None and other_place[0] is not None
+        self.unhook(one)
+        self.unhook(other)
+        one.name, other.name = other_place[1], one_place[1]
+        self.attach(other_place[0], one)
+        self.attach(one_place[0], other)
+        self.refresh_pending(one)
+        self.refresh_pending(other)
 
     def pending_changes(self) -> int:
         return len(self.pending) + len(self.doomed)

@@ -23,6 +23,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -114,8 +115,9 @@ class Operations(pyfuse3.Operations):
         attributes = pyfuse3.EntryAttributes()
         attributes.st_ino = item.inode
         attributes.generation = 0
-        attributes.st_uid = self.options.uid
-        attributes.st_gid = self.options.gid
+        attributes.st_uid, attributes.st_gid = (
+            self._owner(item) if isinstance(item, Node) else (self.options.uid, self.options.gid)
+        )
         attributes.st_rdev = 0
         attributes.st_blksize = 65536
         if isinstance(item, ControlEntry):
@@ -130,7 +132,7 @@ class Operations(pyfuse3.Operations):
             if self.options.umask is not None:
                 mode &= ~self.options.umask
             attributes.st_mode = mode
-            attributes.st_nlink = 2 if item.is_dir else 1
+            attributes.st_nlink = item.link_count
             attributes.st_size = len(item.target) if item.is_symlink and item.target else item.size
             attributes.st_atime_ns = item.atime_ns
             attributes.st_mtime_ns = item.mtime_ns
@@ -197,14 +199,24 @@ class Operations(pyfuse3.Operations):
             if inode != RUN_INODE or fields.update_mode or fields.update_uid or fields.update_gid:
                 raise FSError(errno.EPERM)
             return self._attributes(self.control.entry(inode))
+        node = self.fs.node(inode)
+        owner = None
+        if fields.update_uid or fields.update_gid:  # the kernel checked who may (default_permissions)
+            uid, gid = self._owner(node)
+            owner = (attr.st_uid if fields.update_uid else uid, attr.st_gid if fields.update_gid else gid)
         node = await self.fs.setattr(
-            self.fs.node(inode),
+            node,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            owner=owner,
         )
         return self._attributes(node)
+
+    def _owner(self, node: Node) -> tuple[int, int]:
+        """Who owns a node: the mount's configured owner, unless chown changed it here."""
+        return node.owner or (self.options.uid, self.options.gid)
 
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -305,9 +317,14 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_control(parent_inode, name)
-        if (mode & 0o170000) != 0o100000:
-            raise FSError(errno.EPERM)  # devices, fifos and sockets cannot be made through uploads
-        number, handle = await self.fs.create(self.fs.node(parent_inode), name, mode, os.O_WRONLY)
+        parent = self.fs.node(parent_inode)
+        if stat.S_ISFIFO(mode):
+            return self._entry(await self.fs.mkfifo(parent, name, mode))
+        if not stat.S_ISREG(mode):
+            # Sockets need a process bound to them, devices a privileged container: neither is
+            # something the session's scripts can make for a mount.
+            raise FSError(errno.EPERM)
+        number, handle = await self.fs.create(parent, name, mode, os.O_WRONLY)
         await self.fs.release(number)
         return self._entry(handle.node)
 

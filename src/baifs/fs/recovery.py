@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from ..api.errors import BaifsError, RemotePathError
-from .filesystem import Filesystem, FSError
+from .filesystem import RENAME_EXCHANGE, Filesystem, FSError
 from .flush import REMOTE_TMP, remote_name
 from .journal import decode_path
 from .model import Node, join
@@ -143,6 +143,9 @@ def _apply_attributes(fs: Filesystem, node: Node, record: dict[str, Any]) -> Non
     if record.get("mtime_ns") is not None:
         node.mtime_ns = int(record["mtime_ns"])
         node.mtime_dirty = True
+    if record.get("atime_ns") is not None:
+        node.atime_ns = int(record["atime_ns"])
+        node.atime_dirty = True
     if record.get("target") is not None:
         node.target = decode_path(record["target"])
         node.size = len(node.target)
@@ -176,7 +179,8 @@ async def _replay(fs: Filesystem, record: dict[str, Any]) -> int:
         parent = await _resolve(fs, new.rpartition(b"/")[0])
         if node is None or node.parent is None or parent is None:
             return 0
-        await fs.rename(node.parent, node.name, parent, new.rpartition(b"/")[2], 0)
+        flags = RENAME_EXCHANGE if record.get("exchange") else 0
+        await fs.rename(node.parent, node.name, parent, new.rpartition(b"/")[2], flags)
         return 1
     path = decode_path(record["path"])
     parent_path, _, name = path.rpartition(b"/")
@@ -207,6 +211,7 @@ async def _replay(fs: Filesystem, record: dict[str, Any]) -> int:
             node,
             mode=record.get("mode"),
             mtime_ns=record.get("mtime_ns"),
+            atime_ns=record.get("atime_ns"),
         )
         return 1
     return 0
