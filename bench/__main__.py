@@ -24,8 +24,8 @@ from .peers import (
     Processes,
     Sshd,
     add_common_arguments,
+    require_prerequisites,
     targets_at,
-    unmet_prerequisites,
     unmount,
 )
 from .workloads import Bench, Dataset, Figure
@@ -45,14 +45,11 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    unmet = unmet_prerequisites()
-    if unmet:
-        print(f"bench: {unmet}", file=sys.stderr)
-        return 2
+    require_prerequisites()
     runs = args.runs or (1 if args.quick else 5)
     files = args.files or (100 if args.quick else 1000)
     big_mb = args.big_mb or (20 if args.quick else 100)
-    latencies = [float(value) for value in args.latencies.split(",")]
+    latencies: list[float] = args.latencies
     command = "bash bench/run" + (" --quick" if args.quick else "")
     settings = {"runs": runs, "files": files, "big_mb": big_mb, "latencies": latencies, "command": command}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

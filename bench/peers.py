@@ -40,19 +40,26 @@ BENCH_SECRET_KEY = "benchmark-secret-key-not-for-production"
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every harness that compares the three targets takes."""
-    parser.add_argument("--latencies", default="0,20", help="round trips to emulate, in ms (default: 0,20)")
+    parser.add_argument(
+        "--latencies",
+        type=lambda text: [float(value) for value in text.split(",")],
+        default="0,20",
+        help="round trips to emulate, in ms (default: 0,20)",
+    )
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/baifs-bench"), help="scratch directory")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md")
 
 
-def unmet_prerequisites() -> str | None:
-    """Why the harness cannot run here, or None."""
+def require_prerequisites() -> None:
+    """Exit with a message (status 2) when the harness cannot run here."""
+    reason = None
     if os.geteuid() != 0:
-        return "run as root (it mounts, starts sshd and drops the page cache)"
-    missing = [tool for tool in REQUIRED if shutil.which(tool) is None and not Path(tool).exists()]
-    if missing:
-        return f"missing {', '.join(missing)}; bench/run installs them"
-    return None
+        reason = "run as root (it mounts, starts sshd and drops the page cache)"
+    elif missing := [tool for tool in REQUIRED if shutil.which(tool) is None and not Path(tool).exists()]:
+        reason = f"missing {', '.join(missing)}; bench/run installs them"
+    if reason is not None:
+        print(f"bench: {reason}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class Processes:

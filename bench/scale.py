@@ -44,8 +44,8 @@ from .peers import (
     Sshd,
     Target,
     add_common_arguments,
+    require_prerequisites,
     targets_at,
-    unmet_prerequisites,
     unmount,
 )
 from .workloads import Figure, request_delta, sh
@@ -165,12 +165,9 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    unmet = unmet_prerequisites()
-    if unmet:
-        print(f"bench: {unmet}", file=sys.stderr)
-        return 2
+    require_prerequisites()
     sizes = [int(v) for v in (args.sizes or ("3000,10000" if args.quick else "3000,10000,30000")).split(",")]
-    latencies = [float(value) for value in args.latencies.split(",")]
+    latencies: list[float] = args.latencies
     chosen = args.targets.split(",")
     command = "bash bench/run --scale" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-docs")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -461,7 +461,8 @@ async def drive_symlink(fs: Filesystem, relative: str, target: str) -> None:
 
 
 async def drive_utime(fs: Filesystem, relative: str, seconds: int) -> None:
-    await fs.setattr(await resolve(fs, relative), mtime_ns=seconds * 10**9 + 123)
+    """Both times, as os.utime sets them (the atime's flush step runs under the faults too)."""
+    await fs.setattr(await resolve(fs, relative), mtime_ns=seconds * 10**9 + 123, atime_ns=seconds * 10**9)
 
 
 async def drive_flush(fs: Filesystem) -> None:

@@ -122,6 +122,12 @@ class ContentStore:
         """A name in the cache no entry has had (safe to fill from a worker thread)."""
         return self.cache_dir / format(next(self._file_names), "x")
 
+    def write_new_file(self, data: bytes) -> Path:
+        """A new cache file holding ``data``, for `add_whole` (file I/O only: run it in a worker thread)."""
+        file = self.new_file()
+        file.write_bytes(data)
+        return file
+
     def entry_for(self, remote_path: bytes, size: int, mtime_ns: int) -> CacheEntry:
         """The entry to fill chunk by chunk for this version of a file (an empty one if unknown)."""
         entry = self.lookup(remote_path, size, mtime_ns)

@@ -204,7 +204,12 @@ class Fetcher:
             if not isinstance(error, Exception):
                 raise
             return
-        unpacked = await trio.to_thread.run_sync(self._unpack, batch, archives)
+        try:
+            unpacked = await trio.to_thread.run_sync(self._unpack, batch, archives)
+        except BaseException as error:  # cancelled before the thread took it: nobody may wait forever
+            for want in batch:
+                self._finish(want, error)
+            raise
         for want, outcome in zip(batch, unpacked, strict=True):
             if isinstance(outcome, Exception):
                 self._finish(want, outcome)
@@ -222,9 +227,7 @@ class Fetcher:
                     raise StaleContent(
                         f"{want.remote_path!r} has {len(data)} bytes, the listing said {want.size}"
                     )
-                file = self.store.new_file()
-                file.write_bytes(data)
-                unpacked.append(file)
+                unpacked.append(self.store.write_new_file(data))
             except Exception as error:
                 unpacked.append(error)
         return unpacked

@@ -89,21 +89,6 @@ PREFETCH_LISTINGS = 4
 LOOK_AHEAD = 256
 
 
-def touch_directory(directory: Node, now_ns: int) -> None:
-    """An entry was added to or removed from a directory: its mtime and ctime move (locally;
-    the session's own clock sets them there, and its next listing brings them)."""
-    directory.mtime_ns = directory.ctime_ns = max(now_ns, directory.ctime_ns)
-
-
-def is_within(node: Node | None, ancestor: Node) -> bool:
-    """Whether ``node`` is ``ancestor`` or below it."""
-    while node is not None:
-        if node is ancestor:
-            return True
-        node = node.parent
-    return False
-
-
 class FSError(Exception):
     def __init__(self, code: int, message: str = "") -> None:
         super().__init__(message or os.strerror(code))
@@ -676,7 +661,7 @@ class Filesystem:
                 self.store.discard_stage(record["stage"])
             raise
         node = self.namespace.add_local(parent, name, mode)
-        touch_directory(parent, node.ctime_ns)
+        parent.entries_changed(node.ctime_ns)
         self._note_change()
         return node
 
@@ -711,7 +696,7 @@ class Filesystem:
         """Take a node (and what is below it) out of the view; its remote objects are doomed."""
         self.journal.record("remove", path=encode_path(node.path))
         if node.parent is not None:
-            touch_directory(node.parent, time.time_ns())
+            node.parent.entries_changed(time.time_ns())
         self._drop_subtree(node)
         self._note_change()
 
@@ -742,7 +727,7 @@ class Filesystem:
         assert new_parent.children is not None
         if not new_parent.attached:
             raise FSError(errno.ENOENT)
-        if is_within(new_parent, node):
+        if new_parent.within(node):
             raise FSError(errno.EINVAL)  # into its own subtree
         target = new_parent.children.get(new_name)
         if flags & RENAME_EXCHANGE:
@@ -765,8 +750,8 @@ class Filesystem:
         if target is not None:
             self._drop_subtree(target)
         now = time.time_ns()
-        touch_directory(parent, now)
-        touch_directory(new_parent, now)
+        parent.entries_changed(now)
+        new_parent.entries_changed(now)
         node.ctime_ns = now
         self.namespace.rename(node, new_parent, new_name)
         self._note_change()
@@ -777,14 +762,14 @@ class Filesystem:
             raise FSError(errno.ENOENT)
         if other is node:
             return
-        if is_within(node.parent, other):
+        if node.parent is not None and node.parent.within(other):
             raise FSError(errno.EINVAL)  # the other one holds this one
         self.journal.record("rename", old=encode_path(node.path), new=encode_path(other.path), exchange=1)
         now = time.time_ns()
         for each in (node, other):
             each.ctime_ns = now
             assert each.parent is not None
-            touch_directory(each.parent, now)
+            each.parent.entries_changed(now)
         self.namespace.exchange(node, other)
         self._note_change()
 
@@ -809,15 +794,18 @@ class Filesystem:
             os.truncate(self.store.stage_path(node.stage), size)
             node.size = size
             self._touch_content(node)
-        if mode is not None or mtime_ns is not None or atime_ns is not None:
-            record: dict[str, int] = {}
-            if mode is not None:
-                record["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
-            if mtime_ns is not None:
-                record["mtime_ns"] = mtime_ns
-            if atime_ns is not None:
-                record["atime_ns"] = atime_ns
-            self.journal.record("meta", path=encode_path(node.path), **record)
+        # What the session stores (and the journal keeps until it does); the owner is local only.
+        stored = {
+            key: value
+            for key, value in (
+                ("mode", None if mode is None else stat.S_IFMT(node.mode) | stat.S_IMODE(mode)),
+                ("mtime_ns", mtime_ns),
+                ("atime_ns", atime_ns),
+            )
+            if value is not None
+        }
+        if stored:
+            self.journal.record("meta", path=encode_path(node.path), **stored)
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
         if mtime_ns is not None:
@@ -828,9 +816,9 @@ class Filesystem:
             node.atime_dirty = True
         if owner is not None:
             node.owner = owner
-        if mode is not None or mtime_ns is not None or atime_ns is not None or owner is not None:
+        if stored or owner is not None:
             node.ctime_ns = time.time_ns()
-        if mode is not None or mtime_ns is not None or atime_ns is not None:
+        if stored:
             self.namespace.refresh_pending(node)
             self._note_change()
         return node

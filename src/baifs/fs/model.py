@@ -198,6 +198,20 @@ class Node:
             and stat.S_IMODE(self.mode) != stat.S_IMODE(self.remote_mode)
         )
 
+    def within(self, ancestor: Node) -> bool:
+        """Whether this node is ``ancestor`` or below it."""
+        node: Node | None = self
+        while node is not None:
+            if node is ancestor:
+                return True
+            node = node.parent
+        return False
+
+    def entries_changed(self, now_ns: int) -> None:
+        """An entry was added to or removed from this directory: its mtime and ctime move (here;
+        the session's own clock sets them there, and its next listing brings them)."""
+        self.mtime_ns = self.ctime_ns = max(now_ns, self.ctime_ns)
+
     @property
     def children_known(self) -> bool:
         """Every child is in ``children``: the directory was listed, or made here."""
