@@ -108,3 +108,30 @@ def test_a_run_that_kills_its_supervisor_costs_a_wait_not_a_change(mount: Mount)
     assert "supervisor of the mount's run stopped answering" in m.log_text()
     m.sync()
     assert not (m.work / ".baifs-tmp").exists(), os.listdir(m.work / ".baifs-tmp")
+
+
+def test_a_runs_record_stays_while_it_goes_after_a_flush_before_it(mount: Mount) -> None:
+    """The barrier flush's run concludes in the background; that must not clear the user's run's record."""
+    m = mount.start("--write-back", "600")
+    (m.path / "newdir").mkdir()  # pending: the run's barrier flush runs a script first
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "baifs", "run", str(m.path), "--", "sh -c 'sleep 6; echo done > long.txt'"],
+        env=m.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    status = m.path / ".runs" / "1" / "status"
+    wait_for(lambda: status.exists() and json.loads(status.read_text())["run_id"], 20, "the run to start")
+    run_id = json.loads(status.read_text())["run_id"]
+    marker = next((m.home / "state").rglob("mounts/*/"), None)
+    assert marker is not None
+    marker = marker / "current-run"
+    seen = 0
+    while json.loads(status.read_text())["state"] == "running" and not (m.work / "long.txt").exists():
+        assert marker.exists() and marker.read_text().strip() == run_id, "the running run's record vanished"
+        seen += 1
+        time.sleep(0.2)
+    assert seen > 10
+    assert runner.wait(30) == 0
+    wait_for(lambda: not marker.exists(), 20, "the run's record to go once it is concluded")
+    assert baifs("run", str(m.path), "--", "echo", "after", env=m.env, timeout=30).stdout == "after\n"

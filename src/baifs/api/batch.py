@@ -34,9 +34,13 @@ Invariants:
 - one execution in flight per session: a run holds the session's execution
   slot (`BatchExecutor.slot`) for its whole life, concluding requests
   included, and no run starts while another is unconcluded;
-- the run id is handed to ``on_run`` (which records it durably) before the
-  first request is sent, and ``on_run(None)`` is called only once the run is
-  concluded; if it cannot be recorded, nothing is sent;
+- the run id is handed to ``runs.started`` (which records it durably) before
+  the first request is sent, and ``runs.concluded`` is told that same id only
+  once that run is concluded, so a run concluding in the background never
+  clears the record of the run after it; if it cannot be recorded, nothing is
+  sent;
+- a run starts only once the run before it is read to its end, also within
+  one holder of the slot (a flush, then a user's run);
 - every run is driven until the session has concluded it, or raises
   `SessionWedged` naming the cause and stays unconcluded; a run never hangs
   silently;
@@ -114,7 +118,12 @@ class BatchOutcome:
     complete: bool = True
 
 
-RunRecorder = Callable[[str | None], Awaitable[None]]
+class RunRecorder(Protocol):
+    """Keeps the id of the run not yet concluded where a successor process finds it."""
+
+    async def started(self, run_id: str) -> None: ...
+
+    async def concluded(self, run_id: str) -> None: ...
 
 
 class BatchExecutor:
@@ -125,13 +134,13 @@ class BatchExecutor:
         session: SessionClient,
         *,
         request_timeout: float = 30.0,
-        on_run: RunRecorder | None = None,
+        runs: RunRecorder | None = None,
     ) -> None:
         self.session = session
         self.request_timeout = request_timeout
-        #: told the run id before a run's first request and None once it is
+        #: told each run's id before its first request and again once it is
         #: concluded, so a successor process can conclude a run this one abandoned.
-        self.on_run = on_run
+        self.runs = runs
         #: "unknown", "resume" or "detach" (see the module docstring).
         self.phase_behaviour = "unknown"
         self._lock = trio.Lock()
@@ -193,10 +202,7 @@ class BatchExecutor:
             with trio.move_on_after(queue_timeout):
                 await self._lock.acquire()
                 acquired = True
-                if self._concluding is not None:
-                    await self._concluding.wait()  # the previous run's trailing markers
-                if self._unconcluded is not None:
-                    await self._conclude_unconcluded(self._unconcluded)
+                await self._after_previous()
                 ready = True
         except BaseException:
             if acquired:
@@ -238,8 +244,10 @@ class BatchExecutor:
         """Run ``steps`` in the slot the calling task already holds (see `slot`)."""
         if not self._lock.locked():
             raise RuntimeError("run_held needs the execution slot")
+        await self._after_previous()
         run_id = run_id or secrets.token_hex(16)
-        await self._tell(run_id)  # before anything is sent: a full disk stops the run here
+        if self.runs is not None:
+            await self.runs.started(run_id)  # before anything is sent: a full disk stops the run here
         self._current_run = self._unconcluded = run_id
         self.purpose, self.started_at, self.answered = purpose, trio.current_time(), False
         try:
@@ -282,14 +290,18 @@ class BatchExecutor:
         except BaifsError as error:
             log.warning("could not conclude run %s yet (%s); the next run will", self._unconcluded, error)
 
-    async def _tell(self, run_id: str | None) -> None:
-        if self.on_run is not None:
-            await self.on_run(run_id)
+    async def _after_previous(self) -> None:
+        """Wait for the previous run's trailing markers, and conclude a run left unconcluded."""
+        if self._concluding is not None:
+            await self._concluding.wait()
+        if self._unconcluded is not None:
+            await self._conclude_unconcluded(self._unconcluded)
 
     async def _concluded(self, run_id: str) -> None:
         if self._unconcluded == run_id:
             self._unconcluded = None
-        await self._tell(None)
+        if self.runs is not None:
+            await self.runs.concluded(run_id)
 
     async def _conclude_unconcluded(self, run_id: str) -> None:
         """Read a run whose end we missed to its end, so the session takes new runs."""

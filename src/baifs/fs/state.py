@@ -19,7 +19,8 @@ journal. ``baifs mount``, ``baifs salvage`` and the tests all go through
 them.
 
 Invariants: the run marker is written (to a temporary name, synced, renamed)
-before a run's first request and removed only once the run is concluded; a
+before a run's first request and removed only once the run it names is
+concluded (the conclusion of an earlier run leaves a later run's marker); a
 marker that is empty or damaged is ignored with a warning; a marker that
 cannot be written stops the run before anything is sent (`LocalStateError`).
 """
@@ -31,7 +32,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +73,23 @@ class RunMarker:
     def __init__(self, state: Path) -> None:
         self.path = state / CURRENT_RUN_FILE
 
-    async def record(self, run_id: str | None) -> None:
+    async def started(self, run_id: str) -> None:
+        await self._change(self._write, run_id)
+
+    async def concluded(self, run_id: str) -> None:
+        await self._change(self._remove, run_id)
+
+    async def _change(self, change: Callable[[str], None], run_id: str) -> None:
         try:
-            await trio.to_thread.run_sync(self._write, run_id)
+            await trio.to_thread.run_sync(change, run_id)
         except OSError as error:
             raise LocalStateError(error, f"the run marker {self.path}") from error
 
-    def _write(self, run_id: str | None) -> None:
-        if run_id is None:
+    def _remove(self, run_id: str) -> None:
+        if self.load() == run_id:
             self.path.unlink(missing_ok=True)
-            return
+
+    def _write(self, run_id: str) -> None:
         temporary = self.path.with_suffix(".tmp")
         try:
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -148,7 +156,7 @@ def build_filesystem(session: SessionClient, state: Path, cache: Path, options: 
     """A `Filesystem` over a state directory (not started: see `start_filesystem`)."""
     store = ContentStore(cache, state / "staging", options.cache_limit)
     marker = RunMarker(state)
-    executor = BatchExecutor(session, on_run=marker.record)
+    executor = BatchExecutor(session, runs=marker)
     left = marker.load()
     if left is not None:
         log.info("run %s was left going by an earlier process; it is concluded before the next run", left)
