@@ -16,7 +16,14 @@ rate, and a fault:
   instead of answering (the client never hears);
 - ``stall``: hold the connection without answering (``seconds``, default
   an hour: past any client timeout);
-- ``delay``: wait ``seconds``, then forward.
+- ``delay``: wait ``seconds``, then forward;
+- ``drip``: forward, then send the answer one byte every ``seconds`` (a
+  server that never stalls outright and never finishes);
+- ``pad``: forward, then send the answer followed by ``size`` more bytes,
+  chunked (a hostile server: an answer larger than the protocol allows);
+- ``entries``: forward a listing with ``entries`` (JSON texts, so NaN and
+  Infinity can be said) added to its ``files`` (a lying server: names and
+  values no directory can hold).
 
 Decisions are deterministic: request number *n* of an endpoint draws from a
 generator seeded by ``(seed, endpoint, n)``. ``count`` caps how many times
@@ -72,6 +79,8 @@ class Rule:
     status: int = 502
     seconds: float = 3600.0
     count: int | None = None
+    size: int = 0
+    entries: list[str] = field(default_factory=list)
     fired: int = 0
 
     def matches(self, endpoint: str) -> bool:
@@ -152,10 +161,25 @@ class Proxy:
             problem = {"type": "https://api.backend.ai/probs/bad-gateway", "title": "Upstream unreachable."}
             await _send(stream, connection, 502, json.dumps(problem).encode(), "application/problem+json")
             return True
-        if rule is not None and rule.fault == "reset_after":
+        fault = rule.fault if rule is not None else ""
+        if fault == "reset_after":
             raise ResetClient()
-        response = h11.Response(status_code=status, headers=_without_framing(headers, len(answer)))
-        await stream.send_all(connection.send(response) + connection.send(h11.Data(data=answer)))
+        if fault == "entries":
+            answer = _with_entries(answer, rule.entries)
+        padding = rule.size if fault == "pad" else 0
+        framed = _without_framing(headers, len(answer))
+        if padding:  # chunked, with no length to read ahead: the client sees the size only as it streams
+            framed = [(n, v) for n, v in framed if n != b"content-length"]
+        response = h11.Response(status_code=status, headers=framed)
+        await stream.send_all(connection.send(response))
+        if fault == "drip":
+            for index in range(len(answer)):
+                await stream.send_all(connection.send(h11.Data(data=answer[index : index + 1])))
+                await trio.sleep(rule.seconds)
+        else:
+            await stream.send_all(connection.send(h11.Data(data=answer)))
+        for start in range(0, padding, 1024 * 1024):
+            await stream.send_all(connection.send(h11.Data(data=bytes(min(1024 * 1024, padding - start)))))
         await stream.send_all(connection.send(h11.EndOfMessage()))
         return True
 
@@ -192,6 +216,14 @@ class Proxy:
         }
         await _send(stream, connection, 200, json.dumps(state).encode(), "application/json")
         return True
+
+
+def _with_entries(answer: bytes, entries: list[str]) -> bytes:
+    """A listing answer with ``entries`` (JSON texts) added to the JSON text in its ``files``."""
+    document = json.loads(answer)
+    files = (document.get("files") or "[]").strip()
+    document["files"] = files[:-1].rstrip() + ("," if files != "[]" else "") + ",".join(entries) + "]"
+    return json.dumps(document).encode()
 
 
 class ResetClient(Exception):

@@ -8,20 +8,31 @@ HTTP error: the response is 200 with an empty ``files`` and a Python traceback
 in ``errors``.
 
 This module owns the translation between that shape and `RemoteEntry`, in both
-directions (the local server produces listings with `entry_from_stat`).
+directions (the local server produces listings with `entry_json`).
 Invariants: every ``st_mode`` that `parse_mode` returns has exactly one file
 type bit set, and `parse_mode(stat.filemode(m)) == m` for every mode of a file
-type that `stat.filemode` can print.
+type that `stat.filemode` can print; every `RemoteEntry` that `parse_listing`
+returns has a name a directory can hold (not empty, ``.`` or ``..``, no ``/``
+or NUL), unique in its listing, a size and times that fit the kernel's 64-bit
+fields; an entry that breaks this is skipped and logged, and the rest of
+the directory is served.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import stat
 from dataclasses import dataclass
 
 from .errors import ProtocolError, RemotePathError, errno_from_traceback
+
+log = logging.getLogger(__name__)
+
+#: The largest value of the kernel's signed 64-bit size and time fields.
+INT64_MAX = 2**63 - 1
 
 FILE_TYPES: dict[str, int] = {
     "-": stat.S_IFREG,
@@ -104,22 +115,64 @@ def parse_listing(body: object, path: str) -> list[RemoteEntry]:
         raw_entries = json.loads(files_text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"list response for {path!r} has unparsable 'files'") from exc
-    entries = []
+    if not isinstance(raw_entries, list):
+        raise ProtocolError(f"list response for {path!r} has 'files' that is not a list")
+    entries: list[RemoteEntry] = []
+    names: set[str] = set()
+    skipped: list[str] = []
     for raw in raw_entries:
         try:
-            entries.append(
-                RemoteEntry(
-                    name=raw["filename"],
-                    mode=parse_mode(raw["mode"]),
-                    size=int(raw["size"]),
-                    ctime_ns=seconds_to_ns(raw["ctime"]),
-                    mtime_ns=seconds_to_ns(raw["mtime"]),
-                    atime_ns=seconds_to_ns(raw["atime"]),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"list response for {path!r} has a malformed entry") from exc
+            entry = parse_entry(raw)
+            if entry.name in names:
+                raise ValueError(f"a second entry named {entry.name!r}")
+        except (KeyError, TypeError, ValueError, ProtocolError, OverflowError) as error:
+            skipped.append(f"{_describe(raw)}: {error}")
+            continue
+        names.add(entry.name)
+        entries.append(entry)
+    if skipped:
+        log.warning(
+            "listing of %r: skipped %d entr%s no directory can hold (%s)",
+            path,
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""),
+        )
     return entries
+
+
+def parse_entry(raw: object) -> RemoteEntry:
+    """One listing entry; ValueError (or KeyError, TypeError) for one no directory can hold."""
+    if not isinstance(raw, dict):
+        raise TypeError("not an object")
+    name = raw["filename"]
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"the name {name!r}")
+    size = raw["size"]
+    if isinstance(size, bool) or not isinstance(size, int | float) or not 0 <= size <= INT64_MAX:
+        raise ValueError(f"the size {size!r}")
+    return RemoteEntry(
+        name=name,
+        mode=parse_mode(raw["mode"]),
+        size=int(size),
+        ctime_ns=_time_ns(raw["ctime"]),
+        mtime_ns=_time_ns(raw["mtime"]),
+        atime_ns=_time_ns(raw["atime"]),
+    )
+
+
+def _time_ns(seconds: object) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        raise ValueError(f"the time {seconds!r}")
+    nanoseconds = seconds_to_ns(seconds)
+    if not -INT64_MAX <= nanoseconds <= INT64_MAX:
+        raise ValueError(f"the time {seconds!r}")
+    return nanoseconds
+
+
+def _describe(raw: object) -> str:
+    name = raw.get("filename") if isinstance(raw, dict) else None
+    return repr(name)[:80] if name is not None else repr(raw)[:80]
 
 
 def entry_json(name: str, st: os.stat_result) -> dict[str, object]:

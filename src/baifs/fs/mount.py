@@ -69,6 +69,8 @@ LIVE_STATES = ("RUNNING", "RUNNING_DEGRADED")
 FINAL_SLOT_WAIT = 30.0
 #: Unmount keeps trying to flush for this long while the session fails.
 FINAL_FLUSH_PATIENCE = 300.0
+#: How long ``baifs mount`` waits for the endpoint to answer before it gives up.
+OPEN_PATIENCE = 20.0
 
 
 class MountError(BaifsError):
@@ -100,17 +102,31 @@ def check_mountpoint(path: Path) -> None:
 
 
 async def open_session(request: MountRequest) -> tuple[Connection, SessionClient, dict[str, Any]]:
-    """Connect and find the session, turning every failure into a message a person can act on."""
+    """Connect and find the session, turning every failure into a message a person can act on.
+
+    The whole exchange is bounded by `OPEN_PATIENCE`: an endpoint that takes
+    the connection and never answers fails the mount with a message naming
+    the request it did not answer.
+    """
     endpoint = request.credentials.endpoint
     connection = Connection(request.credentials)
+    awaiting = "GET / (the manager's version)"
     try:
-        await connection.negotiate()
-        if request.create_image:
-            created = await connection.create_session(request.session, request.create_image)
-            session = connection.session(created["sessionId"])
-        else:
-            session = connection.session(request.session)
-        info = await session.info()
+        with trio.move_on_after(OPEN_PATIENCE) as patience:
+            await connection.negotiate()
+            if request.create_image:
+                awaiting = f"the creation of session {request.session!r}"
+                created = await connection.create_session(request.session, request.create_image)
+                session = connection.session(created["sessionId"])
+            else:
+                session = connection.session(request.session)
+            awaiting = f"the information of session {request.session!r}"
+            info = await session.info()
+        if patience.cancelled_caught:
+            raise MountError(
+                f"{endpoint} did not answer {awaiting} within {OPEN_PATIENCE:.0f} s; check that"
+                " BACKEND_ENDPOINT is the manager's address and that the manager is up"
+            )
     except EndpointUnreachable as error:
         await connection.aclose()
         raise MountError(f"cannot reach the endpoint {endpoint}: {error}") from error
