@@ -2,15 +2,18 @@
 
 Each test puts the fault proxy (`faultproxy.py`) between a mount and its own
 `baifs serve` and makes the answers wrong in one way: listing entries no
-directory can hold, an endpoint that takes connections and never
+directory can hold, answers that trickle a byte at a time, answers larger
+than the protocol allows, an endpoint that takes connections and never
 answers.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +63,64 @@ def test_bad_listing_entries_are_skipped_and_the_rest_of_the_directory_is_served
     assert sorted(os.listdir(m.path / "d")) == ["good.txt"]
     assert (m.path / "d" / "good.txt").read_text() == "good\n"
     assert "skipped 10 entries" in m.log_text()
+
+
+def _cold_read(path: Path, results: dict[str, object]) -> None:
+    try:
+        results[path.name] = path.read_bytes()
+    except OSError as error:
+        results[path.name] = error
+
+
+def test_dripping_downloads_free_their_workers_and_every_read_gets_its_content(hostile) -> None:
+    server, proxy, m = hostile
+    contents = {f"f{index}": os.urandom(50_000) for index in range(6)}
+    for index, (name, data) in enumerate(contents.items()):  # one a directory: no prefetch of siblings
+        (m.work / f"d{index}").mkdir()
+        (m.work / f"d{index}" / name).write_bytes(data)
+    m.start()
+    for index in range(6):
+        os.listdir(m.path / f"d{index}")
+    proxy.set({"endpoint": "download", "fault": "drip", "seconds": 2, "count": 5})
+    results: dict[str, object] = {}
+    readers = []
+    for index in range(5):  # five separate downloads, one a reader, each dripping
+        seen = proxy.state()["seen"].get("download", 0)
+        reader = threading.Thread(target=_cold_read, args=(m.path / f"d{index}" / f"f{index}", results), daemon=True)
+        reader.start()
+        readers.append(reader)
+        wait_for(lambda: proxy.state()["seen"].get("download", 0) > seen, 20, f"download {index} to start")
+    started = time.monotonic()
+    _cold_read(m.path / "d5" / "f5", results)  # the server answers promptly again: the drips are exhausted
+    for reader in readers:
+        reader.join(90)
+    assert results == contents, {k: v if isinstance(v, OSError) else len(v) for k, v in results.items()}
+    assert time.monotonic() - started < 60
+    assert m.alive
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_an_answer_larger_than_the_protocol_allows_is_refused_while_it_streams(hostile) -> None:
+    server, proxy, m = hostile
+    (m.work / "small.txt").write_text("small\n")
+    m.start()
+    os.listdir(m.path)
+    assert m.process is not None
+    before = _rss_kib(m.process.pid)
+    proxy.set({"endpoint": "download", "fault": "pad", "size": 500 * 1024 * 1024})
+    with pytest.raises(OSError) as refused:
+        (m.path / "small.txt").read_bytes()
+    assert refused.value.errno == errno.EIO
+    assert _rss_kib(m.process.pid) - before < 64 * 1024, "the daemon took the oversized answer in"
+    assert "larger than the" in m.log_text()
+    proxy.clear()
+    assert (m.path / "small.txt").read_text() == "small\n"
 
 
 def test_an_endpoint_that_never_answers_fails_the_mount_in_bounded_time_and_says_why(hostile) -> None:

@@ -18,7 +18,13 @@ Invariants:
   more, over 5 downloads) raises `LimitExceeded` and is never sent;
 - only requests that are safe to repeat are retried (list, download, info,
   upload); an execute is retried only when it provably never left this host;
-- every request has a timeout, so no caller waits forever;
+- every request has a deadline for its whole exchange, answer included
+  (`deadline_for`: sized to what it carries), not only between two bytes, so a
+  stalled or dripping server costs a caller seconds and a retry on a fresh
+  connection, never a worker for good;
+- an answer is read as it streams and refused (`AnswerTooLarge`) once it is
+  larger than the protocol allows for its endpoint (`ANSWER_LIMITS`), so a
+  hostile server cannot make the client hold more than that in memory;
 - requests running side by side fail as one exception of the project's own
   classes, never as an ``ExceptionGroup`` (`concurrency.gather`);
 - a session that answers "no such session" twice (the request, then an info
@@ -58,6 +64,7 @@ from ..config import Credentials
 from . import signing
 from .archive import decode_multipart
 from .errors import (
+    AnswerTooLarge,
     APIError,
     AuthenticationFailed,
     EndpointUnreachable,
@@ -79,6 +86,22 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_FILES = 20
 MAX_UPLOAD_BYTES = 1_048_575
 MAX_DOWNLOAD_PATHS = 5
+#: The largest archive the agent sends for one path (reference §4.4).
+MAX_ARCHIVE_BYTES = 1024 * 1024
+#: Room for multipart framing and headers around archives.
+FRAMING_BYTES = 64 * 1024
+#: The largest answer each endpoint may give; anything larger is refused as it streams.
+ANSWER_LIMITS: dict[str, int] = {
+    "download": MAX_DOWNLOAD_PATHS * (MAX_ARCHIVE_BYTES + FRAMING_BYTES),
+    "download_single": MAX_ARCHIVE_BYTES + FRAMING_BYTES,
+    "list": 256 * 1024 * 1024,  # one directory level: ~150 bytes an entry, a million entries and more
+    "execute": 64 * 1024 * 1024,  # one response's console output
+}
+DEFAULT_ANSWER_LIMIT = 4 * 1024 * 1024
+#: A request's deadline: this much for the server to act and answer, plus its payload at
+#: `SLOWEST_TRANSFER` bytes a second (`Connection.deadline_for`).
+BASE_DEADLINE = 10.0
+SLOWEST_TRANSFER = 256 * 1024
 #: Content read into memory at once by `SessionClient.upload_all`.
 UPLOAD_MEMORY_BYTES = 24 * 1024 * 1024
 #: Managers from this release on answer 204 to uploads that failed (reference §2.3).
@@ -93,6 +116,14 @@ _ERROR_CLASSES: dict[int, type[APIError]] = {
     405: MethodNotAllowed,
     429: RateLimited,
 }
+
+
+class AnswerDeadline(Exception):
+    """An exchange that did not end within its deadline (a transport failure, like a timeout)."""
+
+
+#: Headers that describe the encoding of an answer that `Connection._exchange` has already decoded.
+_DECODED_HEADERS = (b"content-encoding", b"content-length", b"transfer-encoding")
 
 
 @dataclass(frozen=True)
@@ -154,16 +185,28 @@ class RemoteHealth:
 
 
 class ProgressBuffer(io.BytesIO):
-    """Upload content that reports each chunk httpx reads from it as progress."""
+    """Upload content that reports as progress each chunk httpx reads after an attempt's first.
+
+    httpx reads the next chunk once the previous one went out; the first of
+    each attempt proves nothing (a request to a frozen server, retried on a
+    short deadline, would otherwise look like a remote that moves).
+    """
 
     def __init__(self, data: bytes, health: RemoteHealth) -> None:
         super().__init__(data)
         self._health = health
+        self._chunks = 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._chunks = 0  # httpx rewinds the content for each attempt of a request
+        return super().seek(offset, whence)
 
     def read(self, size: int | None = -1) -> bytes:
         chunk = super().read(size)
         if chunk:
-            self._health.progress += 1
+            self._chunks += 1
+            if self._chunks > 1:
+                self._health.progress += 1
         return chunk
 
 
@@ -266,6 +309,7 @@ class Connection:
         max_connections: int = 8,
     ) -> None:
         self.credentials = credentials
+        self.timeout = timeout
         self.retry = retry
         self.stats = ClientStats()
         self.health = RemoteHealth()
@@ -300,7 +344,7 @@ class Connection:
     async def negotiate(self) -> str:
         """Probe ``GET /`` (unsigned) and use min(server, client) as the API version."""
         response = await self._send_with_retries(
-            lambda: self._http.build_request("GET", self.url("/")), "version", idempotent=True
+            lambda: self._http.build_request("GET", self.url("/")), "version", idempotent=True, deadline=self.deadline_for(0)
         )
         not_a_manager = (
             f"{self.credentials.endpoint} does not answer like a Backend.AI manager"
@@ -361,10 +405,17 @@ class Connection:
         files: list[tuple[str, tuple[str, Any, str]]] | None = None,
         idempotent: bool,
         timeout: float | None = None,
+        payload: int = 0,
     ) -> httpx.Response:
-        """Send one signed API request; raise the typed error for any non-2xx answer."""
+        """Send one signed API request; raise the typed error for any non-2xx answer.
+
+        ``timeout`` bounds the whole exchange; by default it is sized to the
+        request (`deadline_for`), ``payload`` being the bytes it carries or
+        is expected to bring back.
+        """
         headers = {"Content-Type": "application/json"} if content is not None else {}
-        extensions = {"timeout": httpx.Timeout(timeout).as_dict()} if timeout else {}
+        deadline = timeout or self.deadline_for(payload + len(content or b""))
+        extensions = {"timeout": httpx.Timeout(min(deadline, self.timeout)).as_dict()}
 
         def build() -> httpx.Request:
             request = self._http.build_request(
@@ -378,18 +429,49 @@ class Connection:
             self._sign(request)
             return request
 
-        response = await self._send_with_retries(build, endpoint, idempotent=idempotent)
+        response = await self._send_with_retries(build, endpoint, idempotent=idempotent, deadline=deadline)
         if response.status_code >= 300:
             self._raise_for_status(response, endpoint)
         return response
 
-    async def _send_with_retries(self, build: Any, endpoint: str, *, idempotent: bool) -> httpx.Response:
+    def deadline_for(self, payload: int) -> float:
+        """How long one exchange carrying ``payload`` bytes may take, answer included."""
+        return BASE_DEADLINE + payload / SLOWEST_TRANSFER
+
+    async def _exchange(self, request: httpx.Request, endpoint: str, deadline: float) -> httpx.Response:
+        """Send ``request`` and read its whole answer within ``deadline`` seconds and its size limit.
+
+        The answer is read as it streams (decoded), so a dripping server is
+        cut off at the deadline and an oversized one at its limit; either way
+        the connection is closed, and the next attempt takes a fresh one.
+        """
+        limit = ANSWER_LIMITS.get(endpoint, DEFAULT_ANSWER_LIMIT)
+        with trio.move_on_after(deadline):
+            response = await self._http.send(request, stream=True)
+            try:
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise AnswerTooLarge(endpoint, limit, int(declared))
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise AnswerTooLarge(endpoint, limit, len(body))
+            finally:
+                await response.aclose()
+            headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _DECODED_HEADERS]
+            return httpx.Response(response.status_code, headers=headers, content=bytes(body), request=request)
+        raise AnswerDeadline(f"no whole answer within {deadline:.0f} s")
+
+    async def _send_with_retries(
+        self, build: Any, endpoint: str, *, idempotent: bool, deadline: float
+    ) -> httpx.Response:
         attempt = 0
         while True:
             self.stats.requests[endpoint] += 1
             try:
-                response = await self._http.send(build())
-            except httpx.TransportError as exc:
+                response = await self._exchange(build(), endpoint, deadline)
+            except (httpx.TransportError, AnswerDeadline) as exc:
                 never_sent = isinstance(exc, httpx.ConnectError)
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 self.health.failed(f"{endpoint}: {reason}")
@@ -587,7 +669,12 @@ class SessionClient:
                 for item, buffer in zip(files, buffers, strict=True)
             ]
             await self._request(
-                "POST", f"{self._prefix}/upload", endpoint="upload", files=parts, idempotent=True
+                "POST",
+                f"{self._prefix}/upload",
+                endpoint="upload",
+                files=parts,
+                idempotent=True,
+                payload=sum(sent.values()),
             )
         finally:
             for buffer in buffers:
@@ -635,19 +722,19 @@ class SessionClient:
         query = query_string(("files", path) for path in paths)
         body = json_body({"files": list(paths)})
         try:
-            response = await self._download_request(query, body)
+            response = await self._download_request(query, body, len(paths))
         except MethodNotAllowed:
             if self._download_method == "GET":
                 raise
             log.info("this manager downloads with GET; switching")
             self._download_method = "GET"
-            response = await self._download_request(query, body)
+            response = await self._download_request(query, body, len(paths))
         parts = decode_multipart(response.headers.get("content-type", ""), response.content)
         if len(parts) != len(paths):
             raise ProtocolError(f"asked for {len(paths)} archives, received {len(parts)}")
         return [part.body for part in parts]
 
-    async def _download_request(self, query: str, body: bytes) -> httpx.Response:
+    async def _download_request(self, query: str, body: bytes, paths: int) -> httpx.Response:
         return await self._request(
             self._download_method,
             f"{self._prefix}/download",
@@ -655,6 +742,7 @@ class SessionClient:
             query=query,
             content=body,
             idempotent=True,
+            payload=paths * MAX_ARCHIVE_BYTES,
         )
 
     async def download_single(self, path: str) -> bytes:
@@ -666,6 +754,7 @@ class SessionClient:
             query=query_string([("file", path)]),
             content=json_body({"file": path}),
             idempotent=True,
+            payload=MAX_ARCHIVE_BYTES,
         )
         return response.content
 

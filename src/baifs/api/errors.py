@@ -126,6 +126,16 @@ class ProtocolError(BaifsError):
     """The server's answer does not have the shape the API defines."""
 
 
+class AnswerTooLarge(ProtocolError):
+    """An answer larger than the protocol allows for its endpoint, refused while it streamed."""
+
+    def __init__(self, endpoint: str, limit: int, size: int) -> None:
+        super().__init__(
+            f"{endpoint}: the server's answer ({size:,} bytes and more) is larger than the"
+            f" {limit:,} bytes the protocol allows; refused"
+        )
+
+
 class SessionBusy(BaifsError):
     """The session's one execution slot stayed taken longer than the caller would wait."""
 

@@ -125,7 +125,7 @@ def parse_listing(body: object, path: str) -> list[RemoteEntry]:
             entry = parse_entry(raw)
             if entry.name in names:
                 raise ValueError(f"a second entry named {entry.name!r}")
-        except (KeyError, TypeError, ValueError, ProtocolError, OverflowError) as error:
+        except (KeyError, TypeError, ValueError, ProtocolError) as error:
             skipped.append(f"{_describe(raw)}: {error}")
             continue
         names.add(entry.name)
