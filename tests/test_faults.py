@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -520,3 +521,26 @@ def test_discovery_through_failing_uploads_and_a_lost_run_answer_gets_there(faul
     assert (m.work / "after.txt").read_text() == "x\n"
     assert not any(name.startswith(".baifs-probe") for name in os.listdir(m.work)), os.listdir(m.work)
     assert sum(faulty.proxy.state()["injected"].values()) >= 2
+
+
+def test_the_flush_before_a_run_is_tried_again_while_the_session_answers(faulty: Faulty) -> None:
+    m = faulty.mount.start("--write-back", "600")  # everything waits for the runs' barrier flushes
+    os.listdir(m.path)
+    for number in range(3):
+        (m.path / f"round{number}").mkdir()
+        for index in range(8):
+            (m.path / f"round{number}" / f"f{index}.txt").write_text(f"{number}.{index}\n")
+        # More failures in a row than one request's retries: the first flush fails as a whole.
+        faulty.proxy.set({"endpoint": "upload", "fault": "status", "status": 503, "count": 6})
+        command = f"cat round{number}/f*.txt | wc -l; exit {number + 3}"
+        result = subprocess.run(
+            [sys.executable, "-m", "baifs", "run", str(m.path), "--", command],
+            env=m.env,
+            capture_output=True,
+            timeout=180,
+        )
+        assert result.returncode == number + 3, (result, m.log_text()[-3000:])
+        assert result.stdout.split() == [b"8"], result
+        assert faulty.proxy.state()["injected"] == {"upload:status": 6 * (number + 1)}
+    assert m.log_text().count("the flush before a run failed") == 3
+    assert m.alive and m.status()["pending"]["uploads"] == 0

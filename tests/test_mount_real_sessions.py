@@ -222,3 +222,32 @@ def test_while_another_clients_run_blocks_discovery_uploads_show_the_folder(
     finally:
         m.stop()
         other.join(30)
+
+
+def test_a_change_the_session_refuses_is_held_reported_in_its_words_and_kept_by_umount(real: Mount) -> None:
+    result = baifs_run(real, "mkdir locked && chmod 555 locked")
+    assert result.returncode == 0, result
+    (real.path / "locked" / "x.txt").write_text("x\n")  # uid 9001 may not write there: refused
+
+    wait_for(lambda: real.status()["flushes"]["holding"], timeout=60, what="write-back to hold the refusal")
+    (refusal,) = real.status()["flushes"]["refused"]
+    assert refusal["change"] == "place locked/x.txt" and refusal["attempts"] == 3, refusal
+    assert "Permission denied" in refusal["said"], refusal
+    assert "Permission denied" in baifs("status", str(real.path), env=real.env).stdout
+
+    started = time.monotonic()
+    refused = baifs("umount", str(real.path), env=real.env, timeout=60, check=False)
+    assert refused.returncode != 0 and time.monotonic() - started < 60
+    assert "locked/x.txt" in refused.stderr and "Permission denied" in refused.stderr, refused.stderr
+    assert real.alive and (real.path / "locked" / "x.txt").read_text() == "x\n"
+
+    kept = baifs("umount", "--keep-pending", str(real.path), env=real.env, timeout=60)
+    assert "stay pending" in kept.stderr, kept.stderr
+    assert real.process is not None and real.process.wait(30) == 0
+    real.process = None
+    assert "locked/x.txt" in baifs("salvage", "list", "--paths", env=real.env).stdout
+
+    (real.work / "locked").chmod(0o755)  # fixed in the session: the next mount places the file
+    real.start()
+    real.sync()
+    assert (real.work / "locked" / "x.txt").read_text() == "x\n"

@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="detach even if busy; the daemon finishes when the last user lets go",
     )
     umount.add_argument(
+        "--keep-pending",
+        action="store_true",
+        help="unmount without uploading what is pending (a change the session refuses, say); it stays in "
+        "the mount's state directory for the next mount of the session and for 'baifs salvage'",
+    )
+    umount.add_argument(
         "--force",
         action="store_true",
         help="detach a mount whose daemon died or does not answer, without flushing; pending changes "
@@ -524,7 +530,7 @@ def mounted_session(path: Path) -> str | None:
 def run_umount(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .mountctl import flush, force_unmount, unmount
+    from .mountctl import flush, force_unmount, read_status, unmount
 
     mountpoint = args.mountpoint.expanduser().absolute()
     console = Console(stderr=True)
@@ -536,9 +542,20 @@ def run_umount(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
         return 0
-    flush(mountpoint, console)
-    unmount(mountpoint, lazy=args.lazy)
-    console.print(f"unmounted {mountpoint}", soft_wrap=True)
+    if not args.keep_pending:
+        flush(mountpoint, console)
+        unmount(mountpoint, lazy=args.lazy)
+        console.print(f"unmounted {mountpoint}", soft_wrap=True)
+        return 0
+    status = read_status(mountpoint)
+    unmount(mountpoint, lazy=args.lazy, keep_pending=True)
+    pending = status["pending"]
+    console.print(
+        f"unmounted {mountpoint}; {pending['uploads']} upload(s) and {pending['namespace_changes']} namespace "
+        f"change(s) stay pending in {status['state_dir']}: the next mount of the session replays them "
+        "(or see 'baifs salvage list')",
+        soft_wrap=True,
+    )
     return 0
 
 

@@ -35,6 +35,7 @@ from .processes import running
 
 STATUS_FILE = ".baifs-status"
 FLUSH_XATTR = "user.baifs.flush"
+KEEP_PENDING_XATTR = "user.baifs.keep-pending"
 
 
 class NotAMount(BaifsError):
@@ -91,7 +92,9 @@ def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
     seconds. A flush that fails (the session failed a request after its
     retries) is asked for again while it makes headway; it is given up once
     nothing moved for `FLUSH_PATIENCE` seconds, when the session is
-    terminated, or when a run holds the execution slot (EAGAIN). Ctrl-C
+    terminated, when a run holds the execution slot (EAGAIN), or when the
+    session refused the same changes again (a permission, a full disk:
+    asking once more would not change its answer). Ctrl-C
     stops waiting at once (`FlushInterrupted`): the mount stays up and
     goes on uploading in the background.
     """
@@ -110,6 +113,9 @@ def flush(mountpoint: Path, console: Console, label: str = "uploading") -> None:
                 remote = status.get("remote") or {}
                 if error.errno == errno.EAGAIN or remote.get("terminated"):
                     raise BaifsError(_flush_failure(mountpoint, error, status))
+                refused = status["flushes"].get("refused") or []
+                if refused and all(r["attempts"] >= REFUSALS_TO_GIVE_UP for r in refused):
+                    raise BaifsError(_refused(mountpoint, refused))
                 if _progress_mark(status) != mark:
                     mark, moved_at = _progress_mark(status), time.monotonic()
                 elif time.monotonic() - moved_at > FLUSH_PATIENCE:
@@ -229,6 +235,25 @@ def _flush_once(mountpoint: Path, show: Any) -> OSError | None:
     return OSError(code, text or os.strerror(code))
 
 
+def _refusal(refusal: dict[str, Any]) -> str:
+    said = refusal["said"] or "no message"
+    return f"{refusal['change']} ({refusal['attempts']} time(s) in a row): the session said: {said}"
+
+
+#: A change the session refused this many times in a row is not asked for again by a flush command.
+REFUSALS_TO_GIVE_UP = 2
+
+
+def _refused(mountpoint: Path, refused: list[dict[str, Any]]) -> str:
+    lines = [f"the session refused {len(refused)} change(s); {mountpoint} stays mounted, and they stay pending:"]
+    lines += [f"  {_refusal(refusal)}" for refusal in refused]
+    lines.append(
+        f"Fix the cause in the session and run 'baifs sync {mountpoint}', or unmount keeping them for the "
+        f"next mount and 'baifs salvage': baifs umount --keep-pending {mountpoint}"
+    )
+    return "\n".join(lines)
+
+
 def _flush_failure(mountpoint: Path, error: OSError, status: dict[str, Any]) -> str:
     remote = status.get("remote") or {}
     if remote.get("terminated"):
@@ -254,9 +279,11 @@ def force_unmount(mountpoint: Path) -> None:
         raise BaifsError(f"detaching {mountpoint} failed: {result.stderr.strip()}")
 
 
-def unmount(mountpoint: Path, *, lazy: bool, timeout: float = 600.0) -> None:
-    """Unmount and wait for the daemon to exit (it flushes what is left first)."""
+def unmount(mountpoint: Path, *, lazy: bool, keep_pending: bool = False, timeout: float = 600.0) -> None:
+    """Unmount and wait for the daemon to exit (it flushes what is left first, unless ``keep_pending``)."""
     pid = read_status(mountpoint).get("pid")
+    if keep_pending:
+        os.setxattr(mountpoint, KEEP_PENDING_XATTR, b"1")
     fusermount = shutil.which("fusermount3") or "fusermount3"
     result = subprocess.run(
         [fusermount, "-uz" if lazy else "-u", str(mountpoint)], capture_output=True, text=True
@@ -392,7 +419,19 @@ def format_status(document: dict[str, Any]) -> str:
         lines.append(
             f"recovered   {document['recovered_changes']} change(s) an earlier mount had not uploaded"
         )
-    if flushes["last_error"]:
+    for refusal in flushes.get("refused", []):
+        lines.append(f"refused     {_refusal(refusal)}")
+    if flushes.get("holding"):
+        lines.append(
+            "            write-back holds these: they are tried at the next change, 'baifs sync' or the "
+            "next mount"
+        )
+    if flushes.get("kept_in_session"):
+        lines.append(
+            f"kept        {flushes['kept_in_session']} removal(s) not done: the session held something "
+            "there the mount never saw (see the log)"
+        )
+    if flushes["last_error"] and not flushes.get("refused"):
         lines.append(f"last flush error: {flushes['last_error']}")
     lines += [f"error       {error}" for error in api["last_errors"]]
     return "\n".join(lines)

@@ -49,6 +49,8 @@ RUN_NAME = b".run"
 RUNS_NAME = b".runs"
 LATEST_NAME = b"latest"
 FLUSH_XATTR = b"user.baifs.flush"
+#: Set on the root before an unmount: the daemon ends without its final flush, changes kept.
+KEEP_PENDING_XATTR = b"user.baifs.keep-pending"
 INTERRUPT_XATTR = b"user.baifs.interrupt"
 _RUN_SHIFT = 4
 #: Run files that grow while their run goes, read live.
@@ -242,6 +244,9 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
             "scripts": stats.scripts,
             "failures": stats.flush_failures,
             "last_error": stats.last_flush_error,
+            "refused": [refusal.as_dict(change) for change, refusal in fs.sync.refusals.items()],
+            "holding": fs.sync.holding,
+            "kept_in_session": stats.kept_in_session,
         },
         "recovered_changes": stats.recovered_changes,
         "phase_behaviour": fs.executor.phase_behaviour,

@@ -8,7 +8,9 @@ in phases, so that any combination of renames, replacements and deletions
 
 1. every remote object that moves or disappears is taken out of the way,
    deepest first: moved ones into the flush's directory
-   ``.baifs-tmp/<token>/``, doomed ones removed;
+   ``.baifs-tmp/<token>/``, doomed ones removed one by one, and only as the
+   mount knew them (`_removal`: ``rmdir`` for a directory, ``rm -f`` for a
+   file; what the session put there meanwhile is kept and reported);
 2. large uploads are assembled from their parts;
 3. placements, shallowest first: new directories, moved objects, uploads that
    could not go to their final name, new symlinks;
@@ -381,15 +383,31 @@ def plan(
             flush_plan.touches.append(MetaChange(node, node.path, node.mtime_ns))
         if node.atime_dirty:
             flush_plan.atimes.append(MetaChange(node, node.path, node.atime_ns))
-    # Doomed paths inside other doomed directories go with them.
-    flush_plan.doomed = {
-        path: mode
-        for path, mode in doomed.items()
-        if not any(other != path and is_ancestor_or_self(other, path) for other in doomed)
-    }
+    flush_plan.doomed = doomed
     if flush_plan.needs_script or flush_plan.litter:
         flush_plan.shell = script(flush_plan)
     return flush_plan
+
+
+def _removal(shell: ShellScript, path: bytes, mode: int) -> int:
+    """The step removing one doomed object, and only what the mount removed.
+
+    A directory goes by ``rmdir`` (what the mount saw in it was removed by
+    deeper steps) and is kept when it is not an empty directory any more: the
+    session put something in it, or something else there. A file or link
+    goes by ``rm -f``, kept when the session made a directory of it. A path
+    already gone counts as removed.
+    """
+    word = shell.word(path)
+    real_dir = f"[ -d {word} ] && [ ! -L {word} ]"
+    if stat.S_ISDIR(mode):
+        return shell.step(
+            f"rmdir -- {word}",
+            f"remove directory {remote_name(path)}",
+            needs=word,
+            keeps=f'! {{ {real_dir} && [ -z "$(ls -A -- {word})" ]; }}',
+        )
+    return shell.step(f"rm -f -- {word}", f"remove {remote_name(path)}", needs=word, keeps=real_dir)
 
 
 def script(flush_plan: FlushPlan) -> ShellScript:
@@ -409,7 +427,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
     for path, move in sorted(phase_one, key=lambda item: -depth(item[0])):
         source = shell.word(path)
         if move is None:
-            flush_plan.removal_steps[path] = shell.step(f"rm -rf -- {source}", f"remove {remote_name(path)}")
+            flush_plan.removal_steps[path] = _removal(shell, path, flush_plan.doomed[path])
         else:
             move.park_step = shell.step(
                 f"mv -f -- {source} {shell.word(move.parked)}",
@@ -519,9 +537,12 @@ class FlushReport:
     uploaded_files: int = 0
     uploaded_bytes: int = 0
     script_ran: bool = False
-    failed_steps: list[str] = field(default_factory=list)
+    #: changes the session refused: each failed step's description, and what the session said.
+    refused: dict[str, str] = field(default_factory=dict)
     #: nodes whose remote object vanished (something in the session removed it).
     vanished: list[Node] = field(default_factory=list)
+    #: removals not done because the session holds something there the mount never saw.
+    kept: list[str] = field(default_factory=list)
     #: the flush's temporary directory may be left in the session.
     left_tmp: bool = False
     #: only uploads were attempted (the execution slot was busy); the rest waits.
@@ -556,7 +577,17 @@ class Committer:
     def commit_script(self, flush_plan: FlushPlan, steps: StepResults, report: FlushReport) -> None:
         """Record the script's confirmed steps; a step not confirmed leaves its change pending."""
         namespace = self.namespace
-        removed = [path for path, step in flush_plan.removal_steps.items() if steps.done(step)]
+        removed = [
+            path for path, step in flush_plan.removal_steps.items() if steps.done(step) or step in steps.gone
+        ]
+        for path, step in flush_plan.removal_steps.items():
+            if step in steps.kept:
+                # The session's object stays (the next listing shows it), and the user is told.
+                namespace.doomed.pop(path, None)
+                report.kept.append(
+                    f"{steps.descriptions[step]}: not done, the session holds something there "
+                    "the mount never saw; it is kept"
+                )
 
         def was_removed(path: bytes) -> bool:
             return any(is_ancestor_or_self(gone, path) for gone in removed)
@@ -603,8 +634,7 @@ class Committer:
             elif change.step in steps.gone:
                 report.vanished.append(node)
             namespace.refresh_pending(node)
-        if steps.failed:
-            report.failed_steps = steps.failed_descriptions()
+        report.refused = {steps.descriptions[step]: steps.words.get(step, "") for step in sorted(steps.failed)}
         if steps.failed or not steps.complete:
             report.left_tmp = flush_plan.uses_tmp
 

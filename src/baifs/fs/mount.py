@@ -280,7 +280,7 @@ async def _final_flush(filesystem: Filesystem) -> None:
     sync = filesystem.sync
     deadline = trio.current_time() + FINAL_FLUSH_PATIENCE
     delay = 1.0
-    while sync.has_work:
+    while sync.has_work and not sync.keep_pending:
         try:
             await sync.flush_all(slot_timeout=FINAL_SLOT_WAIT)
         except SessionTerminated as error:
@@ -304,8 +304,10 @@ async def _final_flush(filesystem: Filesystem) -> None:
     pending = filesystem.namespace.pending_changes()
     if pending:
         log.error(
-            "%d change(s) could not be uploaded; they are kept in %s for the next mount of this session "
-            "(or 'baifs salvage')",
+            "%d change(s) %s; they are kept in %s for the next mount of this session (or 'baifs salvage')",
             pending,
+            "were left pending as asked" if sync.keep_pending else "could not be uploaded",
             filesystem.journal.path.parent,
         )
+    for change, refusal in sync.refusals.items():
+        log.error("refused by the session %d time(s): %s: %s", refusal.attempts, change, refusal.said)

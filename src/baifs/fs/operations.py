@@ -35,6 +35,7 @@ from ..api.errors import BaifsError
 from .control import (
     FLUSH_XATTR,
     INTERRUPT_XATTR,
+    KEEP_PENDING_XATTR,
     RUN_INODE,
     RUNS_INODE,
     ControlEntry,
@@ -448,6 +449,10 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode == ROOT_INODE and name == FLUSH_XATTR:
             await self.fs.flush_everything()
+            return
+        if inode == ROOT_INODE and name == KEEP_PENDING_XATTR:
+            self.fs.sync.keep_pending = True
+            log.warning("asked to keep pending changes at unmount: the final flush is left out")
             return
         if inode == RUN_INODE and name == INTERRUPT_XATTR:
             try:

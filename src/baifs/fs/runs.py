@@ -332,7 +332,7 @@ class RunManager:
                 record.state, record.started_at = "running", time.time()
                 record.save()
                 try:
-                    await self.fs.sync.flush_in_slot()
+                    await self.fs.sync.barrier()
                 except (BaifsError, OSError) as error:
                     raise RunFailed(
                         f"the pending changes could not be put on the session first: {error}"

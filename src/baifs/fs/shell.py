@@ -16,10 +16,13 @@ in ``/home/work``, the runner's working directory, so paths stay relative.
 
 Each step reports how it went on its own line of standard output: ``ok N``,
 or ``gone N`` when the path it needs no longer exists (something in the
-session removed it), or ``baifs-failed N`` on standard error after the
-command's own message. A failed step does not stop the others; the script
-exits 1 if any failed. `StepResults` reads the report back; no file name ever
-appears in it, so names with newlines cannot confuse the parser.
+session removed it), or ``kept N`` when the session holds something there the
+step must not touch (a directory that gained entries the mount never saw), or
+``baifs-failed N`` on standard error after the command's own message. A failed
+step does not stop the others; the script exits 1 if any failed. `StepResults`
+reads the report back, with the session's own words for each failed step (the
+standard error lines before its mark); no file name ever appears in the marks,
+so names with newlines cannot confuse the parser.
 
 A script can also keep its report in a file in the session (``report_to``),
 line by line as the steps go: when the answer that carried the output is
@@ -63,12 +66,16 @@ class ShellScript:
         self._prelude.append(f"{name}=$(printf '{escaped}x'); {name}=${{{name}%x}}")
         return f'"${name}"'
 
-    def step(self, command: str, description: str, *, needs: str | None = None) -> int:
+    def step(
+        self, command: str, description: str, *, needs: str | None = None, keeps: str | None = None
+    ) -> int:
         """Add a command and return its step number.
 
         ``needs`` is a shell word for a path that must exist for the step to
         make sense; when it does not, the step reports ``gone`` instead of
-        running.
+        running. ``keeps`` is a shell condition under which the step must not
+        run because the session holds something there the mount never saw; it
+        then reports ``kept``.
         """
         number = len(self.descriptions)
         self.descriptions.append(description)
@@ -76,6 +83,8 @@ class ShellScript:
             f"if {{ {command}; }}; then say 'ok {number}'; "
             f"else say '{FAILURE_MARK} {number}' >&2; failed=1; fi"
         )
+        if keeps is not None:
+            attempt = f"if {keeps}; then say 'kept {number}'; else {attempt}; fi"
         if needs is not None:
             attempt = f"if [ -e {needs} ] || [ -L {needs} ]; then {attempt}; else say 'gone {number}'; fi"
         self._lines.append(attempt)
@@ -107,7 +116,10 @@ class StepResults:
 
     ok: set[int] = field(default_factory=set)
     gone: set[int] = field(default_factory=set)
+    kept: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
+    #: what the session said of each failed step (its command's standard error).
+    words: dict[int, str] = field(default_factory=dict)
     descriptions: list[str] = field(default_factory=list)
     complete: bool = True
 
@@ -117,16 +129,22 @@ class StepResults:
     ) -> StepResults:
         """Read a script's report; in a complete one, steps that reported nothing count as failed."""
         results = cls(descriptions=list(descriptions), complete=complete)
-        for line in (stdout + "\n" + stderr).splitlines():
-            kind, _, number = line.partition(" ")
-            if not number.isdigit():
-                continue
-            if kind in ("ok", "gone"):
-                (results.ok if kind == "ok" else results.gone).add(int(number))
-            elif kind == FAILURE_MARK:
-                results.failed.add(int(number))
+        outcomes = {"ok": results.ok, "gone": results.gone, "kept": results.kept, FAILURE_MARK: results.failed}
+        # Marks come on both streams (a report file holds them all); the lines before a
+        # failure mark on standard error are the session's words for that step.
+        for on_stderr, stream in ((False, stdout), (True, stderr)):
+            said: list[str] = []
+            for line in stream.splitlines():
+                kind, _, number = line.partition(" ")
+                if kind in outcomes and number.isdigit():
+                    outcomes[kind].add(int(number))
+                    if kind == FAILURE_MARK and on_stderr:
+                        results.words[int(number)] = " ".join(said)
+                    said = []
+                elif line.strip():
+                    said.append(line.strip())
         if complete:
-            results.failed |= set(range(len(descriptions))) - results.ok - results.gone
+            results.failed |= set(range(len(descriptions))) - results.ok - results.gone - results.kept
         return results
 
     @classmethod
@@ -140,7 +158,11 @@ class StepResults:
         return cls(descriptions=list(descriptions), complete=False)
 
     def failed_descriptions(self) -> list[str]:
-        return [self.descriptions[step] for step in sorted(self.failed)]
+        """Each failed step, with the session's words for it when it said any."""
+        return [
+            f"{self.descriptions[step]}: {self.words[step]}" if self.words.get(step) else self.descriptions[step]
+            for step in sorted(self.failed)
+        ]
 
     def done(self, step: int | None) -> bool:
         """A step that did not exist counts as done."""

@@ -40,7 +40,12 @@ Invariants:
 - the write-back loop never ends but at `stop`: every failure is logged and
   retried with backoff (up to a minute); a session known to be terminated is
   not retried; `stop` lets a flush that is under way finish (one that only
-  waits for the execution slot is called off).
+  waits for the execution slot is called off);
+- a change the session refuses (its step fails) stays pending, with the
+  session's words (`refusals`); once the session refused the same changes
+  `REFUSALS_BEFORE_HOLD` times in a row, write-back holds them: they are
+  tried again at the next change, an explicit flush (``baifs sync``,
+  ``baifs umount``) or the next mount, not on a timer.
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ from .supervisor import Inbox, InboxClosed, Supervisor
 log = logging.getLogger(__name__)
 
 WRITE_BACK_RETRY_MAX = 60.0
+#: Write-back stops retrying changes the session refused this many times in a row.
+REFUSALS_BEFORE_HOLD = 3
+#: The flush before a run gives up after this long without headway.
+BARRIER_PATIENCE = 60.0
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -106,6 +115,8 @@ class SyncStats:
     flush_failures: int = 0
     last_flush_error: str = ""
     recovered_changes: int = 0
+    #: removals not done because the session held something there the mount never saw.
+    kept_in_session: int = 0
 
 
 class RemoteMotion:
@@ -125,6 +136,18 @@ class RemoteMotion:
         finally:
             self.epoch += 1
             self.quiet.set()
+
+
+@dataclass
+class Refusal:
+    """A change the session refused at its last attempts, in its own words."""
+
+    said: str
+    attempts: int = 1
+    since: float = field(default_factory=time.time)
+
+    def as_dict(self, change: str) -> dict[str, Any]:
+        return {"change": change, "said": self.said, "attempts": self.attempts, "since": self.since}
 
 
 @dataclass
@@ -163,6 +186,8 @@ class SyncEngine:
         self.profiles = profiles
         self.supervisor = supervisor
         self.write_back = write_back
+        #: the unmount leaves pending changes in the journal (``baifs umount --keep-pending``).
+        self.keep_pending = False
         self.on_vanished = on_vanished
         self.expire_listings = expire_listings
         self.committer = Committer(namespace, store)
@@ -173,6 +198,8 @@ class SyncEngine:
         #: flush directories and read parts that failed or unknown flushes left in the session.
         self.leftover_tmp: set[bytes] = set()
         self.unresolved: Unresolved | None = None
+        #: the changes the last script that ran failed, by step description.
+        self.refusals: dict[str, Refusal] = {}
         self._flush_lock = trio.Lock()
         self._changed = trio.Event()
         self._last_change = 0.0
@@ -224,14 +251,22 @@ class SyncEngine:
                     self._changed.set()
                     await self._until_stop(trio.sleep(self.write_back))
                     continue
-                except (BaifsError, OSError) as error:
-                    failures += 1
-                    delay = min(WRITE_BACK_RETRY_MAX, self.write_back * 2**failures)
+                except FlushFailed as error:
+                    if not self.holding:
+                        failures = await self._back_off(error, failures)
+                        continue
                     log.error(
-                        "write-back failed (%s); the changes stay pending; retrying in %.0f s", error, delay
+                        "write-back holds %d change(s) the session refused %d times in a row; they "
+                        "stay pending and are tried again at the next change, 'baifs sync' or the next "
+                        "mount: %s",
+                        len(self.refusals),
+                        REFUSALS_BEFORE_HOLD,
+                        error,
                     )
-                    self._changed.set()
-                    await self._until_stop(trio.sleep(delay))
+                    failures = 0
+                    continue
+                except (BaifsError, OSError) as error:
+                    failures = await self._back_off(error, failures)
                     continue
                 if report.partial and self.namespace.pending_changes():
                     # A run held the execution slot: what needs a script is still to do.
@@ -240,6 +275,30 @@ class SyncEngine:
         finally:
             self._looping = False
             self._stopped.set()
+
+    async def _back_off(self, error: Exception, failures: int) -> int:
+        """Wait longer after each failure in a row (up to a minute); the count of failures now."""
+        failures += 1
+        delay = min(WRITE_BACK_RETRY_MAX, self.write_back * 2**failures)
+        log.error("write-back failed (%s); the changes stay pending; retrying in %.0f s", error, delay)
+        self._changed.set()
+        await self._until_stop(trio.sleep(delay))
+        return failures
+
+    @property
+    def holding(self) -> bool:
+        """Whether every change the session refuses was refused often enough in a row to hold."""
+        return bool(self.refusals) and all(r.attempts >= REFUSALS_BEFORE_HOLD for r in self.refusals.values())
+
+    def _note_refusals(self, refused: dict[str, str]) -> None:
+        """The refusals of the script that just ran replace the earlier ones, counted on."""
+        earlier = self.refusals
+        self.refusals = {
+            change: Refusal(said, earlier[change].attempts + 1, earlier[change].since)
+            if change in earlier
+            else Refusal(said)
+            for change, said in refused.items()
+        }
 
     async def _until_stop(self, wait: Awaitable[object]) -> None:
         """Await ``wait`` unless `stop` is asked for first."""
@@ -336,6 +395,40 @@ class SyncEngine:
         async with self._flush_lock:
             await self._resolve()
             return await self._transact(self._planner(skip_open_writers), progress)
+
+    async def barrier(self, patience: float = BARRIER_PATIENCE) -> None:
+        """Everything pending onto the session before a run (whose slot the caller holds).
+
+        Like write-back, a flush that fails is tried again while the session
+        makes headway (changes get confirmed); it gives up after ``patience``
+        seconds without any, and at once when the session refused a change or
+        is terminated: asking again would not change its answer. A flush that
+        left changes pending (an answer lost on the way left steps
+        unconfirmed) is followed by another while that gets changes through.
+        """
+        delay, mark, moved_at = 0.5, self._headway(), trio.current_time()
+        while True:
+            before = self._headway()
+            try:
+                await self.flush_in_slot()
+            except (FlushFailed, SessionTerminated):
+                raise
+            except (BaifsError, OSError) as error:
+                if self._headway() != mark:
+                    mark, moved_at = self._headway(), trio.current_time()
+                elif trio.current_time() - moved_at + delay > patience:
+                    raise
+                log.warning("the flush before a run failed (%s); trying again in %.1f s", error, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+                continue
+            if not self.namespace.pending_changes() or self._headway() == before:
+                return
+
+    def _headway(self) -> tuple[int, ...]:
+        """What moves while flushes get changes onto the session, even flushes that fail."""
+        stats = self.stats
+        return (self.namespace.pending_changes(), stats.flushes, stats.uploaded_files, stats.scripts)
 
     def _planner(self, skip_open_writers: bool) -> Callable[[], FlushPlan]:
         """How a full flush plans (again, after uploads showed a folder), files open for writing left out."""
@@ -441,7 +534,7 @@ class SyncEngine:
         finally:
             self.progress = {}
         await self.checkpoint()
-        self.stats.flushes += 1
+        self.stats.flushes += not report.refused
         self.stats.uploaded_files += report.uploaded_files
         self.stats.uploaded_bytes += report.uploaded_bytes
         self.stats.scripts += report.script_ran
@@ -518,18 +611,16 @@ class SyncEngine:
         )
         command = shell.render() if script_file is None else f"sh {shlex.quote(remote_name(script_file))}"
         if inbox is None:
-            exit_code, stdout, stderr, results = await self._run_in_slot(flush_plan, report, command)
+            exit_code, results = await self._run_in_slot(flush_plan, report, command)
         else:
-            exit_code, stdout, stderr, results = await self._run_in_inbox(flush_plan, report, command, inbox)
+            exit_code, results = await self._run_in_inbox(flush_plan, report, command, inbox)
         report.script_ran = True
         if results.failed:
-            detail = stderr.strip().splitlines()[-3:]
             log.error(
-                "%d flush step(s) failed in the session (%s); it said: %s (exit %s)",
+                "%d flush step(s) failed in the session (exit %s): %s",
                 len(results.failed),
-                "; ".join(results.failed_descriptions()[:3]),
-                " | ".join(detail),
                 exit_code,
+                "; ".join(results.failed_descriptions()[:3]),
             )
         self.committer.commit_script(flush_plan, results, report)
         self._leave_tmp(flush_plan, report)
@@ -543,7 +634,7 @@ class SyncEngine:
 
     async def _run_in_slot(
         self, flush_plan: FlushPlan, report: FlushReport, command: str
-    ) -> tuple[int | None, str, str, StepResults]:
+    ) -> tuple[int | None, StepResults]:
         assert flush_plan.shell is not None
         run_id = secrets.token_hex(16)
         unresolved = Unresolved(flush_plan, run_id)
@@ -561,23 +652,18 @@ class SyncEngine:
                 self._never_ran(flush_plan, report)  # it provably never ran
             raise
         self.unresolved = None
-        stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
         if outcome.complete:
-            return (
-                outcome.exit_code,
-                stdout,
-                stderr,
-                StepResults.parse(stdout, stderr, flush_plan.shell.descriptions),
-            )
+            stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
+            return outcome.exit_code, StepResults.parse(stdout, stderr, flush_plan.shell.descriptions)
         log.warning("run %s: part of the flush's answer was lost; reading what it did", run_id)
         self.unresolved = unresolved
         results = await self._lost_outcome(unresolved)
         self.unresolved = None
-        return outcome.exit_code, stdout, stderr, results
+        return outcome.exit_code, results
 
     async def _run_in_inbox(
         self, flush_plan: FlushPlan, report: FlushReport, command: str, inbox: Inbox
-    ) -> tuple[int | None, str, str, StepResults]:
+    ) -> tuple[int | None, StepResults]:
         """The script as a request to a going run's supervisor; unresolved until its results are read."""
         assert flush_plan.shell is not None
         number = inbox.reserve(command)
@@ -591,7 +677,7 @@ class SyncEngine:
         self.unresolved = None
         descriptions = flush_plan.shell.descriptions
         results = StepResults.parse(result.stdout, result.stderr, descriptions, complete=result.complete)
-        return result.exit_code, result.stdout, result.stderr, results
+        return result.exit_code, results
 
     async def _learn_placed(self, flush_plan: FlushPlan, results: StepResults) -> None:
         """List where the script placed files, so their content is known by (size, mtime) from now on.
@@ -625,7 +711,7 @@ class SyncEngine:
             raise FlushUnresolved(f"run {unresolved.run_id} of an earlier flush is not concluded yet")
         results = await self._lost_outcome(unresolved)
         self.unresolved = None
-        report = FlushReport()
+        report = FlushReport(script_ran=True)
         self.committer.commit_script(unresolved.plan, results, report)
         if unresolved.plan.uses_tmp:
             # Even a script that did every step may have been cut inside its own final
@@ -688,14 +774,23 @@ class SyncEngine:
                 len(report.vanished),
             )
             self.on_vanished(report.vanished)
-        if report.failed_steps:
+        if report.kept:
+            self.stats.kept_in_session += len(report.kept)
+            for kept in report.kept:
+                log.warning("%s", kept)
+            self.expire_listings()  # what the session kept shows again
+        if report.script_ran:
+            self._note_refusals(report.refused)
+        if report.refused:
             self.leftover_tmp.update(flush_plan.litter)
             self.stats.flush_failures += 1
-            self.stats.last_flush_error = "; ".join(report.failed_steps[:3])
+            self.stats.last_flush_error = "; ".join(
+                f"{change}: {said}" if said else change for change, said in list(report.refused.items())[:3]
+            )
             self.expire_listings()
             if raise_failures:
-                failed = len(report.failed_steps)
-                raise FlushFailed(f"{failed} change(s) failed in the session: {self.stats.last_flush_error}")
+                failed = len(report.refused)
+                raise FlushFailed(f"the session refused {failed} change(s): {self.stats.last_flush_error}")
 
     async def checkpoint(self) -> None:
         """Replace the journal by the overlay as it is now; a full disk keeps the older journal."""

@@ -1,0 +1,87 @@
+"""Another writer in the session: a terminal, a job or a run changes /home/work while the mount works.
+
+The mount's rule until the conflict design: what either side wrote is never
+lost without a word. A removal here removes only what the mount removed; a
+change here inside something the session removed is put back; the session's
+change to a file open here is what the file shows and what a local append
+extends. Every test changes the session's disk directly (as a terminal in the
+session would) and checks both sides through the real mount and server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from mounting import Mount, needs_fuse, wait_for
+
+pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(120)]
+
+
+def test_rmdir_of_a_directory_the_session_just_filled_keeps_what_the_session_put_there(mount: Mount) -> None:
+    m = mount.start()
+    (m.path / "d").mkdir()
+    m.sync()
+    assert os.listdir(m.path / "d") == []  # listed: empty, as far as the mount knows
+    (m.work / "d" / "precious.txt").write_text("made in the session\n")
+    os.rmdir(m.path / "d")  # the listing is fresh: the kernel and the mount see an empty directory
+    m.sync()
+
+    assert (m.work / "d" / "precious.txt").read_text() == "made in the session\n"
+    status = m.status()
+    assert status["flushes"]["kept_in_session"] == 1
+    assert status["pending"]["namespace_changes"] == 0
+    assert "remove directory d: not done" in m.log_text()
+    # The directory shows again, with what the session put in it.
+    wait_for(lambda: (m.path / "d" / "precious.txt").exists(), what="the kept directory to show again")
+    assert (m.path / "d" / "precious.txt").read_text() == "made in the session\n"
+
+
+def test_rm_of_a_file_the_session_made_a_directory_keeps_the_directory(mount: Mount) -> None:
+    m = mount.start()
+    (m.path / "x").write_text("a file\n")
+    m.sync()
+    assert (m.path / "x").is_file()
+    (m.work / "x").unlink()
+    (m.work / "x").mkdir()
+    (m.work / "x" / "inner.txt").write_text("inside\n")
+    os.unlink(m.path / "x")  # the mount still knows x as a file
+    m.sync()
+
+    assert (m.work / "x" / "inner.txt").read_text() == "inside\n"
+    assert m.status()["flushes"]["kept_in_session"] == 1
+    wait_for(lambda: (m.path / "x").is_dir(), what="the session's directory to show")
+
+
+def test_rm_r_removes_what_the_mount_saw_and_keeps_what_it_did_not(mount: Mount) -> None:
+    m = mount.start()
+    (m.path / "tree" / "sub").mkdir(parents=True)
+    (m.path / "tree" / "a.txt").write_text("a\n")
+    (m.path / "tree" / "sub" / "b.txt").write_text("b\n")
+    m.sync()
+    assert sorted(os.listdir(m.path / "tree" / "sub")) == ["b.txt"]
+    (m.work / "tree" / "sub" / "late.txt").write_text("late\n")
+    shutil.rmtree(m.path / "tree")
+    m.sync()
+
+    assert sorted(p.name for p in (m.work / "tree").rglob("*")) == ["late.txt", "sub"]
+    assert not (m.work / "tree" / "a.txt").exists()
+    assert m.status()["flushes"]["kept_in_session"] == 2  # tree/sub, then tree
+
+
+def test_an_rmdir_replayed_after_a_crash_keeps_a_file_made_after_the_crash(mount: Mount) -> None:
+    m = mount.start("--write-back", "600")
+    (m.path / "d").mkdir()
+    m.sync()
+    assert os.listdir(m.path / "d") == []
+    os.rmdir(m.path / "d")
+    wait_for(lambda: m.status()["pending"]["namespace_changes"] == 1, what="the rmdir to be pending")
+    m.kill()
+    (m.work / "d" / "after-the-crash.txt").write_text("new\n")
+
+    m.start()
+    m.sync()
+    assert (m.work / "d" / "after-the-crash.txt").read_text() == "new\n"
+    assert m.status()["flushes"]["kept_in_session"] == 1
