@@ -135,3 +135,27 @@ def test_a_runs_record_stays_while_it_goes_after_a_flush_before_it(mount: Mount)
     assert runner.wait(30) == 0
     wait_for(lambda: not marker.exists(), 20, "the run's record to go once it is concluded")
     assert baifs("run", str(m.path), "--", "echo", "after", env=m.env, timeout=30).stdout == "after\n"
+
+
+@pytest.mark.parametrize("ending", ["umount", "kill"])
+def test_the_first_run_after_a_remount_reports_its_own_output_and_exit_code(mount: Mount, ending: str) -> None:
+    """A quiet run left going by a mount that ended is waited for, never probed into the next run."""
+    m = mount.start()
+    runner = start_long_run(m, "sleep 15; exit 7")
+    if ending == "umount":
+        baifs("umount", str(m.path), env=m.env, timeout=90, check=False)
+        assert m.process is not None and m.process.wait(30) is not None
+        m.process = None
+    else:
+        m.kill()
+    runner.wait(30)
+    m.start()
+    second = subprocess.run(
+        [sys.executable, "-m", "baifs", "run", str(m.path), "--", "echo second-run; exit 3"],
+        env=m.env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert (second.returncode, second.stdout) == (3, b"second-run\n"), (second, m.log_text()[-3000:])
+    latest = json.loads((m.path / ".runs" / "latest" / "status").read_text())
+    assert (latest["state"], latest["exit_code"]) == ("finished", 3), latest

@@ -85,3 +85,87 @@ def test_an_rmdir_replayed_after_a_crash_keeps_a_file_made_after_the_crash(mount
     m.sync()
     assert (m.work / "d" / "after-the-crash.txt").read_text() == "new\n"
     assert m.status()["flushes"]["kept_in_session"] == 1
+
+
+def test_a_directory_removed_in_the_session_is_made_again_with_the_changes_inside(mount: Mount) -> None:
+    m = mount.start("--dir-cache-time", "0.5", "--write-back", "600")
+    (m.path / "out").mkdir()
+    (m.path / "out" / "train.log").write_text("line 1\n")
+    (m.path / "out" / "clean.txt").write_text("uploaded, then removed in the session\n")
+    m.sync()
+    with open(m.path / "out" / "train.log", "a") as log:  # exec 3>>out/train.log
+        (m.path / "out" / "new.txt").write_text("waits in the write-back window\n")
+        shutil.rmtree(m.work / "out")  # rm -rf out, in the session
+
+        def noticed() -> bool:
+            os.listdir(m.path / "out")
+            return m.status()["pending"]["namespace_changes"] >= 1  # out is to be made again
+
+        wait_for(noticed, what="the mount to see out removed")
+        log.write("line 2\n")
+    assert (m.path / "out" / "train.log").read_text() == "line 1\nline 2\n"
+    m.sync()
+
+    assert (m.work / "out" / "train.log").read_text() == "line 1\nline 2\n"
+    assert (m.work / "out" / "new.txt").read_text() == "waits in the write-back window\n"
+    assert not (m.work / "out" / "clean.txt").exists()  # unchanged here: the session's removal stands
+    assert sorted(os.listdir(m.path / "out")) == ["new.txt", "train.log"]
+    assert m.status()["pending"] == {**m.status()["pending"], "uploads": 0, "namespace_changes": 0}
+
+
+def test_a_directory_the_session_replaced_by_a_file_keeps_both(mount: Mount) -> None:
+    m = mount.start("--dir-cache-time", "0.5", "--write-back", "600")
+    (m.path / "out").mkdir()
+    m.sync()
+    (m.path / "out" / "new.txt").write_text("made here\n")
+    (m.work / "out").rmdir()
+    (m.work / "out").write_text("the session's file\n")
+
+    def noticed() -> bool:
+        os.listdir(m.path)
+        return m.status()["pending"]["namespace_changes"] >= 1
+
+    wait_for(noticed, what="the mount to see out replaced")
+    assert (m.path / "out" / "new.txt").read_text() == "made here\n"
+    with pytest.raises(OSError):
+        m.sync()
+    assert (m.work / "out").read_text() == "the session's file\n"
+    status = m.status()
+    assert status["pending"]["uploads"] == 1, status
+
+
+def test_a_file_open_for_appending_follows_what_a_run_appended(mount: Mount) -> None:
+    m = mount.start("--dir-cache-time", "0.5", "--write-back", "600")
+    (m.path / "log").write_text("mine\n")
+    m.sync()
+    with open(m.path / "log", "a") as log:  # exec 3>>log
+        with open(m.work / "log", "a") as session_side:  # a run appends
+            session_side.write("the run's line\n")
+        wait_for(lambda: os.stat(m.path / "log").st_size == 20, what="the mount to see the run's line")
+        assert (m.path / "log").read_text() == "mine\nthe run's line\n"
+        log.write("local\n")
+    m.sync()
+    assert (m.work / "log").read_text() == "mine\nthe run's line\nlocal\n"
+
+
+def test_a_file_open_for_writing_and_closed_unwritten_shows_the_sessions_change(mount: Mount) -> None:
+    m = mount.start("--dir-cache-time", "0.5", "--write-back", "600")
+    (m.path / "data").write_text("old version\n")
+    m.sync()
+    descriptor = os.open(m.path / "data", os.O_RDWR)
+    try:
+        (m.work / "data").write_text("new version\n")  # same size, changed in the session
+        os.utime(m.work / "data", (1_000_000_000, 1_000_000_000))
+
+        def seen() -> bool:
+            return os.stat(m.path / "data").st_mtime == 1_000_000_000
+
+        wait_for(seen, what="the mount to see the session's change")
+        assert os.pread(descriptor, 100, 0) == b"new version\n"
+    finally:
+        os.close(descriptor)
+    assert (m.path / "data").read_text() == "new version\n"
+    (m.path / "other").write_text("x\n")
+    m.sync()
+    assert (m.work / "data").read_text() == "new version\n"
+    assert m.status()["flushes"]["uploaded_files"] == 2  # data at first, then other: data never again

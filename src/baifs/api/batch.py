@@ -141,6 +141,8 @@ class BatchExecutor:
         #: told each run's id before its first request and again once it is
         #: concluded, so a successor process can conclude a run this one abandoned.
         self.runs = runs
+        #: whether a run's command is known to still go (`_await_marker`); None: never known.
+        self.liveness: Callable[[str], Awaitable[bool]] | None = None
         #: "unknown", "resume" or "detach" (see the module docstring).
         self.phase_behaviour = "unknown"
         self._lock = trio.Lock()
@@ -323,7 +325,10 @@ class BatchExecutor:
         run that never started; an all-empty batch under the same run id ends
         the run in the last two cases and only queues a no-op behind the
         command in the first. A marker that follows that batch may be the
-        batch's own, so its exit code is not trusted.
+        batch's own, so its exit code is not trusted. A no-op queued behind a
+        command would answer the *next* run in its place (its markers, exit 0,
+        no output), so no batch is sent while `liveness` says the run's
+        command still goes (a supervised run's heartbeat).
         """
         silent = 0
         probed = False
@@ -337,6 +342,8 @@ class BatchExecutor:
                     await self._conclude(run_id)
                 return _exit_code(result) if trusted else None
             silent = 0 if result.get("console") else silent + 1
+            if silent == 2 and not probed and self.liveness is not None and await self.liveness(run_id):
+                silent = 0  # a quiet command that goes on: wait for its end
             if silent == 2 and not probed:
                 probed = True
                 result = await self._empty_batch(run_id)

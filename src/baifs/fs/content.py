@@ -240,6 +240,15 @@ class ContentStore:
             raise
         return stage
 
+    def refill_stage(self, stage: str, source: Path | None) -> None:
+        """Rewrite a staging file in place with a copy of ``source`` (or nothing): descriptors
+        open on it see the new content."""
+        with open(self.stage_path(stage), "r+b") as target:
+            target.truncate(0)
+            if source is not None:
+                with open(source, "rb") as origin:
+                    shutil.copyfileobj(origin, target, 1 << 20)
+
     def adopt_stage(self, stage: str, remote_path: bytes, size: int, mtime_ns: int) -> None:
         """Content written here is now on the session: it becomes the cached copy.
 

@@ -143,6 +143,7 @@ class Filesystem:
         self.options = options
         self.namespace = Namespace()
         self.supervisor = Supervisor(session, executor)
+        executor.liveness = self.supervisor.heartbeat
         self.fetcher = Fetcher(session, self.supervisor, store)
         self.sync = SyncEngine(
             session,
@@ -161,6 +162,8 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self._next_handle = 1
         self._listing: dict[int, Listing] = {}
+        #: one staging copy brought to the session's content at a time (`_follow_session`).
+        self._following = trio.Lock()
         self._nursery: trio.Nursery | None = None
         #: directories enumerated or read from, and when, oldest first (see `_note_scan`).
         self._scanned: OrderedDict[int, float] = OrderedDict()
@@ -249,7 +252,9 @@ class Filesystem:
                     if error.errno in (errno.ENOENT, errno.ENOTDIR) and directory.inode != ROOT_INODE:
                         if epoch == motion.epoch:
                             self._vanished([directory])
-                        listing.error = FSError(errno.ENOENT)
+                        if not directory.attached or directory.origin is not None:
+                            listing.error = FSError(errno.ENOENT)
+                        # else: kept for the local changes in it, it is all there is to list
                         return
                     raise
                 if epoch == motion.epoch and directory.origin == origin:
@@ -283,11 +288,10 @@ class Filesystem:
         """Remote objects that something in the session removed behind our back."""
         gone = []
         for node in nodes:
-            if node.parent is None or not node.attached or node.dirty:
+            if node.parent is None or not node.attached or node.origin is None:
                 continue
             node.parent.listed_at = LISTING_EXPIRED
-            self.namespace.detach(node)
-            gone.append(node)
+            gone += self.namespace.lose_remote(node)
         self._discard_stages(gone)
         self.invalidate(gone)
 
@@ -482,6 +486,7 @@ class Filesystem:
     async def read(self, number: int, offset: int, size: int) -> bytes:
         handle = self.handles[number]
         node = handle.node
+        await self._follow_session(node)
         if node.stage is not None:
             if handle.stage != node.stage:
                 # Another descriptor gave the file local content: read that from now on.
@@ -520,12 +525,30 @@ class Filesystem:
         if not handle.writable:
             raise FSError(errno.EBADF)
         node = handle.node
+        await self._follow_session(node)
         if handle.append:
             offset = node.size
         written = os.pwrite(handle.fd, data, offset)
         node.size = max(node.size, offset + written)
         self._touch_content(node)
         return written
+
+    async def _follow_session(self, node: Node) -> None:
+        """Bring the staging copy of a file open for writing, not written yet, to the session's content.
+
+        A listing showed the session's file changed (a run appended to it)
+        since the copy was made at open: the copy is rewritten in place, so
+        every descriptor on it reads the session's version and a local
+        append extends it, instead of writing the old one back over it.
+        """
+        if not node.stage_stale:
+            return
+        async with self._following:
+            if not node.stage_stale or node.stage is None:
+                return
+            source = (await self._cached(node, whole=True)).file if node.remote_size > 0 else None
+            await trio.to_thread.run_sync(self.store.refill_stage, node.stage, source)
+            node.stage_stale = False
 
     def _touch_content(self, node: Node) -> None:
         node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -546,9 +569,9 @@ class Filesystem:
             handle.entry.pins -= 1
             self.store.evict()
         if node.stage is not None and node.open_count == 0:
-            if not node.attached:
-                self.store.discard_stage(node.stage)
-                node.stage = None
+            if not node.attached or node.stage_stale:
+                self.store.discard_stage(node.stage)  # gone, or older than the session's content
+                node.stage, node.stage_stale = None, False
             elif not node.dirty and node.origin is not None:
                 self.sync.committer.retire_stage(node)
         self.namespace.release_if_unused(node)
@@ -789,6 +812,7 @@ class Filesystem:
                 raise FSError(errno.EISDIR)
             if not node.is_regular:
                 raise FSError(errno.EINVAL)
+            await self._follow_session(node)
             await self._stage(node, truncate=size == 0)
             assert node.stage is not None
             os.truncate(self.store.stage_path(node.stage), size)

@@ -20,7 +20,11 @@ Hard cases this layout solves:
 - a remote listing that arrives while changes are pending is merged without
   undoing them: a remote path that a pending change claims (a doomed path,
   or the origin of a moved node) stays hidden, and a local object that took
-  a name wins over the remote one, until the flush that pushes them.
+  a name wins over the remote one, until the flush that pushes them;
+- an object the session removed (or replaced by one of another type) while
+  it, or something inside it, holds local changes is made again with them
+  (`Namespace.lose_remote`): directories on the way, changed files, files
+  open for writing; what holds no change goes with the session's removal.
 
 Invariants:
 - a node's inode number never changes and is never reused during a mount;
@@ -85,6 +89,7 @@ class Node:
         "remote_mtime_ns",
         "remote_mode",
         "stage",
+        "stage_stale",
         "dirty",
         "mtime_dirty",
         "atime_dirty",
@@ -117,6 +122,9 @@ class Node:
         self.remote_mode = -1
         #: name of the staging file that holds this file's local content.
         self.stage: str | None = None
+        #: the staging copy of a file open for writing and not written yet is older than
+        #: the session's content: it is refreshed before the next read or write through it.
+        self.stage_stale = False
         #: the local content is not (yet) on the session.
         self.dirty = False
         self.mtime_dirty = False
@@ -366,14 +374,23 @@ class Namespace:
                 self.attach(directory, child)
             elif child.origin != remote_path:
                 continue  # a local object took this name; it wins until flushed
-            elif stat.S_IFMT(child.mode) != stat.S_IFMT(entry.mode) and not child.dirty:
+            elif stat.S_IFMT(child.mode) != stat.S_IFMT(entry.mode):
+                if self.holds_local_changes(child):
+                    # Replaced in the session while changed here: the local object keeps the
+                    # name and is made again (the session's object is not touched).
+                    removed += self.lose_remote(child)
+                    continue
                 self.detach(child)
                 removed.append(child)
                 replacement = self.new_node(name, entry.mode, origin=remote_path)
                 replacement.take_remote_attributes(entry)
                 self.attach(directory, replacement)
-            elif child.dirty or child.write_count or child.attributes_pending:
+            elif child.dirty or child.attributes_pending:
                 child.set_remote(entry)
+            elif child.write_count:
+                # Open for writing, nothing written yet: it follows the session's content.
+                if child.take_remote_attributes(entry):
+                    child.stage_stale = True
             else:
                 if child.stage is not None and child.remote_mtime_ns < 0:
                     # Kept content of a placed file: the session's may be newer with the
@@ -387,14 +404,46 @@ class Namespace:
         for name, child in list(directory.children.items()):
             if name in seen or child.origin != join(directory.origin, name):
                 continue
-            if child.dirty:
-                child.origin = None  # deleted remotely while edited here: upload it again
-                child.remote_mode = -1
-                self.refresh_pending(child)
-            else:
-                self.detach(child)
-                removed.append(child)
+            removed += self.lose_remote(child)
         return Merged(removed, stale)
+
+    def holds_local_changes(self, node: Node) -> bool:
+        """Whether a subtree holds what the session does not have: new content (a file open
+        for writing included), something made here, something moved in."""
+        return any(
+            n.dirty or n.write_count or n.origin is None or (n.moved and n is not node) for n in self.walk(node)
+        )
+
+    def lose_remote(self, node: Node) -> list[Node]:
+        """The session removed a node's remote object: what holds local changes is made again.
+
+        Directories on the way to a change become new directories, changed
+        files new files (a file open for writing keeps the content it has
+        here); what holds no change goes with the session's removal and is
+        returned, detached. Objects made here or moved in from elsewhere stay
+        as they are.
+        """
+        gone_path = node.origin
+        assert gone_path is not None
+        removed: list[Node] = []
+
+        def orphan(each: Node) -> None:
+            if each.origin is None or not is_ancestor_or_self(gone_path, each.origin):
+                return  # made here, or moved in: not what the session removed
+            if not self.holds_local_changes(each):
+                self.detach(each)
+                removed.append(each)
+                return
+            for child in list((each.children or {}).values()):
+                orphan(child)
+            each.origin = None
+            each.remote_mode = each.remote_size = each.remote_mtime_ns = -1
+            if each.is_regular:
+                each.dirty = each.stage is not None
+            self.refresh_pending(each)
+
+        orphan(node)
+        return removed
 
     def add_local(self, parent: Node, name: bytes, mode: int) -> Node:
         """A new object created here (file, directory or symlink)."""

@@ -362,8 +362,8 @@ class RunManager:
     async def _supervised(self, record: RunRecord) -> BatchOutcome:
         """The run, with a supervisor that serves the mount's scripts while it goes (`supervisor`)."""
         supervisor = self.fs.supervisor
-        inbox = supervisor.open()
         assert record.run_id is not None
+        inbox = supervisor.open(record.run_id)
         ended = False
         try:
             steps = SupervisedSteps(record.steps, inbox.box)

@@ -29,7 +29,6 @@ engine sends flush scripts the same way (`sync.SyncEngine.flush`).
 from __future__ import annotations
 
 import logging
-import secrets
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +51,20 @@ POLL_FIRST, POLL_MAX = 0.05, 0.5
 RELAY_AFTER = 0.5
 #: The supervisor's loop touches ``<box>.alive`` every second; unchanged this long, the loop is gone.
 HEARTBEAT_STALE = 10.0
+
+
+async def scratch_names(session: SessionClient) -> dict[str, int]:
+    """The names in ``.baifs-tmp`` and their mtimes (none while it does not exist)."""
+    try:
+        entries = await session.list_dir(remote_name(REMOTE_TMP))
+    except RemotePathError:
+        return {}
+    return {entry.name: entry.mtime_ns for entry in entries}
+
+
+def box_of(run_id: str) -> bytes:
+    """The name of a supervised run's inbox files, from its run id."""
+    return b"run-" + run_id[:12].encode("ascii")
 
 
 #: A request that interrupts the supervisor's child (the steps), not the inbox loop running it.
@@ -143,7 +156,7 @@ class Inbox:
     """The mount's side of one supervised run's inbox."""
 
     session: SessionClient
-    box: bytes = field(default_factory=lambda: b"run-" + secrets.token_hex(6).encode())
+    box: bytes
     #: set once the run is over (its supervisor has exited).
     ended: trio.Event = field(default_factory=trio.Event)
     _next: int = 0
@@ -203,7 +216,7 @@ class Inbox:
                 if ended:
                     raise InboxClosed(f"the run ended before request {number} reached it")
                 await self.deliver()
-            names = await self._names()
+            names = await scratch_names(self.session)
             if self._base("code", number) in names:
                 return await self._read(number)
             if ended:
@@ -223,13 +236,6 @@ class Inbox:
     def _base(self, kind: str, number: int) -> str:
         return remote_name(self._name(kind, number)).rpartition("/")[2]
 
-    async def _names(self) -> dict[str, int]:
-        """The names in ``.baifs-tmp`` and their mtimes."""
-        try:
-            entries = await self.session.list_dir(remote_name(REMOTE_TMP))
-        except RemotePathError:
-            return {}
-        return {entry.name: entry.mtime_ns for entry in entries}
 
     def _beating(self, names: dict[str, int]) -> bool:
         """Whether the loop's heartbeat changed within `HEARTBEAT_STALE` seconds of this mount's clock."""
@@ -258,11 +264,36 @@ class Supervisor:
         #: the inbox of the mount's run that holds the execution slot, if one does.
         self.inbox: Inbox | None = None
         self._litter: set[bytes] = set()
+        #: heartbeats looked at by `heartbeat`: run id -> (mtime, when it was seen to change).
+        self._beats: dict[str, tuple[int, float]] = {}
 
-    def open(self) -> Inbox:
-        inbox = Inbox(self.session, litter=self._litter)
+    def open(self, run_id: str) -> Inbox:
+        """The inbox of the supervised run ``run_id`` (named after it, so a later mount finds its heartbeat)."""
+        inbox = Inbox(self.session, box_of(run_id), litter=self._litter)
         self.inbox = inbox
         return inbox
+
+    async def heartbeat(self, run_id: str) -> bool:
+        """Whether run ``run_id`` is a supervised run whose heartbeat says its steps still go.
+
+        The first look at a heartbeat file counts as alive; after that it must
+        change within `HEARTBEAT_STALE` seconds. A run without one (a flush
+        script, a run of another client) is not known to go. When the
+        listing fails, a heartbeat seen before counts as still going.
+        """
+        try:
+            names = await scratch_names(self.session)
+        except BaifsError as error:
+            log.info("could not look at the heartbeat of run %s (%s)", run_id, error)
+            return run_id in self._beats
+        alive = (box_of(run_id) + b".alive").decode("ascii")
+        if alive not in names:
+            self._beats.pop(run_id, None)
+            return False
+        seen = self._beats.get(run_id)
+        if seen is None or seen[0] != names[alive]:
+            self._beats[run_id] = seen = (names[alive], trio.current_time())
+        return trio.current_time() - seen[1] < HEARTBEAT_STALE
 
     def close(self, inbox: Inbox, *, ended: bool) -> None:
         """No new requests for ``inbox``; ``ended`` once its run is surely over (else see `conclude`)."""
