@@ -169,3 +169,26 @@ def test_a_file_open_for_writing_and_closed_unwritten_shows_the_sessions_change(
     m.sync()
     assert (m.work / "data").read_text() == "new version\n"
     assert m.status()["flushes"]["uploaded_files"] == 2  # data at first, then other: data never again
+
+
+def test_a_same_size_rewrite_within_the_second_never_tears_a_read(mount: Mount) -> None:
+    size = 5_000_000
+    old, new = b"o" * size, b"n" * size
+    second = 1_700_000_000
+    (mount.work / "big.bin").write_bytes(old)
+    os.utime(mount.work / "big.bin", ns=(second * 10**9 + 100_000_000,) * 2)
+    m = mount.start("--dir-cache-time", "600")  # the listing stays trusted: only the content check can tell
+    descriptor = os.open(m.path / "big.bin", os.O_RDONLY)
+    try:
+        assert os.pread(descriptor, 1000, 0) == b"o" * 1000  # its first chunk is cached now
+        (m.work / "big.bin").write_bytes(new)  # rewritten in place: same size, same second
+        os.utime(m.work / "big.bin", ns=(second * 10**9 + 600_000_000,) * 2)
+        try:
+            whole = os.pread(descriptor, size, 0)  # one read
+        except OSError:
+            whole = b""  # refusing is fine; mixing is not
+    finally:
+        os.close(descriptor)
+    assert len(set(whole)) <= 1, f"one read returned {whole.count(b'o')} old and {whole.count(b'n')} new bytes"
+    with open(m.path / "big.bin", "rb") as again:
+        assert again.read() == new

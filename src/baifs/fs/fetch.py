@@ -8,8 +8,9 @@ a scan), so a directory of files costs about one request per five files.
 
 Larger files are read in chunks of `CHUNK_BYTES`, through a script in the
 session (a run of its own, or a request to the supervisor of the mount's run
-that holds the execution slot: `supervisor`) that first checks the file's
-size and mtime against the listing. A
+that holds the execution slot: `supervisor`) that checks the file's size
+and mtime (to the nanosecond) against the listing before and after it takes
+the chunks, so every chunk of a cache entry is of one version. A
 single chunk (the first read of a file, or a random access) travels inline,
 base64 in the run's output: one run, nothing left behind. A wider window is
 cut with ``dd`` into parts under ``.baifs-tmp/read-<token>/``, which are then
@@ -43,7 +44,7 @@ from ..api.errors import BaifsError, ServerError, SessionWedged
 from ..concurrency import gather
 from .content import CHUNK_BYTES, DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
 from .flush import REMOTE_TMP, remote_name
-from .model import Node, join
+from .model import Node, join, same_mtime
 from .shell import ShellScript
 from .supervisor import Supervisor
 
@@ -361,7 +362,12 @@ class Fetcher:
         leftovers = self.take_litter()
         for leftover in leftovers:
             shell.raw(f"rm -rf -- {shell.word(leftover)}")
-        shell.raw(f"stat -L -c 'BAIFS-STAT %s %Y' -- {path} || exit 1")
+        # The file's size and mtime to the nanosecond, before and after the chunks are
+        # taken: chunks of one cache entry are of one version (a same-size rewrite within
+        # the second of the listed mtime included). A stat without sub-second times
+        # prints no dot; then seconds are compared.
+        check = f"stat -L -c 'BAIFS-STAT %s %.9Y' -- {path} || exit 1"
+        shell.raw(check)
         if staging is None:
             shell.raw(f"echo 'BAIFS-CHUNK {indices[0]}'")
             shell.raw(f"dd if={path} bs={CHUNK_BYTES} skip={indices[0]} count=1 2>/dev/null | base64")
@@ -372,6 +378,7 @@ class Fetcher:
                 shell.raw(
                     f"dd if={path} of={part} bs={CHUNK_BYTES} skip={index} count=1 2>/dev/null || exit 1"
                 )
+        shell.raw(check)
         output: list[str] = []
 
         async def collect(stream: str, text: str) -> None:
@@ -394,7 +401,7 @@ class Fetcher:
             raise
         if outcome.exit_code != 0:
             raise StaleContent(f"could not read {entry.remote_path!r} in the session")
-        inline = _parse_chunks("".join(output), entry.size, entry.mtime_ns // 1_000_000_000)
+        inline = _parse_chunks("".join(output), entry.size, entry.mtime_ns)
         for index, data in inline.items():
             await self._store_chunk(entry, index, data)
             arrived(index)
@@ -439,8 +446,21 @@ class Fetcher:
         return litter
 
 
-def _parse_chunks(output: str, expected_size: int, expected_mtime: int) -> dict[int, bytes]:
-    """Chunks printed by a ranged read, after checking the file is still the one listed."""
+def _stat_mtime_ns(text: str) -> tuple[int, bool]:
+    """``%.9Y`` of stat as nanoseconds, and whether it had sub-second digits."""
+    seconds, dot, fraction = text.partition(".")
+    if not dot or not fraction.isdigit():
+        return int(seconds) * 1_000_000_000, False
+    return int(seconds) * 1_000_000_000 + int(fraction.ljust(9, "0")[:9]), True
+
+
+def _parse_chunks(output: str, expected_size: int, expected_mtime_ns: int) -> dict[int, bytes]:
+    """Chunks printed by a ranged read, after checking the file is still the one listed.
+
+    Each ``BAIFS-STAT`` line (before and after the chunks were taken) must
+    show the listed size and mtime: to the listing's precision where stat
+    gives sub-second times, else to the second.
+    """
     chunks: dict[int, bytes] = {}
     current: int | None = None
     encoded: list[str] = []
@@ -451,9 +471,15 @@ def _parse_chunks(output: str, expected_size: int, expected_mtime: int) -> dict[
 
     for line in output.splitlines():
         if line.startswith("BAIFS-STAT "):
-            size, mtime = (int(field) for field in line.split()[1:3])
-            if size != expected_size or mtime != expected_mtime:
-                raise StaleContent(f"the file has changed in the session ({size} bytes, mtime {mtime})")
+            size_text, mtime_text = line.split()[1:3]
+            size, (mtime_ns, precise) = int(size_text), _stat_mtime_ns(mtime_text)
+            same = (
+                same_mtime(expected_mtime_ns, mtime_ns)
+                if precise
+                else mtime_ns // 1_000_000_000 == expected_mtime_ns // 1_000_000_000
+            )
+            if size != expected_size or not same:
+                raise StaleContent(f"the file has changed in the session ({size} bytes, mtime {mtime_text})")
         elif line.startswith("BAIFS-CHUNK "):
             close()
             current, encoded = int(line.split()[1]), []

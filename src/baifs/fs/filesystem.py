@@ -116,6 +116,8 @@ class Handle:
     #: the staging file the descriptor reads, or None for the cache entry.
     stage: str | None
     entry: CacheEntry | None = None
+    #: the descriptor returned content of ``entry`` (its version) to its reader.
+    served: bool = False
 
 
 @dataclass
@@ -494,13 +496,24 @@ class Filesystem:
         elif node.origin is not None and (handle.entry is None or self._superseded(handle.entry, node)):
             # The session's content is newer than what this descriptor read so far
             # (a run appended to a log): read the current version, as fstat shows it.
+            # A version that did not grow was rewritten: what was read of the old one
+            # is not part of it, and the reader gets an error instead of a mix.
+            if handle.served and handle.entry is not None and node.remote_size <= handle.entry.size:
+                raise FSError(errno.EIO, "the file was rewritten in the session while it was read")
             entry = await self._cached(node, whole=node.remote_size <= DIRECT_DOWNLOAD_MAX)
             self._switch(handle, os.open(entry.file, os.O_RDONLY), None, entry)
         if handle.stage is None and handle.entry is not None and not handle.entry.complete:
             try:
                 await self._remote(self.fetcher.ensure_range(handle.entry, offset, size))
             except StaleContent as error:
+                # The version this descriptor reads is gone from the session: its reader
+                # gets an error, not the rest of another version; the next open reads the
+                # current one, which a listing now names.
+                log.info("%s; listing again, the read fails", error)
+                if node.parent is not None:
+                    await self._remote(self.ensure_listed(node.parent, force=True))
                 raise FSError(errno.EIO, str(error)) from None
+        handle.served = handle.stage is None
         return os.pread(handle.fd, size, offset)
 
     @staticmethod
