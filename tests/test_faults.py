@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -544,3 +545,23 @@ def test_the_flush_before_a_run_is_tried_again_while_the_session_answers(faulty:
         assert faulty.proxy.state()["injected"] == {"upload:status": 6 * (number + 1)}
     assert m.log_text().count("the flush before a run failed") == 3
     assert m.alive and m.status()["pending"]["uploads"] == 0
+
+
+def test_directories_an_unconfirmed_upload_made_go_when_the_tree_is_removed_here(faulty: Faulty) -> None:
+    m = faulty.mount.start("--write-back", "0.3")
+    os.listdir(m.path)
+    # Every upload lands, and its answer is lost: the mount cannot know what is there.
+    faulty.proxy.set({"endpoint": "upload", "fault": "reset_after"})
+    (m.path / "tree" / "gone" / "deep").mkdir(parents=True)
+    (m.path / "tree" / "gone" / "deep" / "f.txt").write_text("uploaded, never confirmed\n")
+    (m.path / "tree" / "moved" / "sub").mkdir(parents=True)
+    (m.path / "tree" / "moved" / "sub" / "g.txt").write_text("also\n")
+    wait_for(lambda: (m.work / "tree" / "moved" / "sub" / "g.txt").exists(), what="the uploads to land")
+    wait_for(lambda: (m.work / "tree" / "gone" / "deep" / "f.txt").exists(), what="the uploads to land")
+    shutil.rmtree(m.path / "tree" / "gone")
+    os.rename(m.path / "tree" / "moved", m.path / "tree" / "there")
+    faulty.proxy.clear()
+    m.sync()
+    assert m.unmount() == 0
+    remaining = sorted(str(p.relative_to(m.work)) for p in (m.work / "tree").rglob("*"))
+    assert remaining == ["there", "there/sub", "there/sub/g.txt"], remaining

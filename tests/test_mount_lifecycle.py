@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -254,3 +255,54 @@ def test_ctrl_c_during_umount_answers_at_once_and_the_uploads_go_on(
         assert (m.work / "f1999").read_text() == "1999\n"
     finally:
         m.stop()
+
+
+def _state_directory(m: Mount) -> Path:
+    (directory,) = [path.parent for path in (m.home / "state").rglob("mounts/*/session.json")]
+    return directory
+
+
+@pytest.mark.parametrize("spelling", ["http://localhost:{port}", "http://127.0.0.1:{port}/"])
+def test_pending_changes_are_found_by_the_session_however_the_endpoint_is_spelt(
+    mount: Mount, spelling: str
+) -> None:
+    m = mount.start("--write-back", "600")
+    (m.path / "pending.txt").write_text("written before the crash\n")
+    m.kill()
+    port = m.server.endpoint.rsplit(":", 1)[1].strip("/")
+    m.env["BACKEND_ENDPOINT"] = spelling.format(port=port)
+    m.start()
+    assert m.status()["recovered_changes"] == 1, m.log_text()[-2000:]
+    m.sync()
+    assert (m.work / "pending.txt").read_text() == "written before the crash\n"
+
+
+def test_the_state_an_older_baifs_keyed_by_endpoint_is_taken_over(mount: Mount) -> None:
+    m = mount.start("--write-back", "600")
+    (m.path / "pending.txt").write_text("written by the older version\n")
+    m.kill()
+    state = _state_directory(m)
+    identity = json.loads((state / "session.json").read_text())
+    older = hashlib.sha256(f"{identity['endpoint']}\0{identity['session_id']}".encode()).hexdigest()[:16]
+    state.rename(state.parent / older)  # where baifs before this change kept it
+    m.start()
+    assert m.status()["recovered_changes"] == 1
+    m.sync()
+    assert (m.work / "pending.txt").read_text() == "written by the older version\n"
+    assert [path.name for path in state.parent.iterdir()] == [state.name]
+
+
+def test_a_journal_older_than_the_sessions_file_keeps_both(mount: Mount) -> None:
+    (mount.work / "notes.txt").write_text("first\n")
+    m = mount.start("--write-back", "600")
+    (m.path / "notes.txt").write_text("edited here\n")
+    m.kill()
+    (m.work / "notes.txt").write_text("edited in the session after the crash\n")
+    m.start()
+    assert (m.path / "notes.txt").read_text() == "edited in the session after the crash\n"
+    (copy,) = m.status()["conflict_copies"]
+    assert copy.startswith("notes.baifs-conflict-") and copy.endswith(".txt"), copy
+    m.sync()
+    assert (m.work / "notes.txt").read_text() == "edited in the session after the crash\n"
+    assert (m.work / copy).read_text() == "edited here\n"
+    assert "conflict" in baifs("status", str(m.path), env=m.env).stdout

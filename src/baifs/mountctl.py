@@ -419,6 +419,8 @@ def format_status(document: dict[str, Any]) -> str:
         lines.append(
             f"recovered   {document['recovered_changes']} change(s) an earlier mount had not uploaded"
         )
+    for copy in document.get("conflict_copies", []):
+        lines.append(f"conflict    {copy}: this machine's version of a file the session changed meanwhile")
     for refusal in flushes.get("refused", []):
         lines.append(f"refused     {_refusal(refusal)}")
     if flushes.get("holding"):

@@ -249,6 +249,7 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
             "kept_in_session": stats.kept_in_session,
         },
         "recovered_changes": stats.recovered_changes,
+        "conflict_copies": stats.conflict_copies,
         "phase_behaviour": fs.executor.phase_behaviour,
         "profile": {
             **fs.sync.profile.as_dict(),

@@ -56,7 +56,7 @@ from ..concurrency import keep_running
 from .content import DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
 from .fetch import Fetcher, StaleContent
 from .flush import REMOTE_TMP
-from .journal import Journal, encode_path
+from .journal import Journal, content_base, encode_path
 from .model import ROOT_INODE, Namespace, Node, join
 from .profile import ProfileKeeper
 from .supervisor import Supervisor
@@ -606,7 +606,7 @@ class Filesystem:
             self.store.stage_from, source, 0 if truncate else node.remote_size
         )
         try:
-            self.journal.record("stage", path=encode_path(node.path), stage=stage)
+            self.journal.record("stage", path=encode_path(node.path), stage=stage, base=content_base(node))
         except OSError:
             self.store.discard_stage(stage)
             raise

@@ -47,7 +47,7 @@ from typing import Any
 
 import trio
 
-from .model import Namespace, depth
+from .model import Namespace, Node, depth
 
 JOURNAL_FILE = "journal.jsonl"
 RESERVE_FILE = "journal.reserve"
@@ -62,6 +62,17 @@ def decode_path(text: str) -> bytes:
     return os.fsencode(text)
 
 
+def content_base(node: Node) -> list[int] | None:
+    """The session's version a local content change starts from, as last seen: [size, mtime_ns].
+
+    Recovery compares it with the session's file before it puts the content
+    back: a file the session changed since is not overwritten blindly.
+    """
+    if node.origin is None or node.remote_size < 0 or node.remote_mtime_ns < 0:
+        return None
+    return [node.remote_size, node.remote_mtime_ns]
+
+
 def overlay_state(namespace: Namespace) -> dict[str, Any]:
     """The checkpoint of an overlay: everything pending, by path."""
     nodes = []
@@ -72,6 +83,7 @@ def overlay_state(namespace: Namespace) -> dict[str, Any]:
                 "origin": None if node.origin is None else encode_path(node.origin),
                 "mode": node.mode,
                 "stage": node.stage if node.dirty else None,
+                "base": content_base(node) if node.dirty else None,
                 "mtime_ns": node.mtime_ns if node.mtime_dirty else None,
                 "atime_ns": node.atime_ns if node.atime_dirty else None,
                 "target": None if node.target is None else encode_path(node.target),

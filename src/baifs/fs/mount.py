@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,11 @@ from .runs import DEFAULT_KEEP, RunManager
 from .salvage import pending_elsewhere
 from .state import (
     StateIdentity,
+    StateOfAnother,
     build_filesystem,
+    session_identity,
+    session_state,
     start_filesystem,
-    state_key,
-    state_root,
 )
 
 log = logging.getLogger(__name__)
@@ -168,15 +170,23 @@ async def run_mount(request: MountRequest, ready: Callable[[str], None]) -> None
     connection, session, info = await open_session(request)
     async with connection:
         endpoint = request.credentials.endpoint
-        session_id = str(info.get("containerId") or session.id_or_name)
-        state = state_root() / state_key(endpoint, session_id)
+        identity = StateIdentity(
+            endpoint,
+            request.session,
+            session_identity(info, session.id_or_name, endpoint),
+            str(request.mountpoint),
+            time.time(),
+        )
+        try:
+            state = session_state(identity)
+        except StateOfAnother as error:
+            raise MountError(str(error)) from None
         lock = DirectoryLock(state, "this session")
         try:
             lock.acquire(f"mounted at {request.mountpoint}")
         except DirectoryLocked as error:
             raise MountError(str(error)) from None
         try:
-            identity = StateIdentity(endpoint, request.session, session_id, str(request.mountpoint))
             identity.save(state)
             cache = request.cache_dir or config.cache_dir() / "mounts" / state.name
             filesystem = build_filesystem(session, state, cache, request.options)

@@ -12,6 +12,14 @@ replayed onto a fresh tree built from the session's listings:
    its mode, set mtime, staged content or symlink target;
 3. the later operations go through the normal `Filesystem` methods.
 
+Replay never overwrites blindly what the session changed since: content
+recorded with the session's version it started from (``base``, size and
+mtime) is put back only while the session's file is still that version.
+Otherwise both are kept: the session's file keeps its name, and this
+machine's content becomes a new file beside it,
+``NAME.baifs-conflict-YYYYMMDD-HHMMSS-HOST.EXT``, logged and counted in
+``baifs status`` ("conflict copies").
+
 Replay is idempotent in effect: a crashed flush may have done part of its
 work already, so an object found at its destination is taken as moved, a
 new object found already created is adopted, and an operation whose source
@@ -23,13 +31,18 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Collection
 from typing import Any
 
 from ..api.errors import BaifsError, RemotePathError
 from .filesystem import RENAME_EXCHANGE, Filesystem, FSError
 from .flush import REMOTE_TMP, remote_name
 from .journal import decode_path
-from .model import Node, join
+from .model import Node, join, same_mtime
 
 log = logging.getLogger(__name__)
 
@@ -150,22 +163,63 @@ def _apply_attributes(fs: Filesystem, node: Node, record: dict[str, Any]) -> Non
         node.target = decode_path(record["target"])
         node.size = len(node.target)
     if record.get("stage") is not None and node.is_regular:
-        _adopt_stage(fs, node, record["stage"])
+        _adopt_stage(fs, node, record["stage"], record.get("base"))
     elif node.is_regular and node.origin is None and node.stage is None:
         _adopt_stage(fs, node, fs.store.new_stage())
     fs.namespace.refresh_pending(node)
 
 
-def _adopt_stage(fs: Filesystem, node: Node, stage: str) -> int:
-    """Give a node the content a journal record names; 1 if it was still there."""
+def _adopt_stage(fs: Filesystem, node: Node, stage: str, base: list[int] | None = None) -> int:
+    """Give a node the content a journal record names; 1 if it was still there.
+
+    When the session's file is no longer the version the change started
+    from (``base``), the content goes to a conflict copy beside it instead.
+    """
     staged_file = fs.store.stage_path(stage)
     if not staged_file.exists():
         return 0  # uploaded and retired into the cache before the journal was checkpointed
+    if base is not None and node.origin is not None and not node.dirty:
+        size, mtime_ns = base
+        if node.remote_size != size or not same_mtime(mtime_ns, node.remote_mtime_ns):
+            return _keep_both(fs, node, stage)
     node.stage = stage
     node.size = staged_file.stat().st_size
     node.content_version += 1
     node.dirty = True
     fs.namespace.refresh_pending(node)
+    return 1
+
+
+def conflict_name(name: bytes, taken: Collection[bytes], when: float, host: str) -> bytes:
+    """``NAME.baifs-conflict-YYYYMMDD-HHMMSS-HOST.EXT`` (before the extension, as Syncthing
+    names its copies), with ``-N`` added while the name is taken."""
+    stem, dot, extension = name.rpartition(b".")
+    if not stem:  # no extension, or a dot file: the mark goes at the end
+        stem, dot, extension = name, b"", b""
+    mark = f".baifs-conflict-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}-{host}".encode()
+    candidate = stem + mark + dot + extension
+    number = 1
+    while candidate in taken:
+        number += 1
+        candidate = stem + mark + f"-{number}".encode() + dot + extension
+    return candidate
+
+
+def _keep_both(fs: Filesystem, node: Node, stage: str) -> int:
+    """The session changed a file after this machine's change to it was recorded: keep both."""
+    parent = node.parent
+    assert parent is not None and parent.children is not None
+    name = conflict_name(node.name, parent.children, time.time(), socket.gethostname())
+    copy = fs.namespace.add_local(parent, name, stat.S_IFREG | stat.S_IMODE(node.mode))
+    copy.stage = stage
+    copy.size = fs.store.stage_path(stage).stat().st_size
+    fs.sync.stats.conflict_copies.append(os.fsdecode(copy.path))
+    log.warning(
+        "recovery: %s changed in the session after this machine's change to it was recorded; the "
+        "session's version keeps the name, this machine's is %s",
+        os.fsdecode(node.path),
+        os.fsdecode(copy.path),
+    )
     return 1
 
 
@@ -205,7 +259,7 @@ async def _replay(fs: Filesystem, record: dict[str, Any]) -> int:
     if node is None:
         return 0
     if op == "stage" and node.is_regular:
-        return _adopt_stage(fs, node, record["stage"])
+        return _adopt_stage(fs, node, record["stage"], record.get("base"))
     if op == "meta":
         await fs.setattr(
             node,

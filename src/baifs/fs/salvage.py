@@ -48,6 +48,7 @@ from .state import (
     CURRENT_RUN_FILE,
     StateIdentity,
     build_filesystem,
+    normalised_endpoint,
     start_filesystem,
     state_directories,
 )
@@ -199,7 +200,8 @@ def pending_elsewhere(identity: StateIdentity, current: Path) -> list[str]:
         other = pending.identity
         if pending.directory == current or other is None:
             continue
-        if other.endpoint == identity.endpoint and other.session == identity.session:
+        same_place = normalised_endpoint(other.endpoint) == normalised_endpoint(identity.endpoint)
+        if same_place and other.session == identity.session:
             messages.append(
                 f"an earlier session named {other.session} ({other.session_id}) left {pending.changes} "
                 f"change(s) it never received; see 'baifs salvage list' (key {pending.key})"

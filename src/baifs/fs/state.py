@@ -1,7 +1,10 @@
 """A session's state directory on this machine, and the one way to build a `Filesystem` on it.
 
-Layout of ``<state root>/mounts/<key>/`` (the key hashes the endpoint and the
-session's container id):
+Layout of ``<state root>/mounts/<key>/`` (the key hashes the session's
+identity, `session_identity`: its container id, or where the session shows
+none, its name at the normalised endpoint; never how the endpoint is
+spelled, so a restarted local server on a new port, a trailing slash or
+``localhost`` for ``127.0.0.1`` find the same state):
 
     session.json     who this state belongs to: endpoint, session name and id,
                      the last mountpoint and mount time (for ``baifs salvage``)
@@ -36,12 +39,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
 from ..api.batch import BatchExecutor
 from ..api.client import SessionClient
-from ..api.errors import LocalStateError
+from ..api.errors import BaifsError, LocalStateError
 from ..concurrency import keep_running
 from .content import ContentStore
 from .filesystem import Filesystem, MountOptions
@@ -63,8 +67,71 @@ def state_root() -> Path:
     return config.state_dir() / "mounts"
 
 
-def state_key(endpoint: str, session_id: str) -> str:
-    return hashlib.sha256(f"{endpoint}\0{session_id}".encode()).hexdigest()[:16]
+def state_key(session_id: str) -> str:
+    """The name of a session's state directory, from `session_identity`."""
+    return hashlib.sha256(f"session\0{session_id}".encode()).hexdigest()[:16]
+
+
+def normalised_endpoint(endpoint: str) -> str:
+    """An endpoint as one text however it is written: scheme and host in lower case, the
+    default port dropped, no trailing slash, loopback names as ``127.0.0.1``."""
+    parts = urlsplit(endpoint.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if host in ("localhost", "::1", "ip6-localhost"):
+        host = "127.0.0.1"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = {"http": 80, "https": 443}.get(scheme)
+    address = host if port in (None, default) else f"{host}:{port}"
+    return f"{scheme}://{address}{parts.path.rstrip('/')}"
+
+
+def session_identity(info: dict[str, Any], name: str, endpoint: str) -> str:
+    """Who a session is, as the session itself shows it: its container id where its information
+    gives one, else its name at the (normalised) endpoint."""
+    container = info.get("containerId")
+    if isinstance(container, str) and container.strip():
+        return container.strip()
+    return f"{normalised_endpoint(endpoint)}#{name}"
+
+
+class StateOfAnother(BaifsError):
+    """A state directory at a session's key records another session (it is left alone)."""
+
+
+def session_state(identity: StateIdentity, root: Path | None = None) -> Path:
+    """The session's state directory on this machine, found by its identity.
+
+    A directory an older baifs keyed by the endpoint's spelling is taken
+    over (renamed) when its ``session.json`` names this session and the
+    directory of the new key does not exist; of several, the most recently
+    mounted, and the others stay (``baifs salvage list`` shows them).
+    """
+    root = root or state_root()
+    state = root / state_key(identity.session_id)
+    recorded = StateIdentity.load(state)
+    if recorded is not None and recorded.session_id != identity.session_id:
+        raise StateOfAnother(
+            f"{state} records session {recorded.session_id}, not {identity.session_id}; it was left alone"
+        )
+    if state.exists():
+        return state
+    earlier = [
+        (found.mounted_at, directory)
+        for directory in state_directories(root)
+        if (found := StateIdentity.load(directory)) is not None and found.session_id == identity.session_id
+    ]
+    if earlier:
+        _, directory = max(earlier)
+        try:
+            directory.rename(state)
+        except OSError as error:
+            log.warning("could not take over the earlier state %s (%s); it stays there", directory, error)
+        else:
+            log.info("state of session %s taken over from %s (keyed by endpoint)", identity.session_id, directory)
+    return state
 
 
 class RunMarker:

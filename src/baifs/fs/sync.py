@@ -115,6 +115,8 @@ class SyncStats:
     flush_failures: int = 0
     last_flush_error: str = ""
     recovered_changes: int = 0
+    #: files recovery kept beside a file the session changed meanwhile (`recovery`).
+    conflict_copies: list[str] = field(default_factory=list)
     #: removals not done because the session held something there the mount never saw.
     kept_in_session: int = 0
 
