@@ -215,7 +215,8 @@ def test_an_unresolved_flush_survives_a_crash_and_the_next_mount_concludes_its_r
     m.sync()
     assert (m.work / "b").read_text() == "a\n" and not (m.work / "a").exists()
     wait_for(lambda: not marker.exists(), 20, "the run the crashed mount left to be concluded")
-    assert f"run {run_id}: concluded" in m.log_text()
+    # The marker goes just before the line is logged: wait for the line too.
+    wait_for(lambda: f"run {run_id}: concluded" in m.log_text(), 10, "the conclusion to be logged")
     assert baifs("run", str(m.path), "--", "true", env=m.env, timeout=60).returncode == 0
 
 
@@ -548,20 +549,21 @@ def test_the_flush_before_a_run_is_tried_again_while_the_session_answers(faulty:
 
 
 def test_directories_an_unconfirmed_upload_made_go_when_the_tree_is_removed_here(faulty: Faulty) -> None:
-    m = faulty.mount.start("--write-back", "0.3")
+    m = faulty.mount.start("--write-back", "2")
     os.listdir(m.path)
-    # Every upload lands, and its answer is lost: the mount cannot know what is there.
-    faulty.proxy.set({"endpoint": "upload", "fault": "reset_after"})
+    # One upload request lands at every attempt and loses every answer: the flush fails,
+    # and the mount cannot know what is in the session (files, and the directories they made).
+    faulty.proxy.set({"endpoint": "upload", "fault": "reset_after", "count": 4})
     (m.path / "tree" / "gone" / "deep").mkdir(parents=True)
     (m.path / "tree" / "gone" / "deep" / "f.txt").write_text("uploaded, never confirmed\n")
     (m.path / "tree" / "moved" / "sub").mkdir(parents=True)
     (m.path / "tree" / "moved" / "sub" / "g.txt").write_text("also\n")
-    wait_for(lambda: (m.work / "tree" / "moved" / "sub" / "g.txt").exists(), what="the uploads to land")
-    wait_for(lambda: (m.work / "tree" / "gone" / "deep" / "f.txt").exists(), what="the uploads to land")
-    shutil.rmtree(m.path / "tree" / "gone")
+    wait_for(lambda: faulty.proxy.state()["injected"].get("upload:reset_after") == 4, what="the lost answers")
+    wait_for(lambda: "write-back failed" in m.log_text(), what="the flush to fail")
+    shutil.rmtree(m.path / "tree" / "gone")  # within write-back's backoff: still unconfirmed
     os.rename(m.path / "tree" / "moved", m.path / "tree" / "there")
-    faulty.proxy.clear()
+    assert (m.work / "tree" / "gone" / "deep" / "f.txt").exists()
     m.sync()
     assert m.unmount() == 0
-    remaining = sorted(str(p.relative_to(m.work)) for p in (m.work / "tree").rglob("*"))
+    remaining = sorted(str(p.relative_to(m.work / "tree")) for p in (m.work / "tree").rglob("*"))
     assert remaining == ["there", "there/sub", "there/sub/g.txt"], remaining

@@ -18,9 +18,14 @@ while the next operations go on. None may lose or corrupt anything: the
 final flush, with the faults gone, must reach the reference.
 
 And changes in the session by someone else (a file written, deleted or
-moved in its work directory), under the rule the docs state: a remote
+moved in its work directory), under the rules the docs state: a remote
 change shows once the listing expires; where a local change of the same
-file's content is pending, the local one wins.
+file's content is pending, the local one wins. Other writers also remove a
+directory holding files whose new content is pending here (the directory is
+made again with them; the rest goes), and add a file inside a directory
+removed here and not flushed yet (the removal keeps it, with the directories
+on its way, and it shows after the flush): nothing written on either side
+is lost.
 
 No FUSE here: the kernel adapter is tested by the mounted tests.
 """
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from support import FaultProxy, LocalServer, start_proxy, start_server
 
@@ -84,10 +89,12 @@ operation_st = st.one_of(
         st.tuples(st.just("remote_write"), path_st, data_st),
         st.tuples(st.just("remote_delete"), path_st),
         st.tuples(st.just("remote_move"), path_st, path_st),
+        st.tuples(st.just("remote_rmtree"), st.sampled_from(["a", "d"])),
+        st.tuples(st.just("remote_add"), st.sampled_from([p for p in PATHS if "/" in p]), data_st),
     ),
 )
 FAULTS = {"flaky_flush", "cancelled_flush", "server_killed", "obstructed_flush", "concurrently"}
-REMOTE_CHANGES = {"remote_write", "remote_delete", "remote_move"}
+REMOTE_CHANGES = {"remote_write", "remote_delete", "remote_move", "remote_rmtree", "remote_add"}
 
 
 def content(data: tuple[int, int]) -> bytes:
@@ -114,6 +121,11 @@ class Reference:
         self.explicit_mtime: dict[str, int] = {}
         self.touched: set[str] = set()
         self.written: set[str] = set()
+        #: paths removed here (unlink, rmdir) since everything was on the session.
+        self.removed: set[str] = set()
+        #: files the session added inside a directory removed here: (path, content, the
+        #: directories' modes on the way), in the reference once a flush kept them.
+        self.kept: list[tuple[str, bytes, dict[str, int]]] = []
 
     def note(self, op: tuple) -> None:
         """Record what a successful operation left pending."""
@@ -129,11 +141,26 @@ class Reference:
         elif kind in ("mkdir", "unlink", "rmdir", "chmod", "symlink", "utime"):
             self.touched.add(args[0])
             self.written = {w for w in self.written if not related(w, args[0])}
+        if kind in ("unlink", "rmdir"):
+            self.removed.add(args[0])
 
     def settled(self) -> None:
-        """Everything is on the session."""
+        """Everything is on the session (what the session added in removed directories included)."""
+        for path, data, modes in self.kept:
+            for directory, mode in sorted(modes.items()):
+                os.makedirs(self.path(directory), exist_ok=True)
+                os.chmod(self.path(directory), mode)
+            with open(self.path(path), "wb") as handle:
+                handle.write(data)
+            os.chmod(self.path(path), 0o644)
+        self.kept.clear()
         self.touched.clear()
         self.written.clear()
+        self.removed.clear()
+
+    def blocked(self, *paths: str) -> bool:
+        """Whether a path is inside a directory whose kept additions wait for a flush (not drawn)."""
+        return any(related(path, kept.split("/")[0]) for path in paths for kept, _, _ in self.kept)
 
     def untouched(self, *paths: str) -> bool:
         return not any(related(path, touched) for path in paths for touched in self.touched)
@@ -249,6 +276,10 @@ def remote_change(reference: Reference, work: Path, op: tuple) -> bool:
     ref = reference.root
     if any(reference.crosses_symlink(path) for path in args[: 2 if kind == "remote_move" else 1]):
         return False
+    if kind == "remote_rmtree":
+        return _remote_rmtree(reference, work, args[0])
+    if kind == "remote_add":
+        return _remote_add(reference, work, *args)
     if kind == "remote_write":
         path, data = args
         parent = os.path.dirname(path)
@@ -292,6 +323,61 @@ def remote_change(reference: Reference, work: Path, op: tuple) -> bool:
         (target + k[len(source) :] if related(k, source) else k): v
         for k, v in reference.explicit_mtime.items()
     }
+    return True
+
+
+def _remote_rmtree(reference: Reference, work: Path, directory: str) -> bool:
+    """The session removes a directory in which only new content of files is pending here:
+    those files, and the directories on their way, are made again; the rest goes."""
+    ref = reference.root
+    inside = [t for t in reference.touched if related(t, directory)]
+    if not _is_dir(work / directory) or not _is_dir(ref / directory):
+        return False
+    if not inside or any(t == directory or t not in reference.written for t in inside):
+        return False
+    keep = {w for w in inside if (ref / w).is_file() and not (ref / w).is_symlink()}
+    if keep != set(inside):
+        return False
+    shutil.rmtree(work / directory)
+    on_the_way = {"/".join(w.split("/")[:depth]) for w in keep for depth in range(1, w.count("/") + 1)}
+    for path in sorted((p for p in snapshot(ref / directory)), key=lambda p: -p.count("/")):
+        relative = f"{directory}/{path}"
+        if relative in keep or relative in on_the_way:
+            continue
+        full = ref / relative
+        if _is_dir(full):
+            os.rmdir(full)
+        else:
+            full.unlink()
+    reference.explicit_mtime = {
+        k: v for k, v in reference.explicit_mtime.items() if not related(k, directory) or k in keep
+    }
+    return True
+
+
+def _remote_add(reference: Reference, work: Path, path: str, data: tuple[int, int]) -> bool:
+    """The session puts a file in a directory removed here and not flushed yet: the removal keeps it."""
+    ref = reference.root
+    parent = os.path.dirname(path)
+    if not _is_dir(work / parent) or os.path.lexists(work / path) or reference.crosses_symlink(parent):
+        return False
+    parts = path.split("/")
+    missing = next((index for index in range(1, len(parts)) if not os.path.lexists(ref / "/".join(parts[:index]))), None)
+    if missing is None:
+        return False
+    gone = "/".join(parts[:missing])
+    if any(not _is_dir(ref / "/".join(parts[:index])) for index in range(1, missing)):
+        return False
+    if gone not in reference.removed or any(
+        t not in reference.removed for t in reference.touched if related(t, gone)
+    ):
+        return False
+    (work / path).write_bytes(content(data))
+    modes = {
+        "/".join(parts[:index]): stat.S_IMODE(os.stat(work / "/".join(parts[:index])).st_mode)
+        for index in range(missing, len(parts))
+    }
+    reference.kept.append((path, content(data), modes))
     return True
 
 
@@ -661,8 +747,13 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
                 if await fault(faulted, mount, reference, work, op):
                     reference.settled()
                 continue
+            if kind not in ("flush", "crash", "concurrently") and reference.blocked(
+                *(arg for arg in op[1:3] if isinstance(arg, str))
+            ):
+                continue
             if kind in REMOTE_CHANGES:
                 if remote_change(reference, work, op):
+                    event(f"{kind} made")  # --hypothesis-show-statistics counts them
                     mount.fs.expire_listings()  # as if the listings' TTL went by
                 continue
             if kind not in ("flush", "crash") and reference.crosses_symlink(op[1]):
@@ -689,6 +780,9 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
                 reference.note(op)
         if concurrent is not None:
             await concurrent.wait()
+        if reference.kept:  # they show once the removal that keeps them is flushed
+            await mount.fs.sync.flush_all()
+            reference.settled()
         wanted = snapshot(ref_root)
         assert not differences(wanted, await view(mount.fs)), "local view"
         await mount.fs.sync.flush_all()
@@ -719,6 +813,34 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
     ],
 )
 @given(operations=st.lists(operation_st, min_size=1, max_size=25))
+# Another writer removes a directory holding new content of files here: they are made again.
+@example(
+    operations=[
+        ("mkdir", "a"),
+        ("write", "a/b", (66, 17)),
+        ("write", "a/e", (67, 3000)),
+        ("flush",),
+        ("write", "a/b", (68, 1_100_000)),
+        ("write", "a/a", (69, 1)),
+        ("remote_rmtree", "a"),
+        ("flush",),
+    ]
+)
+# Another writer adds a file to a directory removed here: the removal keeps it (across a crash too).
+@example(
+    operations=[
+        ("mkdir", "d"),
+        ("mkdir", "d/a"),
+        ("write", "d/b", (65, 17)),
+        ("flush",),
+        ("unlink", "d/b"),
+        ("rmdir", "d/a"),
+        ("rmdir", "d"),
+        ("remote_add", "d/e", (70, 3000)),
+        ("crash", 0.0),
+        ("flaky_flush", 0.3, 5),
+    ]
+)
 # A file moved out of a directory that moves too: settled in the wrong order, it stayed pending.
 @example(
     operations=[

@@ -443,11 +443,18 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             )
     placements: list[tuple[bytes, Callable[[], None]]] = []
 
+    def made_parent(target: bytes) -> str:
+        """A placement's directory, made again if the session removed it meanwhile (as an
+        upload makes the directories it needs): the local change inside it is kept."""
+        parent = target.rpartition(b"/")[0]
+        return f"mkdir -p -- {shell.word(parent)} && " if parent else ""
+
     def place(source: bytes, target: bytes, description: str, needs_source: bool) -> int:
         source_word, target_word = shell.word(source), shell.word(target)
         command = (
             f"if [ -d {target_word} ] && [ ! -L {target_word} ]; then "
-            f"echo 'a directory is in the way' >&2; false; else mv -f -- {source_word} {target_word}; fi"
+            f"echo 'a directory is in the way' >&2; false; "
+            f"else {made_parent(target)}mv -f -- {source_word} {target_word}; fi"
         )
         return shell.step(command, description, needs=source_word if needs_source else None)
 
@@ -466,7 +473,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
         sources = shell.word(upload.target) + (".*" if upload.parts else "")
         command = (
             f"if [ -d {target} ] && [ ! -L {target} ]; then echo 'a directory is in the way' >&2; false; "
-            f"elif cat -- {sources} > {beside} && mv -f -- {beside} {target}; then true; "
+            f"elif {made_parent(upload.path)}cat -- {sources} > {beside} && mv -f -- {beside} {target}; then true; "
             f"else rm -f -- {beside}; false; fi"
         )
         return shell.step(command, f"place {remote_name(upload.path)}")
@@ -743,14 +750,23 @@ class Committer:
     def uncertain_uploads(self, flush_plan: FlushPlan) -> None:
         """Uploads that may have landed without being confirmed (a failed or cancelled flush).
 
-        Where such an upload's node has left that name meanwhile, the name is
-        doomed: otherwise a file deleted or renamed here could reappear.
+        What they may have made is taken to be there, so that a removal or a
+        move here reaches it (a removal is ``rm -f``/``rmdir`` of what is
+        found, so taking too much costs nothing): the directories the
+        uploads imply are recorded as made, and a new file's node takes the
+        uploaded name as its remote object, still dirty. Where a node has
+        left that name meanwhile, the name is doomed: otherwise a file
+        deleted or renamed here could reappear.
         """
+        for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
+            if not creation.explicit:
+                self._settle_creation(creation, StepResults())
         for upload in flush_plan.uploads:
             node = upload.node
-            if (
-                upload.direct
-                and (not node.attached or node.path != upload.path)
-                and node.origin != upload.path
-            ):
+            if not upload.direct or node.origin == upload.path:
+                continue
+            if not node.attached or node.path != upload.path:
                 self.namespace.doomed.setdefault(upload.path, upload.remote_mode)
+            elif node.origin is None:
+                node.origin, node.remote_mode = upload.path, upload.remote_mode
+                self.namespace.refresh_pending(node)

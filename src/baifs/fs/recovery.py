@@ -102,6 +102,15 @@ async def _remote_object(fs: Filesystem, remote_path: bytes) -> Node | None:
 async def _restore_state(fs: Filesystem, state: dict[str, Any], parked: dict[bytes, bytes]) -> int:
     namespace = fs.namespace
     records = state.get("nodes", [])
+    #: directories other records are inside: made again when the session does not have them
+    #: (removed there, or made by an upload that never landed).
+    needed = {
+        path[:index]
+        for record in records
+        for path in [decode_path(record["path"])]
+        for index in range(len(path))
+        if path[index : index + 1] == b"/"
+    }
     found: dict[int, Node] = {}
     for index, record in enumerate(records):
         if record["origin"] is None:
@@ -129,13 +138,17 @@ async def _restore_state(fs: Filesystem, state: dict[str, Any], parked: dict[byt
         path = decode_path(record["path"])
         parent_path, _, name = path.rpartition(b"/")
         parent = await _resolve(fs, parent_path)
+        if parent is None and (record["origin"] is None or record.get("stage") is not None):
+            parent = await _make_directories(fs, parent_path)  # its content must go somewhere
         if parent is None or parent.children is None:
             log.warning("recovery: no directory for %r", remote_name(path))
             continue
         await fs.ensure_listed(parent)
         occupant = parent.children.get(name)
         node = found.get(index)
-        if node is None and record["origin"] is None:
+        if node is None and (record["origin"] is None or record.get("stage") is not None or path in needed):
+            # New, or content (or a directory holding what is pending) whose remote object is
+            # not there (gone, or an upload that never landed): it is made again.
             kind = record["mode"] & 0o170000
             if occupant is not None and occupant.origin is not None and (occupant.mode & 0o170000) == kind:
                 node = occupant  # a crashed flush created it already
@@ -149,6 +162,21 @@ async def _restore_state(fs: Filesystem, state: dict[str, Any], parked: dict[byt
         namespace.attach(parent, node)
         _apply_attributes(fs, node, record)
     return len(records) + len(state.get("doomed", []))
+
+
+async def _make_directories(fs: Filesystem, path: bytes) -> Node | None:
+    """The directory at ``path``, with the ones on its way the session does not have made
+    again (they were removed there, or made by an upload that never landed)."""
+    node = fs.namespace.root
+    for name in path.split(b"/") if path else []:
+        if node.children is None:
+            return None
+        await fs.ensure_listed(node)
+        child = node.children.get(name)
+        if child is None:
+            child = fs.namespace.add_local(node, name, stat.S_IFDIR | 0o755)
+        node = child
+    return node
 
 
 def _apply_attributes(fs: Filesystem, node: Node, record: dict[str, Any]) -> None:
