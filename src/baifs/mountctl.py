@@ -283,7 +283,13 @@ def unmount(mountpoint: Path, *, lazy: bool, keep_pending: bool = False, timeout
     """Unmount and wait for the daemon to exit (it flushes what is left first, unless ``keep_pending``)."""
     pid = read_status(mountpoint).get("pid")
     if keep_pending:
-        os.setxattr(mountpoint, KEEP_PENDING_XATTR, b"1")
+        try:
+            os.setxattr(mountpoint, KEEP_PENDING_XATTR, b"1")
+        except OSError as error:
+            raise BaifsError(
+                f"{mountpoint} did not take the request to keep its pending changes ({error.strerror}); "
+                f"if its daemon is dead, detach it with 'baifs umount --force {mountpoint}'"
+            ) from None
     fusermount = shutil.which("fusermount3") or "fusermount3"
     result = subprocess.run(
         [fusermount, "-uz" if lazy else "-u", str(mountpoint)], capture_output=True, text=True
