@@ -44,7 +44,13 @@ class NotAMount(BaifsError):
 
 def find_mount(start: Path) -> Path:
     """The baifs mount containing ``start``."""
-    path = start.resolve()
+    try:
+        path = start.resolve()
+    except FileNotFoundError:  # a relative start, and the working directory was removed
+        raise NotAMount(
+            "the current directory no longer exists (removed, or its mount went away); "
+            'enter it again (cd "$PWD") or name the mount'
+        ) from None
     for candidate in (path, *path.parents):
         if os.path.ismount(candidate) and (candidate / STATUS_FILE).exists():
             return candidate

@@ -107,6 +107,9 @@ class Operations(pyfuse3.Operations):
         self._controls: dict[int, ControlHandle] = {}
         self._next_dir = 1
         self._next_control = CONTROL_HANDLE_BASE
+        #: Names the kernel was told do not exist, to be invalidated after a run. A name
+        #: leaves the set when the kernel learns it exists: invalidating a positive entry
+        #: unhashes it, and a shell whose working directory it is loses that directory.
         self._negative: set[tuple[int, bytes]] = set()
         filesystem.invalidate = self._invalidate
 
@@ -143,6 +146,8 @@ class Operations(pyfuse3.Operations):
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
+        if node.parent is not None:
+            self._negative.discard((node.parent.inode, node.name))
         return self._attributes(node)
 
     def _is_control_name(self, parent_inode: int, name: bytes) -> bool:
@@ -306,6 +311,7 @@ class Operations(pyfuse3.Operations):
         await self.fs.rename(
             self.fs.node(parent_inode_old), name_old, self.fs.node(parent_inode_new), name_new, flags
         )
+        self._negative.discard((parent_inode_new, name_new))
 
     @handler
     async def link(
