@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from mounting import Mount, needs_fuse
+from mounting import Mount, needs_fuse, run_status, wait_done, wait_for
 
 #: A PATH on which ``baifs`` is the one next to this interpreter.
 PATH = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -65,3 +65,39 @@ def test_baifs_run_in_a_removed_directory_says_what_to_do(tmp_path: Path) -> Non
     )
     assert ran.returncode != 0 and "Traceback" not in ran.stderr, ran.stderr
     assert "current directory no longer exists" in ran.stderr and 'cd "$PWD"' in ran.stderr, ran.stderr
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(150)
+def test_a_clean_unmount_leaves_exactly_the_users_files_and_scratch_never_shows(mount: Mount) -> None:
+    m = mount.start(settle=False)
+    seen: set[str] = set()
+    while not m.status()["profile"]["source"]:  # discovery's probe is in the session meanwhile
+        seen.update(os.listdir(m.path))
+    seen.update(os.listdir(m.path))
+    assert not [name for name in seen if name.startswith(".baifs")], seen
+    big = os.urandom(3 * 1024 * 1024)
+    (m.path / "big.bin").write_bytes(big)
+    (m.path / "small.txt").write_text("hello\n")
+    (m.path / "d").mkdir()
+    (m.path / "d" / "gone.txt").write_text("x")
+    m.sync()
+    (m.path / "d" / "gone.txt").unlink()
+    ran = shell(m, "baifs run -- 'head -c 2000000 /dev/zero > made.bin'")
+    assert ran.returncode == 0, ran.stderr
+    assert (m.path / "made.bin").read_bytes() == bytes(2000000)  # a ranged read: parts in scratch
+    assert (m.path / "big.bin").read_bytes() == big
+    assert shell(m, "echo 'sleep 4' > .run").returncode == 0
+    wait_for(lambda: run_status(m, 2)["state"] == "running", what="the long run")
+    (m.path / "e").mkdir()  # carried out by the run's supervisor: its results are scratch
+    m.sync()
+    assert (m.work / "e").is_dir() and run_status(m, 2)["state"] == "running"
+    wait_done(m, 2)
+    assert not [name for name in os.listdir(m.path) if name.startswith(".baifs")]
+    assert subprocess.run([sys.executable, "-m", "baifs", "umount", str(m.path)], env=m.env, timeout=120).returncode == 0
+    m.process.wait(60)
+    m.process = None
+    scratch = sorted(os.listdir(m.work / ".baifs-tmp")) if (m.work / ".baifs-tmp").exists() else []
+    assert sorted(os.listdir(m.work)) == ["big.bin", "d", "e", "made.bin", "small.txt"], scratch
+    assert os.listdir(m.work / "d") == []

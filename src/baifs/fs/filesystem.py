@@ -58,7 +58,7 @@ from .fetch import Fetcher, StaleContent
 from .flush import REMOTE_TMP
 from .journal import Journal, content_base, encode_path
 from .model import ROOT_INODE, Namespace, Node, join
-from .profile import ProfileKeeper
+from .profile import PROBE_PREFIX, ProfileKeeper
 from .supervisor import Supervisor
 from .sync import SyncEngine
 from .watchdog import Watchdog
@@ -70,6 +70,7 @@ T = TypeVar("T")
 NAME_MAX = 255
 #: Names at the root of the session that the mount never shows (control files, flush scratch).
 HIDDEN_AT_ROOT = {REMOTE_TMP, b".run", b".runs", b".baifs-status"}
+PROBE_NAME = PROBE_PREFIX.decode("ascii")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 #: ``listed_at`` of a directory whose listing is known but must be taken again.
@@ -269,7 +270,10 @@ class Filesystem:
             listing.done.set()
 
     def _merge(self, directory: Node, entries: list[Any]) -> None:
-        hidden = HIDDEN_AT_ROOT if directory.inode == ROOT_INODE else set()
+        hidden: set[bytes] = set()
+        if directory.inode == ROOT_INODE:  # baifs's own names, and discovery's probe while it lives
+            probes = {e.name.encode("utf-8", "surrogateescape") for e in entries if e.name.startswith(PROBE_NAME)}
+            hidden = HIDDEN_AT_ROOT | probes
         merged = self.namespace.merge_listing(directory, entries, hidden)
         directory.listed_at = time.monotonic()
         for stage in merged.stale:

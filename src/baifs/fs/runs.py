@@ -366,7 +366,8 @@ class RunManager:
         inbox = supervisor.open(record.run_id)
         ended = False
         try:
-            steps = SupervisedSteps(record.steps, inbox.box)
+            keep_tmp = self.fs.sync.profiles.profile.keeps_staging_dir
+            steps = SupervisedSteps(record.steps, inbox.box, keep_tmp)
             outcome = await self.fs.executor.run_held(
                 steps, self._sink(record), record.run_id, purpose=f"run {record.number}"
             )

@@ -92,8 +92,12 @@ class ScriptResult:
     complete: bool = True
 
 
-def supervised_script(steps: BatchSteps, box: bytes) -> str:
-    """The supervisor around ``steps`` (see the module docstring); ``box`` names its inbox files."""
+def supervised_script(steps: BatchSteps, box: bytes, keep_tmp: bool = False) -> str:
+    """The supervisor around ``steps`` (see the module docstring); ``box`` names its inbox files.
+
+    At its end it removes ``.baifs-tmp`` if that is empty now, unless
+    ``keep_tmp`` (the profile keeps it: uploads would remake it foreign).
+    """
     prefix = join(REMOTE_TMP, box).decode("ascii")
     loop = f"""(
   trap 'stop=1' TERM
@@ -135,6 +139,7 @@ def supervised_script(steps: BatchSteps, box: bytes) -> str:
             'kill "$beat" 2>/dev/null',
             'while kill -0 "$beat" 2>/dev/null; do wait "$beat"; done',
             f"rm -f -- {prefix}.alive",
+            *([] if keep_tmp else ["rmdir -- .baifs-tmp 2>/dev/null"]),
             'exit "$code"',
         ]
     )
@@ -146,9 +151,10 @@ class SupervisedSteps:
 
     steps: BatchSteps
     box: bytes
+    keep_tmp: bool = False
 
     def script(self) -> str:
-        return supervised_script(self.steps, self.box)
+        return supervised_script(self.steps, self.box, self.keep_tmp)
 
 
 @dataclass
