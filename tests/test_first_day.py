@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mounting import Mount, needs_fuse, run_status, wait_done, wait_for
+from mounting import Mount, baifs, mount_for, needs_fuse, run_status, wait_done, wait_for
+from support import start_server
 
 #: A PATH on which ``baifs`` is the one next to this interpreter.
 PATH = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -101,3 +102,25 @@ def test_a_clean_unmount_leaves_exactly_the_users_files_and_scratch_never_shows(
     scratch = sorted(os.listdir(m.work / ".baifs-tmp")) if (m.work / ".baifs-tmp").exists() else []
     assert sorted(os.listdir(m.work)) == ["big.bin", "d", "e", "made.bin", "small.txt"], scratch
     assert os.listdir(m.work / "d") == []
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(150)
+def test_stopping_a_server_a_mount_uses_is_refused_unless_forced(tmp_path: Path) -> None:
+    own = start_server(tmp_path / "srv")
+    m = mount_for(own, tmp_path)
+    try:
+        m.start()
+        (m.path / "kept.txt").write_text("mine\n")
+        refused = baifs("serve", "--stop", "--data-dir", str(own.data_dir), env=dict(os.environ), check=False)
+        assert refused.returncode != 0 and own.process.poll() is None, refused.stderr
+        assert str(m.path) in refused.stderr and "baifs umount" in refused.stderr, refused.stderr
+        assert "--force" in refused.stderr
+        m.sync()
+        assert (m.work / "kept.txt").read_text() == "mine\n"
+        forced = baifs("serve", "--stop", "--force", "--data-dir", str(own.data_dir), env=dict(os.environ))
+        assert "stopped pid" in forced.stderr and own.process.wait(30) == 0
+    finally:
+        m.stop()
+        own.stop()

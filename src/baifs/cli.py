@@ -122,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop",
         action="store_true",
         help="stop the server running on the data directory (with --local: the one 'baifs mount --local' "
-        "started), instead of starting one",
+        "started), instead of starting one; refused while a mount uses it, unless --force",
+    )
+    serve.add_argument(
+        "--force",
+        action="store_true",
+        help="with --stop: stop it even while mounts use it (they keep their changes pending and "
+        "wait for the server to be back)",
     )
     serve.add_argument(
         "--local", action="store_true", help="the data directory of the embedded local session"
@@ -415,7 +421,8 @@ def parse_size(text: str) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .local import local_data_dir, stop_server
+    from .local import local_data_dir, recorded_endpoint, stop_server
+    from .mountctl import mounts_served_by
     from .server.main import ServeOptions, serve
     from .server.sandbox import ContainerUser
     from .server.workdir import VFolder
@@ -424,6 +431,14 @@ def run_serve(args: argparse.Namespace) -> int:
         args.data_dir = local_data_dir()
     if args.stop:
         data_dir = args.data_dir or ServeOptions().data_dir
+        endpoint = recorded_endpoint(data_dir)
+        users = mounts_served_by(endpoint) if endpoint and not args.force else []
+        if users:
+            names = ", ".join(str(path) for path in users)
+            raise BaifsError(
+                f"baifs serve on {data_dir} is in use by the mount(s) at {names}: unmount them first "
+                f"(baifs umount {users[0]}), or stop it anyway with --stop --force"
+            )
         pid = stop_server(data_dir)
         print(
             f"baifs serve: stopped pid {pid} ({data_dir})"

@@ -34,6 +34,14 @@ def local_data_dir() -> Path:
     return config.data_dir() / "local"
 
 
+def recorded_endpoint(data_dir: Path) -> str | None:
+    """The endpoint the `baifs serve` of ``data_dir`` said it listens on, if one ever ran."""
+    try:
+        return str(json.loads((data_dir / "serve.json").read_text())["endpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _running_endpoint(data_dir: Path) -> str | None:
     try:
         record = json.loads((data_dir / "serve.json").read_text())

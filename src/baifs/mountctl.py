@@ -12,9 +12,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,57 @@ def find_mount(start: Path) -> Path:
         if os.path.ismount(candidate) and (candidate / STATUS_FILE).exists():
             return candidate
     raise NotAMount(f"{path} is not inside a baifs mount")
+
+
+#: How long a mount's status may take to read when looking for the mounts of a server.
+STATUS_PATIENCE = 3.0
+
+
+def baifs_mounts() -> list[Path]:
+    """Every baifs mount this process can see (from ``/proc/self/mounts``, dead ones included)."""
+    found = []
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] == "fuse.baifs":
+                found.append(Path(_unescape_mounts_field(fields[1])))
+    return found
+
+
+def _unescape_mounts_field(field: str) -> str:
+    """A path as ``/proc/mounts`` writes it: space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def mounts_served_by(endpoint: str) -> list[Path]:
+    """The mounts whose session is at ``endpoint``, and those that do not answer in time (they may be)."""
+    from .fs.state import normalised_endpoint
+
+    wanted = normalised_endpoint(endpoint)
+    readings: dict[Path, list[str | None]] = {path: [] for path in baifs_mounts()}
+    # Daemon threads: a read that hangs on a stuck mount must not keep this process alive.
+    readers = [
+        threading.Thread(target=lambda p=path, into=into: into.append(_status_endpoint(p)), daemon=True)
+        for path, into in readings.items()
+    ]
+    deadline = time.monotonic() + STATUS_PATIENCE
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(max(0.0, deadline - time.monotonic()))
+    served = []
+    for path, into in readings.items():
+        seen = into[0] if into else wanted  # a mount that does not answer may be waiting on this server
+        if seen is not None and normalised_endpoint(seen) == wanted:
+            served.append(path)
+    return served
+
+
+def _status_endpoint(mountpoint: Path) -> str | None:
+    try:
+        return str(json.loads((mountpoint / STATUS_FILE).read_text())["endpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # dead (ENOTCONN), or not a mount of this baifs
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -205,7 +206,9 @@ async def _serve(
     state: Path,
     ready: Callable[[str], None],
 ) -> None:
-    options = set(pyfuse3.default_options) | {"fsname=baifs", "subtype=baifs"}
+    # The source df and findmnt show, as sshfs shows user@host:path (a comma would end the option).
+    source = "baifs:" + re.sub(r"[,\\\s]", "_", request.session)
+    options = set(pyfuse3.default_options) | {f"fsname={source}", "subtype=baifs"}
     if request.allow_other:
         options.add("allow_other")
     status_identity = {
