@@ -124,3 +124,23 @@ def test_stopping_a_server_a_mount_uses_is_refused_unless_forced(tmp_path: Path)
     finally:
         m.stop()
         own.stop()
+
+
+def test_a_virtual_folder_runs_cannot_write_in_is_refused_and_a_missing_one_made_theirs(tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("a container user other than the server's needs root")
+    theirs = tmp_path / "root-owned"
+    theirs.mkdir(mode=0o755)
+    refused = baifs(
+        "serve", "--port", "0", "--data-dir", str(tmp_path / "d1"), "--container-uid", "9001",
+        "--vfolder", f"data={theirs}", env=dict(os.environ), check=False, timeout=60,
+    )
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert "runs (uid 9001) cannot write in" in refused.stderr and "chown 9001:9001" in refused.stderr
+    made = tmp_path / "new-folder"
+    server = start_server(tmp_path / "srv", extra=("--container-uid", "9001", "--vfolder", f"data={made}"))
+    try:
+        assert made.stat().st_uid == 9001
+        assert "virtual folder data:" in server.log_path.read_text()
+    finally:
+        server.stop()

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=HOSTDIR[:MOUNTPATH]",
         help="mount HOSTDIR in every session at /home/work/MOUNTPATH (default: NAME), repeatable; "
-        "HOSTDIR must be writable by the container user",
+        "HOSTDIR must be writable by the container user (a missing one is made theirs)",
     )
     serve.add_argument(
         "--unsafe-no-sandbox",
@@ -453,9 +453,6 @@ def run_serve(args: argparse.Namespace) -> int:
         vfolders = tuple(VFolder.parse(text) for text in args.vfolder)
     except ValueError as error:
         raise BaifsError(str(error)) from None
-    for folder in vfolders:
-        if not folder.host_dir.is_dir():
-            raise BaifsError(f"folder {folder.name!r}: {folder.host_dir} is not a directory")
     options = ServeOptions(
         host=args.host,
         port=args.port,

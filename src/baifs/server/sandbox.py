@@ -62,6 +62,10 @@ class SandboxUnavailable(BaifsError):
     """Batch commands cannot be confined here, and running them unconfined was not asked for."""
 
 
+class FolderUnwritable(BaifsError):
+    """A virtual folder's host directory is not writable by the container user, as a real one is."""
+
+
 @dataclass(frozen=True)
 class ContainerUser:
     uid: int
@@ -79,6 +83,45 @@ class ContainerUser:
     @classmethod
     def server(cls) -> ContainerUser:
         return cls(os.getuid(), os.getgid())
+
+
+def writable_by(info: os.stat_result, user: ContainerUser) -> bool:
+    """Whether ``user`` (no supplementary groups, as runs have none) may create entries in a directory."""
+    if user.uid == 0:
+        return True
+    if info.st_uid == user.uid:
+        return bool(info.st_mode & 0o300 == 0o300)
+    if info.st_gid == user.gid:
+        return bool(info.st_mode & 0o030 == 0o030)
+    return bool(info.st_mode & 0o003 == 0o003)
+
+
+def prepare_folder(folder: VFolder, user: ContainerUser) -> None:
+    """A folder's host directory as a real one is: the container user's to write in.
+
+    A missing directory is made and given to the container user (logged); an
+    existing one it cannot write in is refused with the reason (its owner is
+    not changed behind the user's back).
+    """
+    try:
+        info = folder.host_dir.stat()
+    except FileNotFoundError:
+        folder.host_dir.mkdir(parents=True, mode=0o755)
+        if os.getuid() == 0:
+            os.chown(folder.host_dir, user.uid, user.gid)
+        log.warning(
+            "made %s for virtual folder %s (it did not exist), owned by uid %d", folder.host_dir, folder.name, user.uid
+        )
+        return
+    if not folder.host_dir.is_dir():
+        raise FolderUnwritable(f"virtual folder {folder.name}: {folder.host_dir} is not a directory")
+    if not writable_by(info, user):
+        raise FolderUnwritable(
+            f"virtual folder {folder.name}: runs (uid {user.uid}) cannot write in {folder.host_dir} "
+            f"(owner uid {info.st_uid}, group {info.st_gid}, mode {info.st_mode & 0o7777:04o}), and a real "
+            f"folder is the container user's; give it to them (chown {user.uid}:{user.gid} "
+            f"{folder.host_dir}) or name a directory that does not exist yet (baifs serve makes it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -176,6 +219,8 @@ class Sandbox:
             raise SandboxUnavailable(
                 "--container-uid needs baifs serve to run as root (to switch to that user)"
             )
+        for folder in vfolders:
+            prepare_folder(folder, user)
         sandbox = cls(confined=True, user=user, vfolders=vfolders, persistent_paths=persistent_paths)
         problem = sandbox.probe()
         if problem is None:
