@@ -8,6 +8,7 @@ commands (a shell, `baifs run`, git, `baifs serve`, `baifs umount`).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,28 @@ def test_a_virtual_folder_runs_cannot_write_in_is_refused_and_a_missing_one_made
         assert "virtual folder data:" in server.log_path.read_text()
     finally:
         server.stop()
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_on_a_shared_mount_what_another_user_makes_is_theirs(mount: Mount) -> None:
+    m = mount.start("--allow-other")
+    (m.path / "shared").mkdir()
+    os.chmod(m.path / "shared", 0o777)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    made = subprocess.run(
+        [*nobody, "sh", "-ec", "echo hi > f; echo more >> f; chmod 600 f; mkdir d; echo x > d/g; cat f"],
+        cwd=m.path / "shared", capture_output=True, text=True, timeout=60,
+    )
+    assert made.returncode == 0 and made.stdout == "hi\nmore\n", made.stderr
+    assert (os.stat(m.path / "shared" / "f").st_uid, os.stat(m.path / "shared" / "d").st_gid) == (65534, 65534)
+    assert os.stat(m.path / "shared" / "f").st_mode & 0o777 == 0o600
+    other = subprocess.run(
+        ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", "cat", "f"],
+        cwd=m.path / "shared", capture_output=True, text=True, timeout=60,
+    )
+    assert other.returncode != 0 and "Permission denied" in other.stderr  # 0600 is the maker's own
+    m.sync()
+    assert (m.work / "shared" / "f").read_text() == "hi\nmore\n"

@@ -224,6 +224,21 @@ class Operations(pyfuse3.Operations):
         """Who owns a node: the mount's configured owner, unless chown changed it here."""
         return node.owner or (self.options.uid, self.options.gid)
 
+    def _made_by(self, node: Node, ctx: pyfuse3.RequestContext) -> Node:
+        """A new object belongs to whoever made it, as on a local disk (kept for the mount's life).
+
+        The mount's own user makes objects of the configured owner (``--uid``);
+        another user (only possible with ``--allow-other``) owns what they make,
+        with the group of a setgid directory where it is made in one.
+        """
+        if ctx.uid in (os.getuid(), self.options.uid):
+            return node
+        gid = ctx.gid
+        if node.parent is not None and node.parent.mode & stat.S_ISGID:
+            gid = self._owner(node.parent)[1]
+        node.owner = (ctx.uid, gid)
+        return node
+
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         if self.control.owns(inode):
@@ -277,7 +292,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_control(parent_inode, name)
-        return self._entry(await self.fs.mkdir(self.fs.node(parent_inode), name, mode))
+        return self._entry(self._made_by(await self.fs.mkdir(self.fs.node(parent_inode), name, mode), ctx))
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -294,7 +309,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_control(parent_inode, name)
-        return self._entry(await self.fs.symlink(self.fs.node(parent_inode), name, target))
+        return self._entry(self._made_by(await self.fs.symlink(self.fs.node(parent_inode), name, target), ctx))
 
     @handler
     async def rename(
@@ -326,14 +341,14 @@ class Operations(pyfuse3.Operations):
         self._refuse_control(parent_inode, name)
         parent = self.fs.node(parent_inode)
         if stat.S_ISFIFO(mode):
-            return self._entry(await self.fs.mkfifo(parent, name, mode))
+            return self._entry(self._made_by(await self.fs.mkfifo(parent, name, mode), ctx))
         if not stat.S_ISREG(mode):
             # Sockets need a process bound to them, devices a privileged container: neither is
             # something the session's scripts can make for a mount.
             raise FSError(errno.EPERM)
         number, handle = await self.fs.create(parent, name, mode, os.O_WRONLY)
         await self.fs.release(number)
-        return self._entry(handle.node)
+        return self._entry(self._made_by(handle.node, ctx))
 
     def _refuse_control(self, parent_inode: int, name: bytes) -> None:
         """Reserved names at the root and everything under them belong to baifs, not to the session."""
@@ -386,7 +401,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._refuse_control(parent_inode, name)
         number, handle = await self.fs.create(self.fs.node(parent_inode), name, mode, flags)
-        return self._file_info(number, handle), self._entry(handle.node)
+        return self._file_info(number, handle), self._entry(self._made_by(handle.node, ctx))
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
