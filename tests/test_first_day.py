@@ -170,3 +170,44 @@ def test_on_a_shared_mount_what_another_user_makes_is_theirs(mount: Mount) -> No
     assert other.returncode != 0 and "Permission denied" in other.stderr  # 0600 is the maker's own
     m.sync()
     assert (m.work / "shared" / "f").read_text() == "hi\nmore\n"
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_run_requests_written_one_after_another_on_one_descriptor_are_each_taken(mount: Mount) -> None:
+    m = mount.start()
+    descriptor = os.open(m.path / ".run", os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(descriptor, b"echo A > a.txt")
+        os.fsync(descriptor)  # submits the first request
+        os.write(descriptor, b"echo B > b.txt")  # the next request, at the descriptor's offset
+    finally:
+        os.close(descriptor)  # submits the second
+    assert (wait_done(m, 1)["exit_code"], wait_done(m, 2)["exit_code"]) == (0, 0)
+    assert (m.work / "a.txt").read_text() == "A\n" and (m.work / "b.txt").read_text() == "B\n"
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_a_run_request_the_full_state_disk_cannot_record_fails_the_shells_write(
+    mount: Mount, small_disk: Path
+) -> None:
+    mount.env["XDG_STATE_HOME"] = str(small_disk)
+    m = mount.start()
+    filler = small_disk / "filler"
+    with open(filler, "wb") as fill:
+        try:
+            while True:
+                fill.write(b"\0" * 65536)
+                fill.flush()
+        except OSError:
+            pass
+    written = subprocess.run(["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60)
+    assert written.returncode != 0 and "No space left on device" in written.stderr, written
+    assert "could not be recorded" in (m.path / ".run").read_text()
+    filler.unlink()
+    again = subprocess.run(["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert wait_done(m, 1)["exit_code"] == 0

@@ -43,7 +43,7 @@ from .control import (
 )
 from .filesystem import HIDDEN_AT_ROOT, Filesystem, FSError, Handle
 from .model import ROOT_INODE, Node
-from .runs import RunRecord, RunRejected
+from .runs import RunRecord, RunRejected, RunUnrecordable
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,10 @@ class ControlHandle:
     writable: bool
     #: the document as it was at open (``.baifs-status``, ``.run``); None for run files.
     snapshot: bytes | None
+    #: the request being written, which starts at offset ``base`` of the descriptor (after an
+    #: fsync submitted what came before, later writes start the next request).
     request: bytearray = field(default_factory=bytearray)
+    base: int = 0
     record: RunRecord | None = None
     #: where the process that opened ``.run`` works, relative to /home/work, if inside the mount.
     writer_cwd: str | None = None
@@ -421,16 +424,23 @@ class Operations(pyfuse3.Operations):
             return await self.fs.write(fh, off, buf)
         if not control.writable:
             raise FSError(errno.EBADF)
+        if off < control.base or not control.request:
+            control.base = off  # rewriting from the start, or the first write of the next request
         request = control.request
-        if off > len(request):
-            request.extend(b"\0" * (off - len(request)))
-        request[off : off + len(buf)] = buf
+        at = off - control.base
+        if at > len(request):
+            request.extend(b"\0" * (at - len(request)))
+        request[at : at + len(buf)] = buf
         try:
             self.control.runs.refuse_early(bytes(request))
         except RunRejected as error:
             control.request = bytearray()
             log.warning("refused a run request: %s", error)
             raise FSError(errno.EINVAL) from None
+        except RunUnrecordable as error:
+            control.request = bytearray()
+            log.warning("refused a run request: %s", error)
+            raise FSError(errno.ENOSPC) from None
         return len(buf)
 
     @handler

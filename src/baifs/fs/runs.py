@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import posixpath
 import secrets
 import shutil
@@ -63,6 +64,8 @@ REQUEST_KEYS = (*STEP_KEYS, "cwd")
 #: A command longer than this could not reach the session's shell (one argument is capped at 128 KiB).
 MAX_COMMAND_BYTES = 64 * 1024
 RECORD_FILES = ("command", "status", "output", "stdout", "stderr", "exit_code")
+#: Free space on the state disk a request needs besides its own bytes: its status, the start of its output.
+RECORD_RESERVE = 64 * 1024
 DEFAULT_KEEP = 100
 
 
@@ -72,6 +75,10 @@ class RunRejected(BaifsError):
 
 class IncompleteRequest(RunRejected):
     """A request with no command (yet): refused at ``close``, but more bytes could mend it."""
+
+
+class RunUnrecordable(BaifsError):
+    """The state disk cannot take the record of a run (full, or gone): refused at ``write``."""
 
 
 def session_directory(path: str) -> str:
@@ -278,11 +285,25 @@ class RunManager:
                 self._abandon_all()
 
     def refuse_early(self, data: bytes) -> None:
-        """`RunRejected` now for a request being written that can never become valid."""
+        """`RunRejected` now for a request being written that can never become valid, and
+        `RunUnrecordable` when the state disk could not record it (a shell ignores close's error)."""
         reason = early_refusal(data)
         if reason is not None:
             self.last_rejection = reason
             raise RunRejected(reason)
+        try:
+            disk = os.statvfs(self.directory)
+            free = disk.f_bavail * disk.f_frsize
+        except OSError as error:
+            free, reason = 0, error.strerror or str(error)
+        else:
+            reason = f"{free:,} bytes free"
+        if free < len(data) + RECORD_RESERVE:
+            self.last_rejection = (
+                f"the run could not be recorded: the state disk ({self.directory}) is full ({reason}); "
+                "free some space there and write the request again"
+            )
+            raise RunUnrecordable(self.last_rejection)
 
     def submit(self, data: bytes, *, writer_cwd: str | None = None) -> RunRecord:
         """Accept a run request and queue it; `RunRejected` says why not.
