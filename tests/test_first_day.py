@@ -7,10 +7,13 @@ commands (a shell, `baifs run`, git, `baifs serve`, `baifs umount`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -211,3 +214,38 @@ def test_a_run_request_the_full_state_disk_cannot_record_fails_the_shells_write(
     again = subprocess.run(["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert wait_done(m, 1)["exit_code"] == 0
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_df_du_and_findmnt_read_as_on_the_sessions_disk(mount: Mount) -> None:
+    m = mount.start()
+    for index in range(20):
+        (m.path / f"small{index}.txt").write_text("x" * 100)
+    m.sync()
+    ours, theirs = os.statvfs(m.path), os.statvfs(m.work)
+    # df's used is total - free: the session's, not total - available (root's reserve counted used).
+    used = (ours.f_blocks - ours.f_bfree) * ours.f_frsize
+    expected = (theirs.f_blocks - theirs.f_bfree) * theirs.f_frsize
+    assert abs(used - expected) <= max(expected * 0.05, 64 * 2**20), (used, expected)
+    assert ours.f_bfree >= ours.f_bavail
+    du = lambda path: int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])  # noqa: E731
+    assert du(m.path / "small0.txt") == 4  # one whole 4 KiB block, as the session's disk holds it
+    assert du(m.path) >= 20 * 4
+    source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(m.path)], capture_output=True, text=True)
+    assert source.stdout.strip() == f"baifs:{m.session_id}", source
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_times_in_the_control_files_are_iso_8601_with_a_zone(mount: Mount) -> None:
+    m = mount.start()
+    assert shell(m, "echo true > .run").returncode == 0
+    finished = wait_done(m, 1)
+    latest = json.loads((m.path / ".run").read_text())["latest"]
+    status = m.status()
+    for when in (finished["queued_at"], finished["started_at"], finished["ended_at"], latest["ended_at"], status["time"], status["profile"]["learnt_at"]):
+        parsed = datetime.fromisoformat(when)
+        assert parsed.tzinfo is not None and abs(parsed.timestamp() - time.time()) < 600, when

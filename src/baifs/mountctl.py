@@ -34,6 +34,7 @@ from rich.progress import (
 
 from .api.errors import BaifsError
 from .processes import running
+from .timestamps import moment
 
 STATUS_FILE = ".baifs-status"
 FLUSH_XATTR = "user.baifs.flush"
@@ -440,7 +441,7 @@ def _profile(profile: dict[str, Any]) -> str:
 
 
 def _learnt(profile: dict[str, Any]) -> str:
-    when = profile.get("learnt_at")
+    when = moment(profile.get("learnt_at"))
     at = f" on {time.strftime('%Y-%m-%d %H:%M', time.localtime(when))}" if when else ""
     return {
         "discovered": f"discovered{at}",

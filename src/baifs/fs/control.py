@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
+from ..timestamps import stamp
 from .filesystem import Filesystem, FSError
 from .model import ROOT_INODE
 from .runs import RECORD_FILES, RunManager, RunRecord
@@ -215,7 +216,7 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
         **identity,
         "version": __version__,
         "pid": os.getpid(),
-        "time": time.time(),
+        "time": stamp(time.time()),
         "pending": {
             "uploads": len(uploads),
             "upload_bytes": sum(n.size for n in uploads),

@@ -144,8 +144,18 @@ class Operations(pyfuse3.Operations):
             attributes.st_atime_ns = item.atime_ns
             attributes.st_mtime_ns = item.mtime_ns
             attributes.st_ctime_ns = item.ctime_ns
-        attributes.st_blocks = -(-attributes.st_size // 512)
+        attributes.st_blocks = self._blocks(attributes.st_mode, attributes.st_size)
         return attributes
+
+    @staticmethod
+    def _blocks(mode: int, size: int) -> int:
+        """512-byte units as a local disk of 4 KiB blocks allocates them, so ``du`` adds up as there:
+        whole blocks for a file's content, one for a directory, none for a link's short target."""
+        if stat.S_ISDIR(mode):
+            return 8
+        if stat.S_ISREG(mode):
+            return -(-size // 4096) * 8
+        return 0
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
@@ -513,15 +523,16 @@ class Operations(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         disk = self.fs.sync.profile.disk_kib
-        if disk is not None:
-            total, available = disk[0] // 4, disk[1] // 4
+        if disk is not None:  # free counts what root may still use, as df's "used" is total - free
+            total, free, available = disk[0] // 4, (disk[0] - disk[1]) // 4, disk[2] // 4
         else:
             local = os.statvfs(self.fs.store.staging_dir)
-            total, available = (
+            total, free, available = (
                 local.f_blocks * local.f_frsize // 4096,
+                local.f_bfree * local.f_frsize // 4096,
                 local.f_bavail * local.f_frsize // 4096,
             )
-        data.f_blocks, data.f_bfree, data.f_bavail = total, available, available
+        data.f_blocks, data.f_bfree, data.f_bavail = total, free, available
         data.f_files = data.f_ffree = data.f_favail = 1 << 30  # the session's inode count is not known
         data.f_namemax = 255
         return data

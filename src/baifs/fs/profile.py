@@ -49,6 +49,7 @@ import trio
 from ..api.batch import BatchExecutor, BatchSteps
 from ..api.client import SessionClient, UploadFile
 from ..api.errors import BaifsError
+from ..timestamps import moment, stamp
 from .model import is_ancestor_or_self
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ class SessionProfile:
     folders_from: str = ""
     #: whether ``.baifs-tmp`` belongs to the container user (needed where uploads are foreign).
     staging_owned: bool = True
-    #: the file system of /home/work as ``df -Pk`` reported it at discovery: KiB total and available.
-    disk_kib: tuple[int, int] | None = None
+    #: the file system of /home/work as ``df -Pk`` reported it at discovery: KiB total, used, available.
+    disk_kib: tuple[int, int, int] | None = None
 
     @property
     def known(self) -> bool:
@@ -113,7 +114,7 @@ class SessionProfile:
             "staging_owned": self.staging_owned,
             "disk_kib": list(self.disk_kib) if self.disk_kib else None,
             "source": self.source,
-            "learnt_at": self.learnt_at,
+            "learnt_at": stamp(self.learnt_at),
         }
 
     @classmethod
@@ -124,10 +125,20 @@ class SessionProfile:
             uploads_owned=document.get("uploads_owned"),
             container_uid=document.get("container_uid"),
             staging_owned=bool(document.get("staging_owned", True)),
-            disk_kib=tuple(document["disk_kib"]) if document.get("disk_kib") else None,
+            disk_kib=_disk(document.get("disk_kib")),
             source=str(document.get("source", "")),
-            learnt_at=document.get("learnt_at"),
+            learnt_at=moment(document.get("learnt_at")),
         )
+
+
+def _disk(saved: list[int] | None) -> tuple[int, int, int] | None:
+    """A saved ``disk_kib``: total, used, available (an older baifs saved total and available)."""
+    if not saved:
+        return None
+    if len(saved) == 2:
+        return (saved[0], saved[0] - saved[1], saved[1])
+    total, used, available = saved
+    return (total, used, available)
 
 
 def discovery_script(probe: bytes) -> str:
@@ -143,7 +154,7 @@ def discovery_script(probe: bytes) -> str:
             "if [ -O .baifs-tmp ]; then echo 'staging ours'; else echo 'staging foreign'; fi; fi",
             'if [ -n "${BACKENDAI_PERSISTENT_PATHS+set}" ]; '
             "then printf 'persistent %s\\n' \"$BACKENDAI_PERSISTENT_PATHS\"; fi",
-            "df -Pk . 2>/dev/null | awk 'NR == 2 {print \"disk\", $2, $4}'",
+            "df -Pk . 2>/dev/null | awk 'NR == 2 {print \"disk\", $2, $3, $4}'",
             "while read -r _ _ _ _ point _; do "
             "case $point in /home/work/?*) printf 'mount %s\\n' \"$point\";; esac; "
             "done < /proc/self/mountinfo",
@@ -177,9 +188,9 @@ def parse_discovery(output: str) -> SessionProfile:
             profile.uploads_owned = {"yes": True, "no": False}.get(value.strip())
         elif key == "staging":
             profile.staging_owned = value.strip() == "ours"
-        elif key == "disk" and all(part.isdigit() for part in value.split()) and len(value.split()) == 2:
-            total, available = (int(part) for part in value.split())
-            profile.disk_kib = (total, available)
+        elif key == "disk" and all(part.isdigit() for part in value.split()) and len(value.split()) == 3:
+            total, used, available = (int(part) for part in value.split())
+            profile.disk_kib = (total, used, available)
         elif key == "persistent":
             persistent = [path for part in raw.split(b":") if (path := _relative(part)) is not None]
         elif key == "mount":

@@ -54,6 +54,7 @@ import trio
 from ..api.batch import BatchOutcome, BatchSteps
 from ..api.errors import BaifsError
 from ..concurrency import keep_running
+from ..timestamps import moment, stamp
 from .filesystem import Filesystem
 from .supervisor import SupervisedSteps
 
@@ -182,9 +183,9 @@ class RunRecord:
             "exit_code": self.exit_code,
             "run_id": self.run_id,
             "steps": {key: getattr(self.steps, key) for key in REQUEST_KEYS},
-            "queued_at": self.queued_at,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
+            "queued_at": stamp(self.queued_at),
+            "started_at": stamp(self.started_at),
+            "ended_at": stamp(self.ended_at),
             "error": self.error,
             "output_note": self.output_note,
         }
@@ -224,9 +225,9 @@ class RunRecord:
             state=document["state"],
             exit_code=document["exit_code"],
             run_id=document["run_id"],
-            queued_at=document["queued_at"],
-            started_at=document["started_at"],
-            ended_at=document["ended_at"],
+            queued_at=moment(document["queued_at"]) or 0.0,
+            started_at=moment(document["started_at"]),
+            ended_at=moment(document["ended_at"]),
             error=document["error"],
             output_note=document.get("output_note"),
         )
