@@ -4,13 +4,14 @@
 # programs the tests and benchmarks drive), a virtual environment in .venv,
 # and baifs itself with its test extras. Safe to run again: it installs only
 # what is missing. Links `baifs` into /usr/local/bin (or ~/.local/bin when
-# that is not writable).
+# that is not writable), unless it is another checkout's that works
+# (BAIFS_LINK=1 takes it over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
     fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
-    bubblewrap git vim nano rsync sshfs openssh-server procps
+    bubblewrap git vim nano rsync sshfs openssh-server procps bash-completion man-db
 )
 missing=()
 for package in "${packages[@]}"; do
@@ -47,18 +48,32 @@ if [[ ! -w "$bin_dir" ]]; then
     bin_dir="$HOME/.local/bin"
     mkdir -p "$bin_dir"
 fi
-ln -sfn "$PWD/.venv/bin/baifs" "$bin_dir/baifs"
-echo "setup: baifs is $bin_dir/baifs" >&2
-if [[ -w /usr/sbin ]]; then  # mount(8) looks for helpers in /sbin (= /usr/sbin on Debian 12)
-    ln -sfn "$PWD/.venv/bin/mount.fuse.baifs" /usr/sbin/mount.fuse.baifs
+# A link to another checkout's baifs that still works is left alone (a test
+# run from a scratch clone must not take over the one you use).
+current=$(readlink "$bin_dir/baifs" 2>/dev/null || true)
+if [[ -z "$current" || "$current" == "$PWD/.venv/bin/baifs" || "${BAIFS_LINK:-}" == 1 ]] \
+    || ! "$bin_dir/baifs" --version >/dev/null 2>&1; then
+    ln -sfn "$PWD/.venv/bin/baifs" "$bin_dir/baifs"
+    if [[ -w /usr/sbin ]]; then  # mount(8) looks for helpers in /sbin (= /usr/sbin on Debian 12)
+        ln -sfn "$PWD/.venv/bin/mount.fuse.baifs" /usr/sbin/mount.fuse.baifs
+    fi
+    echo "setup: baifs is $bin_dir/baifs" >&2
+else
+    echo "setup: $bin_dir/baifs is $current's, left as it is (BAIFS_LINK=1 makes it this checkout's)" >&2
 fi
 # The man page and shell completions, generated from baifs's own arguments.
+# bash-completion loads completions/baifs the first time `baifs` is completed.
 if [[ -w /usr/local/share ]]; then
-    mkdir -p /usr/local/share/man/man1 /usr/local/share/zsh/site-functions
-    .venv/bin/baifs manpage > /usr/local/share/man/man1/baifs.1
+    mkdir -p /usr/local/share/man/man1 /usr/local/share/zsh/site-functions \
+        /usr/local/share/bash-completion/completions
+    # Through a new file, so that the directory changes and mandb looks at it again.
+    .venv/bin/baifs manpage > /usr/local/share/man/man1/baifs.1.new
+    mv -f /usr/local/share/man/man1/baifs.1.new /usr/local/share/man/man1/baifs.1
     .venv/bin/baifs completion zsh > /usr/local/share/zsh/site-functions/_baifs
-fi
-if [[ -d /etc/bash_completion.d && -w /etc/bash_completion.d ]]; then
-    .venv/bin/baifs completion bash > /etc/bash_completion.d/baifs
+    .venv/bin/baifs completion bash > /usr/local/share/bash-completion/completions/baifs
+    rm -f /etc/bash_completion.d/baifs  # where an older setup put it (loaded in every shell)
+    if command -v mandb >/dev/null; then
+        mandb -q 2>/dev/null || true  # so that whatis and apropos know baifs
+    fi
 fi
 echo "setup: done" >&2

@@ -249,3 +249,21 @@ def test_times_in_the_control_files_are_iso_8601_with_a_zone(mount: Mount) -> No
     for when in (finished["queued_at"], finished["started_at"], finished["ended_at"], latest["ended_at"], status["time"], status["profile"]["learnt_at"]):
         parsed = datetime.fromisoformat(when)
         assert parsed.tzinfo is not None and abs(parsed.timestamp() - time.time()) < 600, when
+
+
+def test_setup_installs_bash_completion_that_loads_and_completes_paths_and_a_man_page_whatis_knows(
+    tmp_path: Path,
+) -> None:
+    loader = Path("/usr/share/bash-completion/bash_completion")
+    assert loader.exists(), "scripts/setup.sh installs bash-completion"
+    (tmp_path / "mnt-here").mkdir()
+    (tmp_path / "mnt-file").write_text("")
+    script = (
+        f"source {loader}; _completion_loader baifs; "  # what bash does the first time baifs is completed
+        'COMP_WORDS=(baifs umount mnt-); COMP_CWORD=2; COMP_LINE="baifs umount mnt-"; COMP_POINT=${#COMP_LINE}; '
+        '_shtab_baifs baifs mnt- umount; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    completed = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert completed.stdout.split() == ["mnt-here"], completed  # a mount point is a directory
+    known = subprocess.run(["whatis", "baifs"], capture_output=True, text=True, timeout=30)
+    assert known.returncode == 0 and "mount a Backend.AI compute session" in known.stdout, known

@@ -350,17 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Arguments that name a file (the other paths, and a mount's target, name directories).
+FILE_ARGUMENTS = {"log_file", "keypair_file"}
+
+
 def run_completion(args: argparse.Namespace) -> int:
     import shtab
 
-    print(shtab.complete(build_parser(), shell=args.shell))
+    parser = build_parser()
+    pending = [parser]
+    while pending:  # every parser, subcommands' included: paths complete as files or directories
+        each = pending.pop()
+        for action in each._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+            elif action.type is Path or action.dest == "target":
+                action.complete = shtab.FILE if action.dest in FILE_ARGUMENTS else shtab.DIRECTORY  # type: ignore[attr-defined]
+    print(shtab.complete(parser, shell=args.shell))
     return 0
 
 
 def run_manpage(args: argparse.Namespace) -> int:
     from argparse_manpage.manpage import Manpage  # type: ignore[import-untyped]
 
-    print(Manpage(build_parser()))
+    page = {
+        "description": "mount a Backend.AI compute session's home directory and run batch jobs in it",
+        "project_name": "baifs",
+        "version": __version__,
+        "manual_title": "baifs Manual",
+    }
+    print(Manpage(build_parser(), _data=page))
     return 0
 
 
