@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -267,3 +268,61 @@ def test_setup_installs_bash_completion_that_loads_and_completes_paths_and_a_man
     assert completed.stdout.split() == ["mnt-here"], completed  # a mount point is a directory
     known = subprocess.run(["whatis", "baifs"], capture_output=True, text=True, timeout=30)
     assert known.returncode == 0 and "mount a Backend.AI compute session" in known.stdout, known
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_umount_with_nothing_pending_returns_once_the_daemon_exited(mount: Mount) -> None:
+    m = mount.start()
+    (m.path / "f.txt").write_text("x")
+    m.sync()
+    started = time.monotonic()
+    done = baifs("umount", str(m.path), env=m.env)
+    took = time.monotonic() - started
+    assert m.process is not None and m.process.poll() is not None  # exited (reaped only now, by us)
+    m.process = None
+    # The bar is under a second; the daemon's exit is all it waits for, not its reaping (which a
+    # container's init may never do), so a zombie daemon costs nothing.
+    assert took < 1.5 and "unmounted" in done.stderr, took
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_mounting_on_a_mount_left_dead_says_how_to_clear_it(mount: Mount) -> None:
+    m = mount.start()
+    assert m.process is not None
+    m.process.send_signal(signal.SIGKILL)
+    m.process.wait(30)
+    m.process = None  # the FUSE mount stays, dead: what kill -9 leaves
+    again = baifs("mount", m.session_id, str(m.path), env=m.env, check=False, timeout=60)
+    assert again.returncode != 0 and "Errno" not in again.stderr and "Traceback" not in again.stderr, again.stderr
+    assert f"baifs umount --force {m.path}" in again.stderr, again.stderr
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_baifs_run_says_what_a_user_habit_gets_wrong(mount: Mount, tmp_path: Path) -> None:
+    m = mount.start()
+    unquoted = shell(m, "baifs run echo hi || echo rc=$?")
+    assert "rc=2" in unquoted.stdout and "baifs run [MOUNT] -- echo hi" in unquoted.stderr, unquoted.stderr
+    assert "usage: baifs run" in unquoted.stderr
+    piped = shell(m, "echo data | baifs run -- cat; echo rc=$?")
+    assert "standard input is not passed to the run" in piped.stderr and "rc=0" in piped.stdout, piped
+    built = shell(m, "baifs run --build 'exit 3' -- echo never || echo rc=$?")
+    assert "rc=127" in built.stdout and "never" not in built.stdout, built
+    assert "the build step failed (exit 3); the command was not run" in built.stderr, built.stderr
+    options = baifs("mount", "-o", "allow_other,bogus", m.session_id, str(tmp_path / "elsewhere"), env=m.env, check=False)
+    assert options.returncode == 2 and "unknown option 'bogus'" in options.stderr, options.stderr
+
+
+def test_mount_takes_mount_style_options_as_sshfs_does() -> None:
+    from baifs.cli import _parse, build_parser
+
+    args = _parse(build_parser(), ["mount", "-o", "allow_other,write_back=2,noauto", "s", "/m"])
+    assert (args.allow_other, args.write_back, args.target) == (True, 2.0, ["s", "/m"])
+    from baifs.server.compat import Compat
+
+    assert set(Compat.explained()) == set(Compat.names())  # serve --help explains every switch

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "file request stays beneath the session's work directory, whatever symlinks a run makes. "
         "Keys come from BACKEND_ACCESS_KEY/BACKEND_SECRET_KEY, from --keypair-file, or are "
         "generated once and printed.",
-        epilog="reproducing real sessions (reference §12):\n"
+        epilog="reproducing real sessions (docs/protocol.md, section 'baifs serve', says more):\n"
         "  --container-uid 9001         runs execute as uid 9001 (the entrypoint's default without\n"
         "                               uid-match) while uploads are written as the server's uid:\n"
         "                               runs cannot change uploaded files, nor add files to the\n"
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "                               and downloads see it, uploads there land underneath the\n"
         "                               mount point and are never seen (as on real agents)\n"
         "  --vfolder .cache=/srv/c:.c   an automount folder at /home/work/.c\n"
-        "  --compat no-persistent-paths runs lack BACKENDAI_PERSISTENT_PATHS (agents < 26.4.4)",
+        "\ncompatibility switches (--compat SWITCH, repeatable), each one release's sharp edge:\n"
+        + "".join(f"  {name:<24} {line}\n" for name, line in Compat.explained().items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -155,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--local", action="store_true", help="mount the embedded local session (starts baifs serve)"
+    )
+    mount.add_argument(
+        "-o",
+        metavar="OPTIONS",
+        dest="mount_options",
+        help="options as mount(8) and sshfs take them, comma-separated: each NAME=VALUE is --NAME VALUE "
+        "(_ for -), allow_other and local are the switches, rw, noauto, user and the like are left out: "
+        "-o allow_other,write_back=2",
     )
     mount.add_argument(
         "--create", metavar="IMAGE", help="create the session with this image if it does not exist"
@@ -270,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         "shell command as it stands ('make test && ./app'); several are quoted and joined. The steps "
         "start in the session directory that matches the current one when it is inside the mount "
         "(cd ~/work/proj && baifs run -- make runs make in /home/work/proj), else in /home/work. "
-        "The run's record stays in MOUNT/.runs/N/.",
+        "The run's record stays in MOUNT/.runs/N/. A batch run has no standard input: data piped to "
+        "baifs run is not passed (it says so); put it in the mount and redirect in the command.",
         epilog="examples:\n"
         "  baifs run ~/work -- make test\n"
         "  baifs run --build 'make' -- './app --fast'      (in the mount containing the current directory)",
@@ -684,6 +694,42 @@ def replay_salvage(args: argparse.Namespace, state: Path) -> int:
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
+    """The arguments, with ``baifs mount -o`` made flags and a hint where a user's habit misleads."""
+    args, unknown = parser.parse_known_args(words)
+    if unknown and args.handler is run_run:
+        _command_parser(parser, "run").error(
+            f"unrecognized arguments: {' '.join(unknown)}; the command goes after '--' "
+            f"(baifs run [MOUNT] -- {' '.join([str(args.mount), *unknown])})"
+        )
+    if unknown:
+        parser.parse_args(words)  # argparse's own error, naming them
+    if args.handler is run_mount_command and args.mount_options:
+        from .mounthelper import HelperError, option_flags
+
+        try:
+            flags = option_flags([part for part in args.mount_options.split(",") if part])
+        except HelperError as error:
+            _command_parser(parser, "mount").error(str(error))
+        without = [word for index, word in enumerate(words) if not _is_option_list(words, index)]
+        args = parser.parse_args([without[0], *flags, *without[1:]])
+    return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (its usage is what an error about it shows)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise KeyError(name)
+
+
+def _is_option_list(words: list[str], index: int) -> bool:
+    """Whether ``words[index]`` is ``-o`` or the list after it (``-oLIST`` included)."""
+    word = words[index]
+    return word == "-o" or (word.startswith("-o") and word != "-o") or (index > 0 and words[index - 1] == "-o")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
@@ -691,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if words[:1] == ["run"] and "--" in words:
         split = words.index("--")
         words, command = words[:split], words[split + 1 :]
-    args = parser.parse_args(words)
+    args = _parse(parser, words)
     if args.handler is run_run:
         args.command = command
     setup_logging(getattr(args, "log_level", "warning"), getattr(args, "log_file", None))

@@ -367,10 +367,9 @@ def unmount(mountpoint: Path, *, lazy: bool, keep_pending: bool = False, timeout
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if not running(int(pid)):
-                _reaped(int(pid), 2.0)
+            if not running(int(pid)):  # exited (a zombie is its parent's, or init's, to reap)
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
     except KeyboardInterrupt:
         raise FlushInterrupted(
             f"interrupted: {mountpoint} is unmounted; its daemon (pid {pid}) finishes what is left "
@@ -393,13 +392,6 @@ def _remote_state(remote: dict[str, Any]) -> str:
     elif remote.get("unconcluded_run"):
         state += f"; run {remote['unconcluded_run']} is still to be read to its end"
     return state
-
-
-def _reaped(pid: int, patience: float) -> None:
-    """Give whoever waits for an exited daemon a moment to reap it (nothing depends on it)."""
-    deadline = time.monotonic() + patience
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 #: After this long without a first answer, a run of ours is probably queued behind another client's.

@@ -57,21 +57,28 @@ def translate(argv: Sequence[str]) -> list[str]:
     if len(positional) != 2:
         raise HelperError("usage: mount.fuse.baifs SESSION MOUNTPOINT [-o OPTIONS]")
     session, mountpoint = positional
-    arguments = ["mount"]
+    arguments = ["mount", *option_flags(options)]
+    if "--local" in arguments:
+        return [*arguments, mountpoint]
+    return [*arguments, session, mountpoint]
+
+
+def option_flags(options: Sequence[str]) -> list[str]:
+    """``baifs mount`` flags for mount-style options (``-o allow_other,write_back=2``, also
+    what ``baifs mount -o`` takes, as sshfs does)."""
+    flags: list[str] = []
     for option in options:
         name, equals, value = option.partition("=")
         flag = name.replace("_", "-")
         if name in GENERIC or name.startswith("x-") or name == "comment":
             continue
         if name in SWITCHES:
-            arguments.append(f"--{flag}")
+            flags.append(f"--{flag}")
         elif equals:
-            arguments += [f"--{flag}", value]  # baifs mount names an unknown one
+            flags += [f"--{flag}", value]  # baifs mount names an unknown one
         else:
             raise HelperError(f"unknown option {option!r} for fuse.baifs (see 'baifs mount --help')")
-    if "--local" in arguments:
-        return [*arguments, mountpoint]
-    return [*arguments, session, mountpoint]
+    return flags
 
 
 def main(argv: Sequence[str] | None = None) -> int:

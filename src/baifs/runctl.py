@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,25 @@ class Follower:
             time.sleep(delay)
 
 
+def stdin_has_input() -> bool:
+    """Whether standard input is a pipe or a non-empty file (input a batch run cannot be given)."""
+    try:
+        info = os.fstat(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_size > 0)
+
+
 def run(mountpoint: Path, words: list[str], *, build: str = "", clean: str = "") -> int:
     """``baifs run``: the run's exit code (130 after Ctrl-C, 255 when the mount could not run it)."""
+    if stdin_has_input():
+        # A batch run has no standard input (the session API has no way to give it one), and a
+        # stream cannot be staged ahead (it may never end): say so rather than drop it unseen.
+        print(
+            "baifs: standard input is not passed to the run (a batch run has none); put the data in "
+            "the mount and redirect in the command: baifs run -- 'sort < data.txt'",
+            file=sys.stderr,
+        )
     try:
         status = submit(mountpoint, request_text(command_line(words), build, clean))
         follower = Follower(mountpoint, int(status["number"]), sys.stdout.buffer, sys.stderr.buffer)

@@ -89,7 +89,7 @@ class BatchSteps:
         """One shell script with the runner's semantics for the three steps.
 
         Each step runs in a fresh ``/bin/sh -c``; clean's exit code is ignored;
-        a failed build skips exec and ends with 127; exec sees
+        a failed build skips exec and ends with 127, saying so on stderr; exec sees
         ``_BACKEND_BATCH_MODE=1``. With ``cwd`` the steps start there (a
         directory that is not there fails the run with 1, before any step).
         """
@@ -97,7 +97,10 @@ class BatchSteps:
         if self.clean.strip():
             lines.append(f"/bin/sh -c {shlex.quote(self.clean)}")
         if self.build.strip():
-            lines.append(f"/bin/sh -c {shlex.quote(self.build)} || exit {BUILD_FAILED_EXIT}")
+            said = f'"baifs: the build step failed (exit $built); the command was not run (exit {BUILD_FAILED_EXIT})"'
+            lines.append(
+                f"/bin/sh -c {shlex.quote(self.build)} || {{ built=$?; echo {said} >&2; exit {BUILD_FAILED_EXIT}; }}"
+            )
         if self.exec.strip():
             lines.append(f"_BACKEND_BATCH_MODE=1 exec /bin/sh -c {shlex.quote(self.exec)}")
         return "\n".join(lines) if lines else "true"

@@ -24,6 +24,7 @@ task logs and retries what it cannot do (`concurrency.keep_running`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -94,6 +95,19 @@ class MountRequest:
 
 
 def check_mountpoint(path: Path) -> None:
+    try:
+        os.stat(path)
+        if os.path.ismount(path):
+            os.listdir(path)  # a round trip: the kernel may answer a stat of a dead mount from its cache
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        if error.errno == errno.ENOTCONN:  # a FUSE mount whose daemon is gone (kill -9, a crash)
+            raise MountError(
+                f"{path} is a mount whose daemon is gone; detach it with 'baifs umount --force {path}' "
+                "(what it had not uploaded stays for the next mount), then mount again"
+            ) from None
+        raise MountError(f"mountpoint {path} cannot be used: {error.strerror}") from None
     if not path.exists():
         raise MountError(f"mountpoint {path} does not exist (create it with: mkdir -p {path})")
     if not path.is_dir():

@@ -39,6 +39,19 @@ class Compat:
     absolute_upload_names: bool = False
     no_persistent_paths: bool = False
 
+    @staticmethod
+    def explained() -> dict[str, str]:
+        """One line per switch: what it reproduces, and where (for ``baifs serve --help``)."""
+        return {
+            "upload-errors-swallowed": "a failed upload still answers 204 (manager >= 25.16)",
+            "list-path-query-only": "the list path is read from the query only (manager >= 26.3)",
+            "run-id-snake-only": "the run id is read from run_id only (manager >= 25.6)",
+            "phase-frame-loss": "phase markers end the run; output sent while detached is lost (agent >= 25.12)",
+            "download-get-only": "download answers POST with 405 (manager <= 24.03.6)",
+            "absolute-upload-names": "upload names must be absolute under /home/work (agent 24.03.7 - 25.7.0)",
+            "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
+        }
+
     @classmethod
     def names(cls) -> list[str]:
         return [field.name.replace("_", "-") for field in fields(cls)]
