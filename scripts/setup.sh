@@ -5,7 +5,7 @@
 # and baifs itself with its test extras. Safe to run again: it installs only
 # what is missing. Links `baifs` into /usr/local/bin (or ~/.local/bin when
 # that is not writable), unless it is another checkout's that works
-# (BAIFS_LINK=1 takes it over).
+# (scripts/link-baifs.sh; BAIFS_LINK=1 takes it over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,26 +41,7 @@ if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[t
 fi
 rm -f "$pip_log"
 .venv/bin/baifs --version >/dev/null
-# `baifs` on PATH, for the README's commands and the systemd unit (and
-# `mount -t fuse.baifs`, which runs mount.fuse.baifs from /sbin or /usr/sbin).
-bin_dir=/usr/local/bin
-if [[ ! -w "$bin_dir" ]]; then
-    bin_dir="$HOME/.local/bin"
-    mkdir -p "$bin_dir"
-fi
-# A link to another checkout's baifs that still works is left alone (a test
-# run from a scratch clone must not take over the one you use).
-current=$(readlink "$bin_dir/baifs" 2>/dev/null || true)
-if [[ -z "$current" || "$current" == "$PWD/.venv/bin/baifs" || "${BAIFS_LINK:-}" == 1 ]] \
-    || ! "$bin_dir/baifs" --version >/dev/null 2>&1; then
-    ln -sfn "$PWD/.venv/bin/baifs" "$bin_dir/baifs"
-    if [[ -w /usr/sbin ]]; then  # mount(8) looks for helpers in /sbin (= /usr/sbin on Debian 12)
-        ln -sfn "$PWD/.venv/bin/mount.fuse.baifs" /usr/sbin/mount.fuse.baifs
-    fi
-    echo "setup: baifs is $bin_dir/baifs" >&2
-else
-    echo "setup: $bin_dir/baifs is $current's, left as it is (BAIFS_LINK=1 makes it this checkout's)" >&2
-fi
+bash scripts/link-baifs.sh
 # The man page and shell completions, generated from baifs's own arguments.
 # bash-completion loads completions/baifs the first time `baifs` is completed.
 if [[ -w /usr/local/share ]]; then

@@ -326,3 +326,33 @@ def test_mount_takes_mount_style_options_as_sshfs_does() -> None:
     from baifs.server.compat import Compat
 
     assert set(Compat.explained()) == set(Compat.names())  # serve --help explains every switch
+
+
+def test_setup_leaves_another_checkouts_working_baifs_on_path(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "link-baifs.sh"
+    bin_dir, sbin_dir = tmp_path / "bin", tmp_path / "sbin"
+    bin_dir.mkdir()
+    sbin_dir.mkdir()
+
+    def checkout(name: str) -> Path:
+        root = tmp_path / name
+        (root / "scripts").mkdir(parents=True)
+        shutil.copy(script, root / "scripts" / script.name)
+        venv = root / ".venv" / "bin"
+        venv.mkdir(parents=True)
+        for tool in ("baifs", "mount.fuse.baifs"):
+            (venv / tool).write_text(f"#!/bin/sh\necho {name}\n")
+            (venv / tool).chmod(0o755)
+        return root
+
+    def link(root: Path, **extra: str) -> str:
+        env = dict(os.environ, BAIFS_BIN_DIR=str(bin_dir), BAIFS_SBIN_DIR=str(sbin_dir), **extra)
+        subprocess.run(["bash", str(root / "scripts" / script.name)], env=env, check=True, capture_output=True)
+        return subprocess.run([str(bin_dir / "baifs")], capture_output=True, text=True).stdout.strip()
+
+    mine, scratch = checkout("mine"), checkout("scratch")
+    assert link(mine) == "mine"
+    assert link(scratch) == "mine"  # a CI clone does not take over the checkout in use
+    assert link(scratch, BAIFS_LINK="1") == "scratch"
+    shutil.rmtree(scratch)  # the clone is gone: its link is dead and the next setup replaces it
+    assert link(mine) == "mine" and os.readlink(sbin_dir / "mount.fuse.baifs").startswith(str(mine))
