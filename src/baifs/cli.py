@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="delay added to every request, to emulate a remote cluster",
     )
     serve.add_argument(
+        "--emulate",
+        metavar="RELEASE",
+        help="behave as this Backend.AI release (manager and agent) in every respect baifs serve "
+        "reproduces: its request shapes, its sharp edges, its API version and manager string in GET /; "
+        "'--emulate list' prints the releases and what each reproduces (default: the union of all)",
+    )
+    serve.add_argument(
         "--compat",
         action="append",
         default=[],
@@ -477,20 +484,28 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         return 0
 
+    from .server import releases
+
+    if args.emulate == "list":
+        print(releases.describe())
+        return 0
     try:
         user = ContainerUser.parse(args.container_uid) if args.container_uid else None
         vfolders = tuple(VFolder.parse(text) for text in args.vfolder)
+        release = releases.profile(args.emulate) if args.emulate else None
     except ValueError as error:
         raise BaifsError(str(error)) from None
+    switches = [*args.compat, *(release.compat.enabled() if release else [])]
     options = ServeOptions(
         host=args.host,
         port=args.port,
         keypair_file=args.keypair_file,
         latency_ms=args.latency_ms,
-        compat=Compat.from_names(args.compat),
+        compat=Compat.from_names(switches),
         container_user=user,
         vfolders=vfolders,
         unsafe_no_sandbox=args.unsafe_no_sandbox,
+        release=release,
     )
     if args.data_dir is not None:
         options.data_dir = args.data_dir

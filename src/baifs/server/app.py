@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes
 
 import trio
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
@@ -63,6 +65,8 @@ class ServerState:
     compat: Compat
     latency: float = 0.0
     manager_version: str = "baifs-serve"
+    #: the newest API version: announced by ``GET /``, and the newest a request may use.
+    api_version: str = signing.LATEST_VERSION
     requests: Counter[str] = field(default_factory=Counter)
     batch_runs: int = 0
 
@@ -142,6 +146,7 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
                 auth.verify(
                     auth.SignedRequest(request.method, raw_target(request), request.headers),
                     state.keypair,
+                    newest=state.api_version,
                 )
                 return await handler(request)
             except Problem as problem:
@@ -158,7 +163,8 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
 
 async def hello(request: Request) -> Response:
     state_of(request).requests["version"] += 1
-    return AgentJSON({"version": signing.LATEST_VERSION, "manager": state_of(request).manager_version})
+    state = state_of(request)
+    return AgentJSON({"version": state.api_version, "manager": state.manager_version})
 
 
 @endpoint("announcement")
@@ -270,7 +276,13 @@ async def download(request: Request) -> Response:
     session = session_of(request)
     if request.method == "POST" and state_of(request).compat.download_get_only:
         raise Problem(405, "method-not-allowed", "Method not allowed.")
-    paths = await requested_paths(request, "files")
+    if request.method == "GET" and state_of(request).compat.download_query_first_only:
+        # check_api_params ignores a GET's body and validates dict(request.query): one value.
+        paths = query_values(request, "files")[:1]
+        if not paths:
+            raise invalid_params("files is missing")
+    else:
+        paths = await requested_paths(request, "files")
     if len(paths) > MAX_DOWNLOAD_FILES:
         raise Problem(
             400,
@@ -309,11 +321,17 @@ async def upload(request: Request) -> Response:
     if media_type != b"multipart/form-data" or b"boundary" not in options:
         raise bad_request("Malformed body: multipart/form-data is required")
     declared_length(request, MAX_UPLOAD_BODY)
-    reader = UploadReader(options[b"boundary"])
-    failures: list[OSError] = []
+    reader = UploadReader(options[b"boundary"], aiohttp_names=state.compat.aiohttp_filenames)
+    failures: list[Exception] = []
 
-    async def store(completed: list[tuple[str, bytes]]) -> None:
+    async def store(completed: list[tuple[str | None, bytes]]) -> None:
         for filename, data in completed:
+            if filename is None:  # aiohttp found no name (two ';' in it, say)
+                if not state.compat.upload_errors_swallowed:
+                    # <= 25.15 hands None to the agent, whose path join fails.
+                    failures.append(TypeError("expected str, bytes or os.PathLike object, not NoneType"))
+                    continue
+                filename = f"upload-{secrets.token_hex(12)}"  # >= 25.16 names it itself
             write = functools.partial(
                 session.work.write_upload, filename, data, absolute_names=state.compat.absolute_upload_names
             )
@@ -343,12 +361,20 @@ async def upload(request: Request) -> Response:
 
 
 class UploadReader:
-    """Streams a multipart upload, enforcing the manager's limits as parts arrive."""
+    """Streams a multipart upload, enforcing the manager's limits as parts arrive.
 
-    def __init__(self, boundary: bytes) -> None:
+    A part's file name is read as python-multipart reads it and then
+    percent-decoded (the union of what clients send), or, with
+    ``aiohttp_names``, by aiohttp's own `BodyPartReader.filename` code, as
+    every real manager reads it: a leading ``/`` stripped, no decoding,
+    ``filename*`` preferred, None for a quoted name with two ``;``.
+    """
+
+    def __init__(self, boundary: bytes, *, aiohttp_names: bool = False) -> None:
         self.problem: Problem | None = None
         self._parts = 0
-        self._completed: list[tuple[str, bytes]] = []
+        self._aiohttp_names = aiohttp_names
+        self._completed: list[tuple[str | None, bytes]] = []
         self._data = bytearray()
         self._disposition = b""
         self._field = bytearray()
@@ -382,7 +408,7 @@ class UploadReader:
         except Exception:
             self.problem = bad_request("Malformed multipart body")
 
-    def take_completed(self) -> list[tuple[str, bytes]]:
+    def take_completed(self) -> list[tuple[str | None, bytes]]:
         completed, self._completed = self._completed, []
         return completed
 
@@ -405,11 +431,24 @@ class UploadReader:
         self._data.extend(data[start:end])
 
     def _end(self) -> None:
+        if self._aiohttp_names:
+            self._completed.append((aiohttp_filename(self._disposition), bytes(self._data)))
+            return
         _, params = parse_options_header(self._disposition)
         raw_name = params.get(b"filename")
         # RFC 7578 §4.2: aiohttp-based clients (the official SDK) percent-encode file names.
         name = os.fsdecode(unquote_to_bytes(raw_name)) if raw_name else f"upload-{secrets.token_hex(12)}"
         self._completed.append((name, bytes(self._data)))
+
+
+def aiohttp_filename(disposition: bytes) -> str | None:
+    """A part's file name as the manager's aiohttp gives it (its headers decode as UTF-8,
+    surrogate escapes for the rest)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # aiohttp warns of the headers it gives up on
+        _, params = parse_content_disposition(disposition.decode("utf-8", "surrogateescape"))
+        name: str | None = content_disposition_filename(params, "filename")
+    return name
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

@@ -54,8 +54,14 @@ def _parse_authorization(value: str) -> dict[str, str]:
     return params
 
 
-def verify(request: SignedRequest, keypair: Keypair, now: datetime | None = None) -> str:
-    """Return the access key of a correctly signed request; raise `Problem` otherwise."""
+def verify(
+    request: SignedRequest, keypair: Keypair, now: datetime | None = None, newest: str = signing.LATEST_VERSION
+) -> str:
+    """Return the access key of a correctly signed request; raise `Problem` otherwise.
+
+    ``newest`` is the newest API version the emulated release knows: a newer one is
+    refused as that release refuses it.
+    """
     headers = request.headers
     authorization = headers.get("authorization")
     if not authorization:
@@ -78,7 +84,8 @@ def verify(request: SignedRequest, keypair: Keypair, now: datetime | None = None
     version = headers.get("x-backendai-version") or headers.get("x-sorna-version")
     if not version:
         raise invalid_auth("API version missing in request headers")
-    if version not in signing.VALID_VERSIONS:
+    known = version in signing.VALID_VERSIONS
+    if not known or signing.version_key(version) > signing.version_key(newest):
         raise Problem(400, "generic-bad-request", "Bad request.", "Unsupported API version.")
     match = _CREDENTIAL.match(params["credential"])
     if match is None:

@@ -17,10 +17,16 @@ run-id-snake-only      the run id is read from ``run_id`` only       manager ≥
 phase-frame-loss       phase markers conclude the run; frames sent   agent ≥ 25.12
                        while detached are lost [§3.5]
 download-get-only      download answers POST with 405 [§5.1]         manager ≤ 24.03.6
+download-query-        a GET download ignores its body and reads     manager 23.09.11
+first-only             only the first ``files`` query value
 absolute-upload-names  upload names must be absolute under           agent 24.03.7 –
                        /home/work [§2.4]                             25.7.0
 no-persistent-paths    runs see no ``BACKENDAI_PERSISTENT_PATHS``    agent < 26.4.4
                        with the folders' mount paths [§12]
+aiohttp-filenames      upload names as aiohttp's ``BodyPartReader``  every release
+                       reads them: leading ``/`` stripped, no
+                       %-decoding, ``filename*`` preferred, ``None``
+                       for two ``;``
 =====================  ============================================  ===============
 """
 
@@ -36,8 +42,10 @@ class Compat:
     run_id_snake_only: bool = False
     phase_frame_loss: bool = False
     download_get_only: bool = False
+    download_query_first_only: bool = False
     absolute_upload_names: bool = False
     no_persistent_paths: bool = False
+    aiohttp_filenames: bool = False
 
     @staticmethod
     def explained() -> dict[str, str]:
@@ -48,8 +56,12 @@ class Compat:
             "run-id-snake-only": "the run id is read from run_id only (manager >= 25.6)",
             "phase-frame-loss": "phase markers end the run; output sent while detached is lost (agent >= 25.12)",
             "download-get-only": "download answers POST with 405 (manager <= 24.03.6)",
+            "download-query-first-only": "a GET download reads only the first files value of the query "
+            "(manager 23.09.11)",
             "absolute-upload-names": "upload names must be absolute under /home/work (agent 24.03.7 - 25.7.0)",
             "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
+            "aiohttp-filenames": "upload names read by aiohttp: a leading / stripped, no %-decoding, "
+            "filename* preferred, none with two ';' (every release)",
         }
 
     @classmethod

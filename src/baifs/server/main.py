@@ -41,6 +41,7 @@ from ..locks import DirectoryLock
 from .app import ServerState, build_app
 from .auth import Keypair
 from .compat import Compat
+from .releases import Profile
 from .sandbox import ContainerUser, Sandbox
 from .sessions import SessionRegistry
 from .workdir import VFolder
@@ -68,6 +69,8 @@ class ServeOptions:
     container_user: ContainerUser | None = None
     vfolders: tuple[VFolder, ...] = ()
     unsafe_no_sandbox: bool = False
+    #: the release emulated (`releases.profile`); its switches are already in ``compat``.
+    release: Profile | None = None
 
 
 def generate_keypair() -> Keypair:
@@ -162,6 +165,9 @@ async def _serve(options: ServeOptions, task_status: trio.TaskStatus[str]) -> No
         registry = SessionRegistry(options.data_dir, sandbox, options.compat)
         await registry.start(nursery)
         state = ServerState(keypair, registry, options.compat, latency=options.latency_ms / 1000)
+        if options.release is not None:
+            state.manager_version = options.release.manager_version
+            state.api_version = options.release.api_version
         shutdown = trio.Event()
         nursery.start_soon(_wait_for_signals, shutdown)
         binds = await nursery.start(
@@ -188,6 +194,11 @@ async def _serve(options: ServeOptions, task_status: trio.TaskStatus[str]) -> No
 
 def _announce(endpoint: str, options: ServeOptions, keypair: Keypair, generated: bool) -> None:
     print(f"baifs serve: listening on {endpoint}, data in {options.data_dir}", file=sys.stderr)
+    if options.release is not None:
+        print(
+            f"baifs serve: emulating Backend.AI {options.release.release} (API {options.release.api_version})",
+            file=sys.stderr,
+        )
     if options.compat.enabled():
         print(f"baifs serve: compatibility switches: {', '.join(options.compat.enabled())}", file=sys.stderr)
     user = options.container_user

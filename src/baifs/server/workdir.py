@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.listing import entry_json
-from .beneath import Beneath
+from .beneath import Beneath, EscapeError
 
 CONTAINER_WORK_DIR = "/home/work"
 MAX_ARCHIVE_BYTES = 1_048_576
@@ -129,8 +129,13 @@ class WorkDir:
     def write_upload(self, filename: str, data: bytes, *, absolute_names: bool = False) -> None:
         """Write an uploaded file into the scratch directory (under a folder's mount point, too)."""
         relative = self.upload_target(filename, absolute_names=absolute_names)
-        self.scratch.make_parents(relative)
-        descriptor = self.scratch.open(relative, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.scratch.make_parents(relative)
+            descriptor = self.scratch.open(relative, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except EscapeError:
+            # The agents' words (>= 24.03.7) when the host-side resolve() leaves the scratch
+            # directory, as an absolute symlink in the path makes it.
+            raise PermissionError(f"Not allowed to upload files outside {CONTAINER_WORK_DIR}") from None
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
 
