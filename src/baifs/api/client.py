@@ -67,6 +67,7 @@ from .errors import (
     AnswerTooLarge,
     APIError,
     AuthenticationFailed,
+    BaifsError,
     EndpointUnreachable,
     InvalidRequest,
     LimitExceeded,
@@ -208,6 +209,52 @@ class ProgressBuffer(io.BytesIO):
             if self._chunks > 1:
                 self._health.progress += 1
         return chunk
+
+
+class UploadBody:
+    """The multipart body of one upload, written by hand so that every name arrives whole.
+
+    Each part's name travels twice: as RFC 5987 ``filename*=UTF-8''…``, which
+    the managers' aiohttp prefers and decodes as it is (a leading ``/`` and
+    any ``;`` included, where a quoted ``filename`` loses the slash and, with
+    two ``;``, the whole name), and as a quoted ``filename`` with everything
+    but letters, digits, ``/`` and ``-._~`` percent-encoded, for servers that
+    read only that and decode it (RFC 7578 §4.2). httpx cannot write the
+    first. A fresh iteration serves each attempt of the request.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, parts: Sequence[tuple[str, ProgressBuffer]]) -> None:
+        self.boundary = os.urandom(16).hex()
+        self._parts = [(self._head(name), buffer) for name, buffer in parts]
+        self._tail = f"--{self.boundary}--\r\n".encode()
+
+    def _head(self, name: str) -> bytes:
+        encoded = quote(name.encode("utf-8"), safe="/")
+        return (
+            f"--{self.boundary}\r\n"
+            f'Content-Disposition: form-data; name="src"; filename="{encoded}"; '
+            f"filename*=UTF-8''{quote(name.encode('utf-8'), safe='')}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode("ascii")
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    @property
+    def length(self) -> int:
+        return sum(len(head) + len(buffer.getbuffer()) + 2 for head, buffer in self._parts) + len(self._tail)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for head, buffer in self._parts:
+            yield head
+            buffer.seek(0)
+            while chunk := buffer.read(self.CHUNK):
+                yield chunk
+            yield b"\r\n"
+        yield self._tail
 
 
 @dataclass(frozen=True)
@@ -402,7 +449,7 @@ class Connection:
         endpoint: str,
         query: str = "",
         content: bytes | None = None,
-        files: list[tuple[str, tuple[str, Any, str]]] | None = None,
+        upload: UploadBody | None = None,
         idempotent: bool,
         timeout: float | None = None,
         payload: int = 0,
@@ -414,6 +461,8 @@ class Connection:
         is expected to bring back.
         """
         headers = {"Content-Type": "application/json"} if content is not None else {}
+        if upload is not None:
+            headers = {"Content-Type": upload.content_type, "Content-Length": str(upload.length)}
         deadline = timeout or self.deadline_for(payload + len(content or b""))
         extensions = {"timeout": httpx.Timeout(min(deadline, self.timeout)).as_dict()}
 
@@ -421,8 +470,7 @@ class Connection:
             request = self._http.build_request(
                 method,
                 self.url(path, query),
-                content=content,
-                files=files,
+                content=content if upload is None else upload.chunks(),
                 headers=headers,
                 extensions=extensions,
             )
@@ -543,6 +591,8 @@ class SessionClient:
         self.id_or_name = id_or_name
         self._prefix = f"/session/{quote_component(id_or_name)}"
         self._download_method = "POST"
+        #: 1 once the manager showed it reads one path of a download (23.09.11's GET).
+        self._paths_per_download = MAX_DOWNLOAD_PATHS
         self._absolute_upload_names = False
         #: why the session is known to be gone for good (see `_request`), or None.
         self.terminated: str | None = None
@@ -598,7 +648,7 @@ class SessionClient:
         """
         check_upload_batch(files)
         sent = await self._upload_batch(files)
-        if not verify or not self.connection.swallows_upload_errors:
+        if not verify or not self._unproven_204s:
             return {}
         return await self._verify_upload(sent)
 
@@ -637,42 +687,59 @@ class SessionClient:
             return send
 
         await gather(map(sender, batches), limit=parallel)
-        if not files or not (verify or self.connection.swallows_upload_errors):
+        if not files or not (verify or self._unproven_204s):
             return {}
         return await self._verify_upload(sent)
 
+    @property
+    def _unproven_204s(self) -> bool:
+        """Whether a 204 may hide an upload that did not land where it was meant to: on managers
+        that swallow errors, and after any switch of the name mode."""
+        return self.connection.swallows_upload_errors or self._absolute_upload_names
+
     async def _upload_batch(self, files: Sequence[UploadFile]) -> dict[str, int]:
-        """One upload request (switching to absolute names if the agent wants them); name → size sent."""
+        """One upload request (switching to absolute names if the agent wants them); name → size sent.
+
+        The switch is a guess from an error text that an escape through a
+        symlink also gives, so it is kept only once a listing shows the batch
+        sent again with absolute names where it belongs; otherwise the names
+        stay relative and the first error is raised.
+        """
         try:
             return await self._post_upload(files)
         except ServerError as error:
             if self._absolute_upload_names or "outside /home/work" not in error.msg:
                 raise
-            log.warning("this agent wants absolute upload names; switching")
             self._absolute_upload_names = True
-            return await self._post_upload(files)
+            try:
+                sent = await self._post_upload(files)
+                await self._verify_upload(sent)
+            except BaifsError:
+                self._absolute_upload_names = False
+                raise error from None
+            log.warning("this agent wants absolute upload names (a listing confirms it); switched")
+            return sent
 
     async def _post_upload(self, files: Sequence[UploadFile]) -> dict[str, int]:
         # The content travels in buffers closed right after the request: httpx keeps
         # the request alive in reference cycles, and a batch is up to 20 MiB.
         # A file that changed while it was read is sent as read; the caller knows
         # its content moved on and does not take the upload as that content's.
-        buffers: list[io.BytesIO] = []
+        buffers: list[ProgressBuffer] = []
         sent: dict[str, int] = {}
         try:
             for item in files:
                 data = await trio.to_thread.run_sync(item.read)
                 sent[item.name] = len(data)
                 buffers.append(ProgressBuffer(data, self.connection.health))
-            parts: list[tuple[str, tuple[str, Any, str]]] = [
-                ("src", (self._upload_name(item.name), buffer, "application/octet-stream"))
-                for item, buffer in zip(files, buffers, strict=True)
-            ]
+            body = UploadBody(
+                [(self._upload_name(item.name), buffer) for item, buffer in zip(files, buffers, strict=True)]
+            )
             await self._request(
                 "POST",
                 f"{self._prefix}/upload",
                 endpoint="upload",
-                files=parts,
+                upload=body,
                 idempotent=True,
                 payload=sum(sent.values()),
             )
@@ -719,6 +786,8 @@ class SessionClient:
             return []
         if len(paths) > MAX_DOWNLOAD_PATHS:
             raise LimitExceeded(f"a download carries at most {MAX_DOWNLOAD_PATHS} paths, not {len(paths)}")
+        if len(paths) > self._paths_per_download:
+            return [body for path in paths for body in await self.download([path])]
         query = query_string(("files", path) for path in paths)
         body = json_body({"files": list(paths)})
         try:
@@ -730,6 +799,11 @@ class SessionClient:
             self._download_method = "GET"
             response = await self._download_request(query, body, len(paths))
         parts = decode_multipart(response.headers.get("content-type", ""), response.content)
+        if len(parts) == 1 < len(paths) and self._download_method == "GET":
+            # Manager 23.09.11 reads only the first ``files`` value of a GET: one path a request.
+            log.info("this manager downloads one path a request; asking for each")
+            self._paths_per_download = 1
+            return [parts[0].body, *[body for path in paths[1:] for body in await self.download([path])]]
         if len(parts) != len(paths):
             raise ProtocolError(f"asked for {len(paths)} archives, received {len(parts)}")
         return [part.body for part in parts]

@@ -1,0 +1,202 @@
+"""Every release profile of `baifs serve --emulate`, and the mount's core battery against each.
+
+The protocol checks read what a profile answers (``GET /``, the API
+versions it refuses, the download shapes of 23.09.11). The battery mounts
+a session of each profile and does what a user does first: files small and
+large both ways, names with ``;``, ``%`` and spaces, mkdir, mv, rm -r,
+chmod, a symlink, a git clone and commit, a run; then it checks the
+session's disk. One server per profile serves both (module scope).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import open_session
+from mounting import baifs_run, mount_for, needs_fuse
+from support import LocalServer, signed_request, start_server
+
+from baifs.api import archive
+from baifs.api.client import UploadFile
+from baifs.api.errors import ServerError
+from baifs.server import releases
+
+RELEASES = list(releases.RELEASES)
+
+
+@pytest.fixture(scope="module", params=RELEASES)
+def emulated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    server = start_server(tmp_path_factory.mktemp(f"release-{request.param}"), extra=("--emulate", request.param))
+    server.release = request.param  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_emulate_list_names_every_release_and_what_it_reproduces() -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "baifs", "serve", "--emulate", "list"], capture_output=True, text=True, timeout=30
+    )
+    assert listed.returncode == 0, listed.stderr
+    for release in RELEASES:
+        assert f"\n{release} " in "\n" + listed.stdout, release
+    unknown = subprocess.run(
+        [sys.executable, "-m", "baifs", "serve", "--emulate", "22.1.0"], capture_output=True, text=True, timeout=30
+    )
+    assert unknown.returncode != 0 and "known: 23.09.10" in unknown.stderr
+
+
+def test_profiles_follow_the_release_rules() -> None:
+    def switches(release: str) -> set[str]:
+        return set(releases.profile(release).compat.enabled())
+
+    assert "absolute-upload-names" in switches("24.03.7") and "absolute-upload-names" not in switches("24.09.8")
+    assert "download-query-first-only" in switches("23.09.11") and not {
+        "download-query-first-only"
+    } & switches("23.09.10")
+    assert "upload-errors-swallowed" in switches("25.16.0") and "upload-errors-swallowed" not in switches("25.15.12")
+    assert "no-persistent-paths" in switches("26.1.0") and "no-persistent-paths" not in switches("26.4.7")
+    assert releases.profile("23.09.11").api_version == "v7.20230615"
+    assert releases.profile("26.8.1").api_version == "v9.20250722"
+
+
+def test_a_profile_answers_as_its_release_and_refuses_newer_api_versions(emulated: LocalServer) -> None:
+    release = emulated.release  # type: ignore[attr-defined]
+    profile = releases.profile(release)
+    hello = signed_request(emulated, "GET", "/", sign=False).json()
+    assert hello == {"version": profile.api_version, "manager": release}
+    if profile.api_version != "v9.20250722":
+        newer = signed_request(emulated, "GET", "/_baifs/counters", version="v9.20250722")
+        assert newer.status_code == 400 and "Unsupported API version" in newer.text
+    fine = signed_request(emulated, "GET", "/_baifs/counters", version=profile.api_version)
+    assert fine.status_code == 200, fine.text
+
+
+def _git(*args: str, cwd: Path) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, *args], cwd=cwd, check=True, capture_output=True, timeout=120)
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(240)
+def test_the_core_battery_works_on_every_release(emulated: LocalServer, tmp_path: Path) -> None:
+    m = mount_for(emulated, tmp_path)
+    try:
+        m.start()
+        big = os.urandom(30 * 1024 * 1024)
+        names = {"plain.txt": b"plain\n", "semi;colon;twice.txt": b"semi\n", "per%cent 20.txt": b"pct\n"}
+        for name, data in names.items():
+            (m.path / name).write_bytes(data)
+        (m.path / "big.bin").write_bytes(big)
+        (m.path / "tree" / "sub").mkdir(parents=True)
+        (m.path / "tree" / "sub" / "a.txt").write_text("a\n")
+        (m.path / "gone" / "deep").mkdir(parents=True)
+        (m.path / "gone" / "deep" / "x").write_text("x")
+        os.symlink("plain.txt", m.path / "link")
+        m.sync()
+        (m.path / "tree").rename(m.path / "moved")
+        shutil.rmtree(m.path / "gone")
+        os.chmod(m.path / "plain.txt", 0o600)
+        source = tmp_path / "src"
+        source.mkdir()
+        (source / "main.c").write_text("int main(void) { return 0; }\n")
+        _git("init", "-q", cwd=source)
+        _git("add", "-A", cwd=source)
+        _git("commit", "-q", "-m", "start", cwd=source)
+        _git("clone", "-q", str(source), str(m.path / "clone"), cwd=tmp_path)
+        (m.path / "clone" / "more.txt").write_text("more\n")
+        _git("add", "-A", cwd=m.path / "clone")
+        _git("commit", "-q", "-m", "more", cwd=m.path / "clone")
+        (m.work / "from-session.bin").write_bytes(big[: 20 * 1024 * 1024])  # read cold below, after the run
+        ran = baifs_run(m, "cat plain.txt; ls moved/sub; cmp big.bin big.bin && echo same")
+        assert ran.returncode == 0 and ran.stdout == b"plain\na.txt\nsame\n", ran
+        work = m.work
+        for name, data in names.items():
+            assert (work / name).read_bytes() == data, name
+        assert (work / "big.bin").read_bytes() == big
+        assert (work / "moved" / "sub" / "a.txt").read_text() == "a\n" and not (work / "tree").exists()
+        assert not (work / "gone").exists() and os.readlink(work / "link") == "plain.txt"
+        assert (work / "plain.txt").stat().st_mode & 0o777 == 0o600
+        fsck = subprocess.run(["git", "fsck", "--strict"], cwd=work / "clone", capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stderr
+        assert (m.path / "from-session.bin").read_bytes() == big[: 20 * 1024 * 1024]
+        status = m.status()
+        assert not status["flushes"].get("refused"), json.dumps(status["flushes"])
+        assert m.unmount() == 0
+    finally:
+        m.stop()
+
+
+# -- the gaps of real releases, each against the profile that has it ----------------------
+
+
+@pytest.fixture
+def release_server(tmp_path: Path) -> Iterator:
+    started: list[LocalServer] = []
+
+    def start(release: str) -> LocalServer:
+        local = start_server(tmp_path / f"srv-{release}", extra=("--emulate", release))
+        started.append(local)
+        return local
+
+    yield start
+    for local in started:
+        local.stop()
+
+
+@pytest.mark.parametrize("release", ["24.03.7", "24.09.0", "25.6.5"])
+async def test_gap1_uploads_arrive_where_names_must_be_absolute(release_server, release: str) -> None:
+    local = release_server(release)
+    connection, session, session_id = await open_session(local)
+    async with connection:
+        await session.upload([UploadFile.of("x/y.txt", b"abs")])
+        await session.upload([UploadFile.of("z.txt", b"second")])
+    work = local.work_dir(session_id)
+    assert (work / "x/y.txt").read_bytes() == b"abs" and (work / "z.txt").read_bytes() == b"second"
+    assert not (work / "home").exists()
+
+
+async def test_gap2_an_escape_through_a_symlink_never_switches_the_name_mode(release_server) -> None:
+    local = release_server("24.09.8")  # relative names only: "outside /home/work" is an escape here
+    connection, session, session_id = await open_session(local)
+    work = local.work_dir(session_id)
+    (work / "target").mkdir()
+    os.symlink("/home/work/target", work / "d")  # absolute: leaves the agent's scratch directory
+    async with connection:
+        with pytest.raises(ServerError, match="outside /home/work"):
+            await session.upload([UploadFile.of("d/x.txt", b"escape")])
+        assert not session.absolute_upload_names
+        await session.upload([UploadFile.of("ok.txt", b"fine")])
+    assert (work / "ok.txt").read_bytes() == b"fine"
+    assert not (work / "home").exists(), "an upload went to /home/work/home/work/"
+
+
+async def test_gap4_a_download_of_several_paths_on_23_09_11(release_server) -> None:
+    local = release_server("23.09.11")
+    connection, session, session_id = await open_session(local)
+    work = local.work_dir(session_id)
+    for name in ("a", "b", "c"):
+        (work / name).write_text(name * 3)
+    async with connection:
+        archives = await session.download(["a", "b", "c"])
+        again = await session.download(["c", "a"])
+    assert [archive.single_member(part)[1] for part in archives] == [b"aaa", b"bbb", b"ccc"]
+    assert [archive.single_member(part)[1] for part in again] == [b"ccc", b"aaa"]
+
+
+@pytest.mark.parametrize("release", ["25.15.12", "25.16.0"])
+async def test_gap5_names_with_two_semicolons_keep_their_name(release_server, release: str) -> None:
+    local = release_server(release)
+    connection, session, session_id = await open_session(local)
+    async with connection:
+        await session.upload([UploadFile.of("a;b;c.txt", b"semi"), UploadFile.of("p%20q r.txt", b"pct")])
+    work = local.work_dir(session_id)
+    assert (work / "a;b;c.txt").read_bytes() == b"semi" and (work / "p%20q r.txt").read_bytes() == b"pct"
+    assert not [p.name for p in work.iterdir() if p.name.startswith("upload-")]
