@@ -143,7 +143,8 @@ def test_the_first_run_after_a_remount_reports_its_own_output_and_exit_code(moun
     m = mount.start()
     runner = start_long_run(m, "sleep 15; exit 7")
     if ending == "umount":
-        baifs("umount", str(m.path), env=m.env, timeout=90, check=False)
+        done = baifs("umount", str(m.path), env=m.env, timeout=90, check=False)
+        assert done.returncode == 0, done.stderr  # a follower's open of its output must not make it busy
         assert m.process is not None and m.process.wait(30) is not None
         m.process = None
     else:

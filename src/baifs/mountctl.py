@@ -339,6 +339,10 @@ def force_unmount(mountpoint: Path) -> None:
         raise BaifsError(f"detaching {mountpoint} failed: {result.stderr.strip()}")
 
 
+#: How long unmount tries again while the mount is busy (something had a file open for an instant).
+BUSY_PATIENCE = 3.0
+
+
 def unmount(mountpoint: Path, *, lazy: bool, keep_pending: bool = False, timeout: float = 600.0) -> None:
     """Unmount and wait for the daemon to exit (it flushes what is left first, unless ``keep_pending``)."""
     pid = read_status(mountpoint).get("pid")
@@ -351,9 +355,16 @@ def unmount(mountpoint: Path, *, lazy: bool, keep_pending: bool = False, timeout
                 f"if its daemon is dead, detach it with 'baifs umount --force {mountpoint}'"
             ) from None
     fusermount = shutil.which("fusermount3") or "fusermount3"
-    result = subprocess.run(
-        [fusermount, "-uz" if lazy else "-u", str(mountpoint)], capture_output=True, text=True
-    )
+    # A file open for an instant (a `baifs run` following its output, a shell's completion)
+    # makes the mount busy only for that instant: try again for a moment before saying so.
+    deadline = time.monotonic() + BUSY_PATIENCE
+    while True:
+        result = subprocess.run(
+            [fusermount, "-uz" if lazy else "-u", str(mountpoint)], capture_output=True, text=True
+        )
+        if result.returncode == 0 or "busy" not in result.stderr.lower() or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     if result.returncode != 0:
         detail = result.stderr.strip()
         if "busy" in detail.lower():
