@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import open_session
-from mounting import baifs_run, mount_for, needs_fuse
-from support import LocalServer, signed_request, start_server
+from mounting import baifs, baifs_environment, baifs_run, force_unmount, mount_for, needs_fuse
+from support import IMAGE, LocalServer, signed_request, start_server, unique_session_name
 
 from baifs.api import archive
 from baifs.api.client import UploadFile
@@ -200,3 +200,37 @@ async def test_gap5_names_with_two_semicolons_keep_their_name(release_server, re
     work = local.work_dir(session_id)
     assert (work / "a;b;c.txt").read_bytes() == b"semi" and (work / "p%20q r.txt").read_bytes() == b"pct"
     assert not [p.name for p in work.iterdir() if p.name.startswith("upload-")]
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(150)
+def test_gap8_a_session_whose_image_is_pulled_is_followed_until_it_runs(tmp_path: Path) -> None:
+    local = start_server(tmp_path / "srv", extra=("--emulate", "26.8.1", "--start-delay", "6"))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = baifs_environment(local, home)
+    created = tmp_path / "created"
+    other = tmp_path / "other"
+    for path in (created, other, tmp_path / "mnt3"):
+        path.mkdir()
+    try:
+        name = unique_session_name()
+        mounted = baifs("mount", "--create", IMAGE, name, str(created), env=env, timeout=120)
+        assert "PULLING (pulling its image)" in mounted.stderr and "mounted session" in mounted.stderr, mounted.stderr
+        assert (created / ".baifs-status").exists()
+        # A session another client created (enqueued) is PULLING when this mount comes: it waits.
+        body = json.dumps({"name": unique_session_name(), "image": IMAGE, "enqueueOnly": True}).encode()
+        answer = signed_request(local, "POST", "/session", content=body).json()
+        assert answer["status"] == "PULLING"
+        waited = baifs("mount", answer["sessionId"], str(other), env=env, timeout=120)
+        assert "mounted session" in waited.stderr and "is PULLING" in waited.stderr, waited.stderr
+        too_soon = baifs(
+            "mount", "--create", IMAGE, unique_session_name(), str(tmp_path / "mnt3"), "--create-timeout", "1",
+            env=env, check=False, timeout=120,
+        )
+        assert too_soon.returncode != 0 and "--create-timeout" in too_soon.stderr, too_soon.stderr
+    finally:
+        for path in (created, other):
+            force_unmount(path)
+        local.stop()

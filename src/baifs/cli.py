@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="delay added to every request, to emulate a remote cluster",
     )
     serve.add_argument(
+        "--start-delay",
+        type=seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="a new session is RUNNING only after this long (PULLING, then PREPARING), and a create "
+        "without enqueueOnly blocks until then, as when a real cluster pulls the image (default: 0)",
+    )
+    serve.add_argument(
         "--emulate",
         metavar="RELEASE",
         help="behave as this Backend.AI release (manager and agent) in every respect baifs serve "
@@ -174,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--create", metavar="IMAGE", help="create the session with this image if it does not exist"
+    )
+    mount.add_argument(
+        "--create-timeout",
+        type=seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for a session to start (its image pulled, its container made), showing "
+        "where it is meanwhile (default: %(default).0f)",
     )
     mount.add_argument("--profile", help="credentials profile in ~/.config/baifs/config.toml")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (for systemd)")
@@ -506,6 +522,7 @@ def run_serve(args: argparse.Namespace) -> int:
         vfolders=vfolders,
         unsafe_no_sandbox=args.unsafe_no_sandbox,
         release=release,
+        start_delay=args.start_delay,
     )
     if args.data_dir is not None:
         options.data_dir = args.data_dir
@@ -558,6 +575,7 @@ def run_mount_command(args: argparse.Namespace) -> int:
         credentials=credentials,
         options=options,
         create_image=create,
+        create_timeout=args.create_timeout,
         allow_other=args.allow_other,
         cache_dir=args.cache_dir,
         keep_runs=args.keep_runs,

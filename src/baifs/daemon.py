@@ -1,8 +1,9 @@
 """Running a mount in the foreground or as a background daemon.
 
 ``baifs mount`` returns only when the mount works or has failed: the parent
-process forks a daemon, waits on a pipe for one line (``ready <message>`` or
-``error <message>``), prints it and exits 0 or 1. The daemon leaves the
+process forks a daemon, waits on a pipe for its last line (``ready <message>``
+or ``error <message>``), prints it and exits 0 or 1; ``progress <message>``
+lines before it (a session being started) are printed as they come. The daemon leaves the
 terminal's session, takes ``/dev/null`` as standard input and writes its log
 (standard output and error included) to the log file.
 
@@ -32,7 +33,10 @@ LOG_TAIL_LINES = 8
 
 def run_foreground(request: MountRequest) -> int:
     """Mount and serve in this process until unmounted (for systemd and debugging)."""
-    trio.run(run_mount, request, lambda message: print(f"baifs: {message}", file=sys.stderr, flush=True))
+    def say(message: str) -> None:
+        print(f"baifs: {message}", file=sys.stderr, flush=True)
+
+    trio.run(run_mount, request, say, say)
     return 0
 
 
@@ -45,9 +49,14 @@ def run_detached(request: MountRequest, log_file: Path) -> int:
         os.close(read_end)
         os._exit(_daemon(request, log_file, write_end))
     os.close(write_end)
+    kind, message = "", ""
     with os.fdopen(read_end, "rb") as pipe:
-        report = pipe.read().decode(errors="replace").strip()
-    kind, _, message = report.partition(" ")
+        for line in pipe:
+            kind, _, message = line.decode(errors="replace").strip().partition(" ")
+            if kind == "progress":
+                print(f"baifs: {message}", file=sys.stderr, flush=True)
+            else:
+                break
     if kind == "ready":
         print(f"baifs: {message} (log: {log_file})", file=sys.stderr)
         return 0
@@ -85,8 +94,12 @@ def _daemon(request: MountRequest, log_file: Path, report_fd: int) -> int:
             os.write(report_fd, f"{kind} {message}\n".encode())
             os.close(report_fd)
 
+    def progress(message: str) -> None:
+        if not reported:
+            os.write(report_fd, f"progress {message}\n".encode())
+
     try:
-        trio.run(run_mount, request, lambda message: report("ready", message))
+        trio.run(run_mount, request, lambda message: report("ready", message), progress)
         return 0
     except BaifsError as error:
         log.error("%s", error)

@@ -571,8 +571,13 @@ class Connection:
         raise error
 
     async def create_session(self, name: str, image: str) -> dict[str, Any]:
-        """Get-or-create a session by name; the answer holds ``sessionId`` and ``created``."""
-        body = {"name": name, "image": image, "type": "interactive", "reuseIfExists": True}
+        """Get-or-create a session by name; the answer holds ``sessionId``, ``created`` and ``status``.
+
+        Enqueued only: without it the manager holds the request until the session
+        runs, without limit (an image pull can take many minutes); the caller
+        follows the start with ``GET /session/{id}`` instead.
+        """
+        body = {"name": name, "image": image, "type": "interactive", "reuseIfExists": True, "enqueueOnly": True}
         # Get-or-create by name: repeating it finds what the first attempt made.
         response = await self.request(
             "POST", "/session", endpoint="create", content=json_body(body), idempotent=True

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import signal
@@ -69,6 +70,14 @@ from .state import (
 log = logging.getLogger(__name__)
 
 LIVE_STATES = ("RUNNING", "RUNNING_DEGRADED")
+#: A session on its way to RUNNING (the manager's SessionStatus before RUNNING).
+STARTING_STATES = ("PENDING", "SCHEDULED", "PREPARING", "PULLING", "PREPARED", "CREATING")
+#: How long ``baifs mount --create`` waits for a new session to run (``--create-timeout``).
+CREATE_TIMEOUT = 600.0
+#: The longest pause between two looks at a starting session (each is a request of the keypair's).
+START_POLL_MAX = 5.0
+#: How often a start that goes on is reported when nothing changes.
+START_SAY_EVERY = 15.0
 #: How long unmount waits for the execution slot (a run may hold it for hours).
 FINAL_SLOT_WAIT = 30.0
 #: Unmount keeps trying to flush for this long while the session fails.
@@ -88,6 +97,7 @@ class MountRequest:
     credentials: config.Credentials
     options: MountOptions
     create_image: str | None = None
+    create_timeout: float = CREATE_TIMEOUT
     allow_other: bool = False
     cache_dir: Path | None = None
     log_file: Path | None = None
@@ -118,12 +128,16 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mountpoint {path} is not empty; mount on an empty directory")
 
 
-async def open_session(request: MountRequest) -> tuple[Connection, SessionClient, dict[str, Any]]:
+async def open_session(
+    request: MountRequest, progress: Callable[[str], None] = lambda message: None
+) -> tuple[Connection, SessionClient, dict[str, Any]]:
     """Connect and find the session, turning every failure into a message a person can act on.
 
-    The whole exchange is bounded by `OPEN_PATIENCE`: an endpoint that takes
-    the connection and never answers fails the mount with a message naming
-    the request it did not answer.
+    The exchange is bounded by `OPEN_PATIENCE`: an endpoint that takes the
+    connection and never answers fails the mount with a message naming the
+    request it did not answer. A session that is still starting (a new one
+    whose image is pulled) is then followed until it runs, for at most
+    ``request.create_timeout`` seconds, telling ``progress`` where it is.
     """
     endpoint = request.credentials.endpoint
     connection = Connection(request.credentials)
@@ -162,11 +176,42 @@ async def open_session(request: MountRequest) -> tuple[Connection, SessionClient
     except BaifsError:
         await connection.aclose()
         raise
-    status = str(info.get("status", "UNKNOWN"))
-    if status not in LIVE_STATES:
+    try:
+        info = await _until_running(request, session, info, progress)
+    except BaifsError:
         await connection.aclose()
-        raise MountError(f"session {request.session!r} is {status}, not RUNNING; it cannot be mounted")
+        raise
     return connection, session, info
+
+
+async def _until_running(
+    request: MountRequest, session: SessionClient, info: dict[str, Any], progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """The session's info once it is RUNNING; `MountError` if it ends otherwise or takes too long."""
+    started = trio.current_time()
+    pause = 1.0
+    said, said_at = "", -math.inf
+    while True:
+        status = str(info.get("status", "UNKNOWN"))
+        if status in LIVE_STATES:
+            return info
+        waited = trio.current_time() - started
+        if status not in STARTING_STATES:
+            raise MountError(f"session {request.session!r} is {status}, not RUNNING; it cannot be mounted")
+        if waited > request.create_timeout:
+            raise MountError(
+                f"session {request.session!r} is still {status} after {waited:.0f} s; it may start later: "
+                f"mount it then, or wait longer with --create-timeout SECONDS"
+            )
+        if status != said or waited - said_at >= START_SAY_EVERY:  # each change, and now and then
+            doing = {"PULLING": "pulling its image", "PREPARING": "preparing its container"}.get(status, "starting")
+            line = f"session {request.session!r} is {status} ({doing}), {waited:.0f} s"
+            progress(line)
+            log.info("%s", line)
+            said, said_at = status, waited
+        await trio.sleep(pause)
+        pause = min(pause * 1.5, START_POLL_MAX)
+        info = await session.info()
 
 
 def notify_systemd(message: str) -> None:
@@ -180,9 +225,12 @@ def notify_systemd(message: str) -> None:
         sock.sendall(message.encode())
 
 
-async def run_mount(request: MountRequest, ready: Callable[[str], None]) -> None:
-    """Mount and serve until unmounted; ``ready`` is called once the mount works."""
-    connection, session, info = await open_session(request)
+async def run_mount(
+    request: MountRequest, ready: Callable[[str], None], progress: Callable[[str], None] = lambda message: None
+) -> None:
+    """Mount and serve until unmounted; ``ready`` is called once the mount works, ``progress``
+    with what it waits for before (a session being started)."""
+    connection, session, info = await open_session(request, progress)
     async with connection:
         endpoint = request.credentials.endpoint
         identity = StateIdentity(

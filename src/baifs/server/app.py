@@ -186,10 +186,19 @@ async def create_session(request: Request) -> Response:
     if not name or not image:
         raise invalid_params("name and image are required")
     session, created = await state_of(request).registry.get_or_create(str(name), str(image))
+    # As AgentRegistry.create_session: unless enqueueOnly, wait for the start, without limit
+    # when maxWaitSeconds is 0; a wait that ends first answers TIMEOUT. A reuse answers at once.
+    status = session.status
+    if created and not body.get("enqueueOnly"):
+        try:
+            patience = float(body.get("maxWaitSeconds") or 0)
+        except (TypeError, ValueError):
+            raise invalid_params("maxWaitSeconds must be a number") from None
+        status = "RUNNING" if await session.started(patience) else "TIMEOUT"
     answer = {
         "sessionId": session.id,
         "sessionName": session.name,
-        "status": "RUNNING",
+        "status": status,
         "servicePorts": [],
         "created": created,
     }

@@ -71,6 +71,8 @@ class ServeOptions:
     unsafe_no_sandbox: bool = False
     #: the release emulated (`releases.profile`); its switches are already in ``compat``.
     release: Profile | None = None
+    #: how long a new session takes to be RUNNING (PULLING, then PREPARING, meanwhile).
+    start_delay: float = 0.0
 
 
 def generate_keypair() -> Keypair:
@@ -162,7 +164,7 @@ async def _serve(options: ServeOptions, task_status: trio.TaskStatus[str]) -> No
     hypercorn.graceful_timeout = 1.0
     state_file = options.data_dir / SERVE_FILE
     async with trio.open_nursery() as nursery:
-        registry = SessionRegistry(options.data_dir, sandbox, options.compat)
+        registry = SessionRegistry(options.data_dir, sandbox, options.compat, options.start_delay)
         await registry.start(nursery)
         state = ServerState(keypair, registry, options.compat, latency=options.latency_ms / 1000)
         if options.release is not None:

@@ -14,11 +14,12 @@ UUID or its name.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,23 @@ class ServedSession:
     created_at: float
     work: WorkDir
     kernel: Kernel
+    #: when the session is RUNNING (`--start-delay`: the image is pulled, then the kernel made).
+    running_at: float = 0.0
+    running: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def status(self) -> str:
+        """PULLING for the first half of the start, PREPARING for the second, then RUNNING."""
+        left = self.running_at - time.time()
+        if left <= 0:
+            return "RUNNING"
+        return "PULLING" if left > (self.running_at - self.created_at) / 2 else "PREPARING"
+
+    async def started(self, patience: float | None = None) -> bool:
+        """Wait until RUNNING (or ``patience`` seconds); whether it is."""
+        with trio.move_on_after(patience if patience else math.inf):
+            await self.running.wait()
+        return self.running.is_set()
 
     def record(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "image": self.image, "created_at": self.created_at}
@@ -65,7 +83,7 @@ class ServedSession:
             "occupiedShares": {},
             "environ": {},
             "resourceOpts": {},
-            "status": "RUNNING",
+            "status": self.status,
             "statusInfo": "",
             "statusData": {},
             "creationTime": created,
@@ -77,10 +95,12 @@ class ServedSession:
 
 
 class SessionRegistry:
-    def __init__(self, data_root: Path, sandbox: Sandbox, compat: Compat) -> None:
+    def __init__(self, data_root: Path, sandbox: Sandbox, compat: Compat, start_delay: float = 0.0) -> None:
         self.data_root = data_root
         self.sandbox = sandbox
         self.compat = compat
+        #: how long a new session takes to be RUNNING (pulling its image, making its kernel).
+        self.start_delay = start_delay
         self._sessions: dict[str, ServedSession] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -102,14 +122,22 @@ class SessionRegistry:
         temporary.write_text(json.dumps(records, indent=2))
         temporary.replace(self._index)
 
-    async def _open(self, session_id: str, name: str, image: str, created_at: float) -> ServedSession:
+    async def _open(
+        self, session_id: str, name: str, image: str, created_at: float, delay: float = 0.0
+    ) -> ServedSession:
         assert self._nursery is not None
         work = WorkDir(self.data_root / "sessions" / session_id / "work", self.sandbox.vfolders)
         kernel = Kernel(work.root, self.sandbox, detach_at_phase_end=self.compat.phase_frame_loss)
         await self._nursery.start(kernel.serve_tasks)
-        session = ServedSession(session_id, name, image, created_at, work, kernel)
+        session = ServedSession(session_id, name, image, created_at, work, kernel, created_at + delay)
         self._sessions[session_id] = session
+        self._nursery.start_soon(self._run_at, session)
         return session
+
+    @staticmethod
+    async def _run_at(session: ServedSession) -> None:
+        await trio.sleep(max(0.0, session.running_at - time.time()))
+        session.running.set()
 
     def find(self, id_or_name: str) -> ServedSession | None:
         if id_or_name in self._sessions:
@@ -134,7 +162,7 @@ class SessionRegistry:
                     "The session already exists but you requested different image.",
                 )
             return existing, False
-        session = await self._open(str(uuid.uuid4()), name, image, time.time())
+        session = await self._open(str(uuid.uuid4()), name, image, time.time(), self.start_delay)
         self._save()
         return session, True
 
