@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from conftest import open_session
 from mounting import baifs, baifs_environment, baifs_run, force_unmount, mount_for, needs_fuse
 from support import IMAGE, LocalServer, signed_request, start_server, unique_session_name
 
 from baifs.api import archive
 from baifs.api.client import UploadFile
-from baifs.api.errors import ServerError
+from baifs.api.errors import RateLimited, ServerError
 from baifs.server import releases
 
 RELEASES = list(releases.RELEASES)
@@ -234,3 +235,33 @@ def test_gap8_a_session_whose_image_is_pulled_is_followed_until_it_runs(tmp_path
         for path in (created, other):
             force_unmount(path)
         local.stop()
+
+
+async def test_gap9_a_rate_limited_keypair_is_given_time_not_more_refusals(release_server, tmp_path: Path) -> None:
+    local = start_server(tmp_path / "limited", extra=("--emulate", "26.8.1", "--rate-limit", "12/8"))
+    connection, session, session_id = await open_session(local)
+    refused_at = None
+    try:
+        async with connection:
+            for index in range(40):
+                try:
+                    await session.list_dir(".")
+                except RateLimited as error:
+                    refused_at = index
+                    assert "nothing is sent for" in error.msg or error.status == 429
+                    break
+            assert refused_at is not None, "the limit never came"
+            assert connection.rate.limit == 12 and connection.rate.window == 8
+            paused = connection.rate.paused_for
+            assert 1.5 <= paused <= 2.1  # a quarter of the window the answers named
+            with pytest.raises(RateLimited):  # nothing is sent while paused past what a call waits
+                connection.rate.paused_until += 20
+                await session.list_dir(".")
+            connection.rate.paused_until -= 20
+            await trio.sleep(8.2)  # the manager's window forgets the requests it counted
+            assert await session.list_dir(".") is not None
+    finally:
+        counts = local.counters()
+        local.stop()
+    # One request over the limit was refused; the client neither repeated it nor sent during the pause.
+    assert counts["list"] == refused_at + 1 + 1, counts

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "without enqueueOnly blocks until then, as when a real cluster pulls the image (default: 0)",
     )
     serve.add_argument(
+        "--rate-limit",
+        metavar="N/SECONDS",
+        help="answer 429 once a keypair sent more than N requests in the last SECONDS, counting the "
+        "refused ones, with no Retry-After, as the manager's limiter does (an emulated release: "
+        "10000/900, the default of a keypair an administrator makes; else none)",
+    )
+    serve.add_argument(
         "--emulate",
         metavar="RELEASE",
         help="behave as this Backend.AI release (manager and agent) in every respect baifs serve "
@@ -501,6 +508,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
 
     from .server import releases
+    from .server.ratelimit import RateLimit
 
     if args.emulate == "list":
         print(releases.describe())
@@ -509,6 +517,7 @@ def run_serve(args: argparse.Namespace) -> int:
         user = ContainerUser.parse(args.container_uid) if args.container_uid else None
         vfolders = tuple(VFolder.parse(text) for text in args.vfolder)
         release = releases.profile(args.emulate) if args.emulate else None
+        rate_limit = RateLimit.parse(args.rate_limit) if args.rate_limit else None
     except ValueError as error:
         raise BaifsError(str(error)) from None
     switches = [*args.compat, *(release.compat.enabled() if release else [])]
@@ -523,6 +532,7 @@ def run_serve(args: argparse.Namespace) -> int:
         unsafe_no_sandbox=args.unsafe_no_sandbox,
         release=release,
         start_delay=args.start_delay,
+        rate_limit=rate_limit,
     )
     if args.data_dir is not None:
         options.data_dir = args.data_dir

@@ -398,6 +398,14 @@ def _remote_state(remote: dict[str, Any]) -> str:
     state = "reachable"
     if not remote.get("reachable", True):
         state = f"away for {remote.get('away_for_seconds')} s ({remote.get('last_failure')})"
+    rate = remote.get("rate") or {}
+    if rate.get("paused_for_seconds"):
+        state += (
+            f"; RATE LIMITED: the manager refused this keypair's requests (429); nothing is sent for "
+            f"{rate['paused_for_seconds']:.0f} s more"
+        )
+    elif rate.get("limit"):
+        state += f"; rate limit: {rate['remaining']} of {rate['limit']} requests left in {rate['window_seconds']:g} s"
     if remote.get("unresolved_flush"):
         state += f"; the outcome of flush run {remote['unresolved_flush']} is not known yet"
     elif remote.get("unconcluded_run"):

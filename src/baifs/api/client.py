@@ -185,6 +185,62 @@ class RemoteHealth:
         return {"reachable": not self.away, "away_for_seconds": away_for, "last_failure": self.last_failure}
 
 
+@dataclass
+class RateState:
+    """The keypair's rate limit as the manager shows it, and the pause a 429 imposes.
+
+    Every request the manager sees counts in its window, refused ones
+    included, and a 429 says neither when nor how much: after one the
+    connection sends nothing for a while (a quarter of the window when the
+    answers so far named it, else 30 s), doubling on each 429 in a row up to
+    the whole window, instead of retrying into the limit.
+    """
+
+    limit: int | None = None
+    remaining: int | None = None
+    window: float | None = None
+    #: monotonic time before which nothing is sent; 0 when not limited.
+    paused_until: float = 0.0
+    refusals: int = 0
+
+    def seen(self, headers: httpx.Headers) -> None:
+        try:
+            self.limit = int(headers["x-ratelimit-limit"])
+            self.remaining = int(headers["x-ratelimit-remaining"])
+            self.window = float(headers["x-ratelimit-window"])
+        except (KeyError, ValueError):
+            pass
+        self.refusals = 0
+
+    def refused(self) -> float:
+        """A 429: how long the connection now holds back."""
+        first = self.window / 4 if self.window else FIRST_RATE_PAUSE
+        longest = self.window or MAX_RATE_PAUSE
+        pause = min(first * 2**self.refusals, longest)
+        self.refusals += 1
+        self.paused_until = trio.current_time() + pause
+        return pause
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self.paused_until - trio.current_time())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "limit": self.limit,
+            "remaining": self.remaining,
+            "window_seconds": self.window,
+            "paused_for_seconds": round(self.paused_for, 1) or None,
+        }
+
+
+#: The first pause after a 429 when the manager never named its window, and the longest.
+FIRST_RATE_PAUSE = 30.0
+MAX_RATE_PAUSE = 900.0
+#: A request that meets a pause this short waits it out; a longer one fails at once (RateLimited).
+RATE_PAUSE_WAITED = 10.0
+
+
 class ProgressBuffer(io.BytesIO):
     """Upload content that reports as progress each chunk httpx reads after an attempt's first.
 
@@ -360,6 +416,7 @@ class Connection:
         self.retry = retry
         self.stats = ClientStats()
         self.health = RemoteHealth()
+        self.rate = RateState()
         self.api_version = signing.LATEST_VERSION
         self.manager_version = ""
         base = credentials.endpoint.rstrip("/")
@@ -516,6 +573,16 @@ class Connection:
     ) -> httpx.Response:
         attempt = 0
         while True:
+            paused = self.rate.paused_for
+            if paused > RATE_PAUSE_WAITED:
+                raise RateLimited(
+                    429,
+                    title="Too many requests.",
+                    msg=f"the manager's rate limit for this keypair is used up; nothing is sent for "
+                    f"{paused:.0f} s more (every request counts, refused ones too)",
+                    endpoint=endpoint,
+                )
+            await trio.sleep(paused)
             self.stats.requests[endpoint] += 1
             try:
                 response = await self._exchange(build(), endpoint, deadline)
@@ -535,7 +602,12 @@ class Connection:
                     self.health.answered()
                 else:
                     self.health.failed(f"{endpoint}: HTTP {status}")
-                retryable = status == 429 or (status >= 500 and not is_deterministic_failure(response))
+                if status == 429:
+                    pause = self.rate.refused()
+                    log.warning("%s: the manager's rate limit is used up; sending nothing for %.0f s", endpoint, pause)
+                    return response  # repeating it now would count against the limit again
+                self.rate.seen(response.headers)
+                retryable = status >= 500 and not is_deterministic_failure(response)
                 if not retryable or not idempotent or attempt + 1 >= self.retry.attempts:
                     return response
                 delay = self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after")))

@@ -228,6 +228,7 @@ def status(fs: Filesystem, identity: dict[str, Any]) -> dict[str, Any]:
         "remote": {
             "terminated": fs.session.terminated,
             **fs.session.connection.health.as_dict(),
+            "rate": fs.session.connection.rate.as_dict(),
             "unconcluded_run": fs.executor.unconcluded_run,
             "unresolved_flush": None if unresolved is None else unresolved.run_id,
         },

@@ -40,6 +40,7 @@ from ..api import archive, signing
 from . import auth
 from .compat import Compat
 from .kernel import SessionTerminated
+from .ratelimit import RateLimit
 from .problems import AgentJSON, Problem, agent_failure, bad_request, invalid_params, no_such_session
 from .sessions import ServedSession, SessionRegistry
 
@@ -67,6 +68,8 @@ class ServerState:
     manager_version: str = "baifs-serve"
     #: the newest API version: announced by ``GET /``, and the newest a request may use.
     api_version: str = signing.LATEST_VERSION
+    #: the keypair's rate limit (`--rate-limit`, or the emulated release's default); None: none.
+    rate_limit: RateLimit | None = None
     requests: Counter[str] = field(default_factory=Counter)
     batch_runs: int = 0
 
@@ -143,12 +146,16 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
             if state.latency:
                 await trio.sleep(state.latency)
             try:
-                auth.verify(
+                access_key = auth.verify(
                     auth.SignedRequest(request.method, raw_target(request), request.headers),
                     state.keypair,
                     newest=state.api_version,
                 )
-                return await handler(request)
+                limits = {} if state.rate_limit is None else state.rate_limit.admit(access_key, trio.current_time())
+                response = await handler(request)
+                if response.status_code < 400:
+                    response.headers.update(limits)
+                return response
             except Problem as problem:
                 log.info("%s %s -> %d %s", request.method, request.url.path, problem.status, problem.kind)
                 return problem.response()

@@ -41,6 +41,7 @@ from ..locks import DirectoryLock
 from .app import ServerState, build_app
 from .auth import Keypair
 from .compat import Compat
+from .ratelimit import RateLimit
 from .releases import Profile
 from .sandbox import ContainerUser, Sandbox
 from .sessions import SessionRegistry
@@ -73,6 +74,8 @@ class ServeOptions:
     release: Profile | None = None
     #: how long a new session takes to be RUNNING (PULLING, then PREPARING, meanwhile).
     start_delay: float = 0.0
+    #: the keypair's rate limit; None: the emulated release's, or none without one.
+    rate_limit: RateLimit | None = None
 
 
 def generate_keypair() -> Keypair:
@@ -170,6 +173,8 @@ async def _serve(options: ServeOptions, task_status: trio.TaskStatus[str]) -> No
         if options.release is not None:
             state.manager_version = options.release.manager_version
             state.api_version = options.release.api_version
+            state.rate_limit = options.release.rate_limit
+        state.rate_limit = options.rate_limit or state.rate_limit
         shutdown = trio.Event()
         nursery.start_soon(_wait_for_signals, shutdown)
         binds = await nursery.start(

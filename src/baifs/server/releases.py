@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .compat import Compat
+from .ratelimit import DEFAULT_REQUESTS, DEFAULT_WINDOW, RateLimit
 
 Version = tuple[int, int, int]
 
@@ -145,6 +146,11 @@ class Profile:
     api_version: str
 
     @property
+    def rate_limit(self) -> RateLimit:
+        """The limit of a keypair an administrator made (every release has the same script)."""
+        return RateLimit(DEFAULT_REQUESTS, DEFAULT_WINDOW)
+
+    @property
     def manager_version(self) -> str:
         return self.release
 
@@ -165,5 +171,9 @@ def describe() -> str:
     for release, reproduces in RELEASES.items():
         chosen = profile(release)
         switches = ", ".join(chosen.compat.enabled()) or "none"
-        lines.append(f"{release:<9} {reproduces}\n          API {chosen.api_version}; switches: {switches}")
+        limit = chosen.rate_limit
+        lines.append(
+            f"{release:<9} {reproduces}\n          API {chosen.api_version}; "
+            f"{limit.requests} requests per {limit.window:g} s; switches: {switches}"
+        )
     return "\n".join(lines)
