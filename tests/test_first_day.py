@@ -45,17 +45,23 @@ def test_the_shells_directory_survives_runs_in_directories_made_through_the_moun
     m = mount.start()
     # A directory made here after a lookup said it did not exist: the run must not make the
     # kernel forget the shell's working directory (git: "Unable to read current working directory").
-    loop = shell(m, "mkdir proj && cd proj && git init -q && baifs run -- true && git status --short && baifs run -- true && pwd -P")
+    loop = shell(
+        m,
+        "mkdir proj && cd proj && git init -q && baifs run -- true && git status --short"
+        " && baifs run -- true && pwd -P",
+    )
     assert loop.returncode == 0, loop.stderr
     assert loop.stdout.strip().endswith("/proj"), loop.stdout
     through_run = shell(
         m,
         "mkdir viarun && cd viarun && echo x > f && echo true > ../.run"
-        " && until grep -q '\"state\": \"finished\"' ../.runs/latest/status; do sleep 0.1; done"
+        ' && until grep -q \'"state": "finished"\' ../.runs/latest/status; do sleep 0.1; done'
         " && cat f && baifs run -- true",
     )
     assert through_run.returncode == 0 and through_run.stdout == "x\n", through_run.stderr
-    cloned = shell(m, "git clone -q proj copy 2>/dev/null && cd copy && baifs run -- true && git status --short && ls -a")
+    cloned = shell(
+        m, "git clone -q proj copy 2>/dev/null && cd copy && baifs run -- true && git status --short && ls -a"
+    )
     assert cloned.returncode == 0 and ".git" in cloned.stdout.split(), cloned.stderr
 
 
@@ -101,7 +107,12 @@ def test_a_clean_unmount_leaves_exactly_the_users_files_and_scratch_never_shows(
     assert (m.work / "e").is_dir() and run_status(m, 2)["state"] == "running"
     wait_done(m, 2)
     assert not [name for name in os.listdir(m.path) if name.startswith(".baifs")]
-    assert subprocess.run([sys.executable, "-m", "baifs", "umount", str(m.path)], env=m.env, timeout=120).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "baifs", "umount", str(m.path)], env=m.env, timeout=120
+        ).returncode
+        == 0
+    )
     m.process.wait(60)
     m.process = None
     scratch = sorted(os.listdir(m.work / ".baifs-tmp")) if (m.work / ".baifs-tmp").exists() else []
@@ -131,14 +142,26 @@ def test_stopping_a_server_a_mount_uses_is_refused_unless_forced(tmp_path: Path)
         own.stop()
 
 
-def test_a_virtual_folder_runs_cannot_write_in_is_refused_and_a_missing_one_made_theirs(tmp_path: Path) -> None:
+def test_a_virtual_folder_runs_cannot_write_in_is_refused_and_a_missing_one_made_theirs(
+    tmp_path: Path,
+) -> None:
     if os.getuid() != 0:
         pytest.skip("a container user other than the server's needs root")
     theirs = tmp_path / "root-owned"
     theirs.mkdir(mode=0o755)
     refused = baifs(
-        "serve", "--port", "0", "--data-dir", str(tmp_path / "d1"), "--container-uid", "9001",
-        "--vfolder", f"data={theirs}", env=dict(os.environ), check=False, timeout=60,
+        "serve",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d1"),
+        "--container-uid",
+        "9001",
+        "--vfolder",
+        f"data={theirs}",
+        env=dict(os.environ),
+        check=False,
+        timeout=60,
     )
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
     assert "runs (uid 9001) cannot write in" in refused.stderr and "chown 9001:9001" in refused.stderr
@@ -162,14 +185,23 @@ def test_on_a_shared_mount_what_another_user_makes_is_theirs(mount: Mount) -> No
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     made = subprocess.run(
         [*nobody, "sh", "-ec", "echo hi > f; echo more >> f; chmod 600 f; mkdir d; echo x > d/g; cat f"],
-        cwd=m.path / "shared", capture_output=True, text=True, timeout=60,
+        cwd=m.path / "shared",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert made.returncode == 0 and made.stdout == "hi\nmore\n", made.stderr
-    assert (os.stat(m.path / "shared" / "f").st_uid, os.stat(m.path / "shared" / "d").st_gid) == (65534, 65534)
+    assert (os.stat(m.path / "shared" / "f").st_uid, os.stat(m.path / "shared" / "d").st_gid) == (
+        65534,
+        65534,
+    )
     assert os.stat(m.path / "shared" / "f").st_mode & 0o777 == 0o600
     other = subprocess.run(
         ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", "cat", "f"],
-        cwd=m.path / "shared", capture_output=True, text=True, timeout=60,
+        cwd=m.path / "shared",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert other.returncode != 0 and "Permission denied" in other.stderr  # 0600 is the maker's own
     m.sync()
@@ -208,11 +240,15 @@ def test_a_run_request_the_full_state_disk_cannot_record_fails_the_shells_write(
                 fill.flush()
         except OSError:
             pass
-    written = subprocess.run(["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60)
+    written = subprocess.run(
+        ["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60
+    )
     assert written.returncode != 0 and "No space left on device" in written.stderr, written
     assert "could not be recorded" in (m.path / ".run").read_text()
     filler.unlink()
-    again = subprocess.run(["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        ["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60
+    )
     assert again.returncode == 0, again.stderr
     assert wait_done(m, 1)["exit_code"] == 0
 
@@ -231,7 +267,11 @@ def test_df_du_and_findmnt_read_as_on_the_sessions_disk(mount: Mount) -> None:
     expected = (theirs.f_blocks - theirs.f_bfree) * theirs.f_frsize
     assert abs(used - expected) <= max(expected * 0.05, 64 * 2**20), (used, expected)
     assert ours.f_bfree >= ours.f_bavail
-    du = lambda path: int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])  # noqa: E731
+
+    def du(path: Path) -> int:
+        shown = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
+        return int(shown.stdout.split()[0])
+
     assert du(m.path / "small0.txt") == 4  # one whole 4 KiB block, as the session's disk holds it
     assert du(m.path) >= 20 * 4
     source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(m.path)], capture_output=True, text=True)
@@ -247,7 +287,14 @@ def test_times_in_the_control_files_are_iso_8601_with_a_zone(mount: Mount) -> No
     finished = wait_done(m, 1)
     latest = json.loads((m.path / ".run").read_text())["latest"]
     status = m.status()
-    for when in (finished["queued_at"], finished["started_at"], finished["ended_at"], latest["ended_at"], status["time"], status["profile"]["learnt_at"]):
+    for when in (
+        finished["queued_at"],
+        finished["started_at"],
+        finished["ended_at"],
+        latest["ended_at"],
+        status["time"],
+        status["profile"]["learnt_at"],
+    ):
         parsed = datetime.fromisoformat(when)
         assert parsed.tzinfo is not None and abs(parsed.timestamp() - time.time()) < 600, when
 
@@ -261,10 +308,13 @@ def test_setup_installs_bash_completion_that_loads_and_completes_paths_and_a_man
     (tmp_path / "mnt-file").write_text("")
     script = (
         f"source {loader}; _completion_loader baifs; "  # what bash does the first time baifs is completed
-        'COMP_WORDS=(baifs umount mnt-); COMP_CWORD=2; COMP_LINE="baifs umount mnt-"; COMP_POINT=${#COMP_LINE}; '
+        'COMP_WORDS=(baifs umount mnt-); COMP_CWORD=2; COMP_LINE="baifs umount mnt-"; '
+        "COMP_POINT=${#COMP_LINE}; "
         '_shtab_baifs baifs mnt- umount; printf "%s\\n" "${COMPREPLY[@]}"'
     )
-    completed = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    completed = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
     assert completed.stdout.split() == ["mnt-here"], completed  # a mount point is a directory
     known = subprocess.run(["whatis", "baifs"], capture_output=True, text=True, timeout=30)
     assert known.returncode == 0 and "mount a Backend.AI compute session" in known.stdout, known
@@ -297,7 +347,9 @@ def test_mounting_on_a_mount_left_dead_says_how_to_clear_it(mount: Mount) -> Non
     m.process.wait(30)
     m.process = None  # the FUSE mount stays, dead: what kill -9 leaves
     again = baifs("mount", m.session_id, str(m.path), env=m.env, check=False, timeout=60)
-    assert again.returncode != 0 and "Errno" not in again.stderr and "Traceback" not in again.stderr, again.stderr
+    assert again.returncode != 0 and "Errno" not in again.stderr and "Traceback" not in again.stderr, (
+        again.stderr
+    )
     assert f"baifs umount --force {m.path}" in again.stderr, again.stderr
 
 
@@ -314,7 +366,9 @@ def test_baifs_run_says_what_a_user_habit_gets_wrong(mount: Mount, tmp_path: Pat
     built = shell(m, "baifs run --build 'exit 3' -- echo never || echo rc=$?")
     assert "rc=127" in built.stdout and "never" not in built.stdout, built
     assert "the build step failed (exit 3); the command was not run" in built.stderr, built.stderr
-    options = baifs("mount", "-o", "allow_other,bogus", m.session_id, str(tmp_path / "elsewhere"), env=m.env, check=False)
+    options = baifs(
+        "mount", "-o", "allow_other,bogus", m.session_id, str(tmp_path / "elsewhere"), env=m.env, check=False
+    )
     assert options.returncode == 2 and "unknown option 'bogus'" in options.stderr, options.stderr
 
 
@@ -347,7 +401,9 @@ def test_setup_leaves_another_checkouts_working_baifs_on_path(tmp_path: Path) ->
 
     def link(root: Path, **extra: str) -> str:
         env = dict(os.environ, BAIFS_BIN_DIR=str(bin_dir), BAIFS_SBIN_DIR=str(sbin_dir), **extra)
-        subprocess.run(["bash", str(root / "scripts" / script.name)], env=env, check=True, capture_output=True)
+        subprocess.run(
+            ["bash", str(root / "scripts" / script.name)], env=env, check=True, capture_output=True
+        )
         return subprocess.run([str(bin_dir / "baifs")], capture_output=True, text=True).stdout.strip()
 
     mine, scratch = checkout("mine"), checkout("scratch")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 from mounting import Mount, needs_fuse, wait_for

@@ -33,8 +33,12 @@ RELEASES = list(releases.RELEASES)
 
 
 @pytest.fixture(scope="module", params=RELEASES)
-def emulated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    server = start_server(tmp_path_factory.mktemp(f"release-{request.param}"), extra=("--emulate", request.param))
+def emulated(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    server = start_server(
+        tmp_path_factory.mktemp(f"release-{request.param}"), extra=("--emulate", request.param)
+    )
     server.release = request.param  # type: ignore[attr-defined]
     yield server
     server.stop()
@@ -42,13 +46,19 @@ def emulated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 def test_emulate_list_names_every_release_and_what_it_reproduces() -> None:
     listed = subprocess.run(
-        [sys.executable, "-m", "baifs", "serve", "--emulate", "list"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "baifs", "serve", "--emulate", "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert listed.returncode == 0, listed.stderr
     for release in RELEASES:
         assert f"\n{release} " in "\n" + listed.stdout, release
     unknown = subprocess.run(
-        [sys.executable, "-m", "baifs", "serve", "--emulate", "22.1.0"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "baifs", "serve", "--emulate", "22.1.0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert unknown.returncode != 0 and "known: 23.09.10" in unknown.stderr
 
@@ -57,11 +67,15 @@ def test_profiles_follow_the_release_rules() -> None:
     def switches(release: str) -> set[str]:
         return set(releases.profile(release).compat.enabled())
 
-    assert "absolute-upload-names" in switches("24.03.7") and "absolute-upload-names" not in switches("24.09.8")
+    assert "absolute-upload-names" in switches("24.03.7") and "absolute-upload-names" not in switches(
+        "24.09.8"
+    )
     assert "download-query-first-only" in switches("23.09.11") and not {
         "download-query-first-only"
     } & switches("23.09.10")
-    assert "upload-errors-swallowed" in switches("25.16.0") and "upload-errors-swallowed" not in switches("25.15.12")
+    assert "upload-errors-swallowed" in switches("25.16.0") and "upload-errors-swallowed" not in switches(
+        "25.15.12"
+    )
     assert "no-persistent-paths" in switches("26.1.0") and "no-persistent-paths" not in switches("26.4.7")
     assert releases.profile("23.09.11").api_version == "v7.20230615"
     assert releases.profile("26.8.1").api_version == "v9.20250722"
@@ -218,7 +232,9 @@ def test_gap8_a_session_whose_image_is_pulled_is_followed_until_it_runs(tmp_path
     try:
         name = unique_session_name()
         mounted = baifs("mount", "--create", IMAGE, name, str(created), env=env, timeout=120)
-        assert "PULLING (pulling its image)" in mounted.stderr and "mounted session" in mounted.stderr, mounted.stderr
+        assert "PULLING (pulling its image)" in mounted.stderr and "mounted session" in mounted.stderr, (
+            mounted.stderr
+        )
         assert (created / ".baifs-status").exists()
         # A session another client created (enqueued) is PULLING when this mount comes: it waits.
         body = json.dumps({"name": unique_session_name(), "image": IMAGE, "enqueueOnly": True}).encode()
@@ -227,8 +243,16 @@ def test_gap8_a_session_whose_image_is_pulled_is_followed_until_it_runs(tmp_path
         waited = baifs("mount", answer["sessionId"], str(other), env=env, timeout=120)
         assert "mounted session" in waited.stderr and "is PULLING" in waited.stderr, waited.stderr
         too_soon = baifs(
-            "mount", "--create", IMAGE, unique_session_name(), str(tmp_path / "mnt3"), "--create-timeout", "1",
-            env=env, check=False, timeout=120,
+            "mount",
+            "--create",
+            IMAGE,
+            unique_session_name(),
+            str(tmp_path / "mnt3"),
+            "--create-timeout",
+            "1",
+            env=env,
+            check=False,
+            timeout=120,
         )
         assert too_soon.returncode != 0 and "--create-timeout" in too_soon.stderr, too_soon.stderr
     finally:
@@ -237,7 +261,9 @@ def test_gap8_a_session_whose_image_is_pulled_is_followed_until_it_runs(tmp_path
         local.stop()
 
 
-async def test_gap9_a_rate_limited_keypair_is_given_time_not_more_refusals(release_server, tmp_path: Path) -> None:
+async def test_gap9_a_rate_limited_keypair_is_given_time_not_more_refusals(
+    release_server, tmp_path: Path
+) -> None:
     local = start_server(tmp_path / "limited", extra=("--emulate", "26.8.1", "--rate-limit", "12/8"))
     connection, session, session_id = await open_session(local)
     refused_at = None

@@ -298,7 +298,10 @@ async def test_hostile_names_stay_names_on_every_file_endpoint(
             assert escape in ("..", "/home/work/../x", "./../y") or not answer, escape
     # A name the server percent-decodes into an escape (httpx writes it as it is) is refused too.
     raw = signed_request(
-        confined, "POST", f"/session/{client.id_or_name}/upload", files=[("src", ("%2e%2e/x", b"x", "text/plain"))]
+        confined,
+        "POST",
+        f"/session/{client.id_or_name}/upload",
+        files=[("src", ("%2e%2e/x", b"x", "text/plain"))],
     )
     assert raw.status_code == 500 and "outside" in raw.text, raw.text
     assert set(os.listdir(work.parent)) == before

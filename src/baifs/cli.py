@@ -770,7 +770,9 @@ def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.Argu
 def _is_option_list(words: list[str], index: int) -> bool:
     """Whether ``words[index]`` is ``-o`` or the list after it (``-oLIST`` included)."""
     word = words[index]
-    return word == "-o" or (word.startswith("-o") and word != "-o") or (index > 0 and words[index - 1] == "-o")
+    return (
+        word == "-o" or (word.startswith("-o") and word != "-o") or (index > 0 and words[index - 1] == "-o")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ LOG_TAIL_LINES = 8
 
 def run_foreground(request: MountRequest) -> int:
     """Mount and serve in this process until unmounted (for systemd and debugging)."""
+
     def say(message: str) -> None:
         print(f"baifs: {message}", file=sys.stderr, flush=True)
 

@@ -305,7 +305,9 @@ REFUSALS_TO_GIVE_UP = 2
 
 
 def _refused(mountpoint: Path, refused: list[dict[str, Any]]) -> str:
-    lines = [f"the session refused {len(refused)} change(s); {mountpoint} stays mounted, and they stay pending:"]
+    lines = [
+        f"the session refused {len(refused)} change(s); {mountpoint} stays mounted, and they stay pending:"
+    ]
     lines += [f"  {_refusal(refusal)}" for refusal in refused]
     lines.append(
         f"Fix the cause in the session and run 'baifs sync {mountpoint}', or unmount keeping them for the "
@@ -405,7 +407,8 @@ def _remote_state(remote: dict[str, Any]) -> str:
             f"{rate['paused_for_seconds']:.0f} s more"
         )
     elif rate.get("limit"):
-        state += f"; rate limit: {rate['remaining']} of {rate['limit']} requests left in {rate['window_seconds']:g} s"
+        left, limit, window = rate["remaining"], rate["limit"], rate["window_seconds"]
+        state += f"; rate limit: {left} of {limit} requests left in {window:g} s"
     if remote.get("unresolved_flush"):
         state += f"; the outcome of flush run {remote['unresolved_flush']} is not known yet"
     elif remote.get("unconcluded_run"):

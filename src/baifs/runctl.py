@@ -131,7 +131,11 @@ def stdin_has_input() -> bool:
         info = os.fstat(sys.stdin.fileno())
     except (OSError, ValueError, AttributeError):
         return False
-    return stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_size > 0)
+    return (
+        stat.S_ISFIFO(info.st_mode)
+        or stat.S_ISSOCK(info.st_mode)
+        or (stat.S_ISREG(info.st_mode) and info.st_size > 0)
+    )
 
 
 def run(mountpoint: Path, words: list[str], *, build: str = "", clean: str = "") -> int:

@@ -97,10 +97,10 @@ class BatchSteps:
         if self.clean.strip():
             lines.append(f"/bin/sh -c {shlex.quote(self.clean)}")
         if self.build.strip():
-            said = f'"baifs: the build step failed (exit $built); the command was not run (exit {BUILD_FAILED_EXIT})"'
-            lines.append(
-                f"/bin/sh -c {shlex.quote(self.build)} || {{ built=$?; echo {said} >&2; exit {BUILD_FAILED_EXIT}; }}"
-            )
+            failed = BUILD_FAILED_EXIT
+            said = f'"baifs: the build step failed (exit $built); the command was not run (exit {failed})"'
+            build = shlex.quote(self.build)
+            lines.append(f"/bin/sh -c {build} || {{ built=$?; echo {said} >&2; exit {failed}; }}")
         if self.exec.strip():
             lines.append(f"_BACKEND_BATCH_MODE=1 exec /bin/sh -c {shlex.quote(self.exec)}")
         return "\n".join(lines) if lines else "true"

@@ -448,7 +448,10 @@ class Connection:
     async def negotiate(self) -> str:
         """Probe ``GET /`` (unsigned) and use min(server, client) as the API version."""
         response = await self._send_with_retries(
-            lambda: self._http.build_request("GET", self.url("/")), "version", idempotent=True, deadline=self.deadline_for(0)
+            lambda: self._http.build_request("GET", self.url("/")),
+            "version",
+            idempotent=True,
+            deadline=self.deadline_for(0),
         )
         not_a_manager = (
             f"{self.credentials.endpoint} does not answer like a Backend.AI manager"
@@ -604,7 +607,9 @@ class Connection:
                     self.health.failed(f"{endpoint}: HTTP {status}")
                 if status == 429:
                     pause = self.rate.refused()
-                    log.warning("%s: the manager's rate limit is used up; sending nothing for %.0f s", endpoint, pause)
+                    log.warning(
+                        "%s: the manager's rate limit is used up; sending nothing for %.0f s", endpoint, pause
+                    )
                     return response  # repeating it now would count against the limit again
                 self.rate.seen(response.headers)
                 retryable = status >= 500 and not is_deterministic_failure(response)
@@ -649,7 +654,13 @@ class Connection:
         runs, without limit (an image pull can take many minutes); the caller
         follows the start with ``GET /session/{id}`` instead.
         """
-        body = {"name": name, "image": image, "type": "interactive", "reuseIfExists": True, "enqueueOnly": True}
+        body = {
+            "name": name,
+            "image": image,
+            "type": "interactive",
+            "reuseIfExists": True,
+            "enqueueOnly": True,
+        }
         # Get-or-create by name: repeating it finds what the first attempt made.
         response = await self.request(
             "POST", "/session", endpoint="create", content=json_body(body), idempotent=True

@@ -272,8 +272,8 @@ class Filesystem:
     def _merge(self, directory: Node, entries: list[Any]) -> None:
         hidden: set[bytes] = set()
         if directory.inode == ROOT_INODE:  # baifs's own names, and discovery's probe while it lives
-            probes = {e.name.encode("utf-8", "surrogateescape") for e in entries if e.name.startswith(PROBE_NAME)}
-            hidden = HIDDEN_AT_ROOT | probes
+            probes = [e.name for e in entries if e.name.startswith(PROBE_NAME)]
+            hidden = HIDDEN_AT_ROOT | {name.encode("utf-8", "surrogateescape") for name in probes}
         merged = self.namespace.merge_listing(directory, entries, hidden)
         directory.listed_at = time.monotonic()
         for stage in merged.stale:

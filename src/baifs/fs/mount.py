@@ -204,7 +204,9 @@ async def _until_running(
                 f"mount it then, or wait longer with --create-timeout SECONDS"
             )
         if status != said or waited - said_at >= START_SAY_EVERY:  # each change, and now and then
-            doing = {"PULLING": "pulling its image", "PREPARING": "preparing its container"}.get(status, "starting")
+            doing = {"PULLING": "pulling its image", "PREPARING": "preparing its container"}.get(
+                status, "starting"
+            )
             line = f"session {request.session!r} is {status} ({doing}), {waited:.0f} s"
             progress(line)
             log.info("%s", line)
@@ -226,7 +228,9 @@ def notify_systemd(message: str) -> None:
 
 
 async def run_mount(
-    request: MountRequest, ready: Callable[[str], None], progress: Callable[[str], None] = lambda message: None
+    request: MountRequest,
+    ready: Callable[[str], None],
+    progress: Callable[[str], None] = lambda message: None,
 ) -> None:
     """Mount and serve until unmounted; ``ready`` is called once the mount works, ``progress``
     with what it waits for before (a session being started)."""

@@ -322,7 +322,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_control(parent_inode, name)
-        return self._entry(self._made_by(await self.fs.symlink(self.fs.node(parent_inode), name, target), ctx))
+        return self._entry(
+            self._made_by(await self.fs.symlink(self.fs.node(parent_inode), name, target), ctx)
+        )
 
     @handler
     async def rename(

@@ -40,8 +40,8 @@ from ..api import archive, signing
 from . import auth
 from .compat import Compat
 from .kernel import SessionTerminated
-from .ratelimit import RateLimit
 from .problems import AgentJSON, Problem, agent_failure, bad_request, invalid_params, no_such_session
+from .ratelimit import RateLimit
 from .sessions import ServedSession, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,11 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
                     state.keypair,
                     newest=state.api_version,
                 )
-                limits = {} if state.rate_limit is None else state.rate_limit.admit(access_key, trio.current_time())
+                limits = (
+                    {}
+                    if state.rate_limit is None
+                    else state.rate_limit.admit(access_key, trio.current_time())
+                )
                 response = await handler(request)
                 if response.status_code < 400:
                     response.headers.update(limits)

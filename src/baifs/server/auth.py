@@ -55,7 +55,10 @@ def _parse_authorization(value: str) -> dict[str, str]:
 
 
 def verify(
-    request: SignedRequest, keypair: Keypair, now: datetime | None = None, newest: str = signing.LATEST_VERSION
+    request: SignedRequest,
+    keypair: Keypair,
+    now: datetime | None = None,
+    newest: str = signing.LATEST_VERSION,
 ) -> str:
     """Return the access key of a correctly signed request; raise `Problem` otherwise.
 

@@ -54,11 +54,13 @@ class Compat:
             "upload-errors-swallowed": "a failed upload still answers 204 (manager >= 25.16)",
             "list-path-query-only": "the list path is read from the query only (manager >= 26.3)",
             "run-id-snake-only": "the run id is read from run_id only (manager >= 25.6)",
-            "phase-frame-loss": "phase markers end the run; output sent while detached is lost (agent >= 25.12)",
+            "phase-frame-loss": "phase markers end the run; output sent while detached is lost "
+            "(agent >= 25.12)",
             "download-get-only": "download answers POST with 405 (manager <= 24.03.6)",
             "download-query-first-only": "a GET download reads only the first files value of the query "
             "(manager 23.09.11)",
-            "absolute-upload-names": "upload names must be absolute under /home/work (agent 24.03.7 - 25.7.0)",
+            "absolute-upload-names": "upload names must be absolute under /home/work "
+            "(agent 24.03.7 - 25.7.0)",
             "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
             "aiohttp-filenames": "upload names read by aiohttp: a leading / stripped, no %-decoding, "
             "filename* preferred, none with two ';' (every release)",

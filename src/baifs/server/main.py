@@ -203,14 +203,18 @@ def _announce(endpoint: str, options: ServeOptions, keypair: Keypair, generated:
     print(f"baifs serve: listening on {endpoint}, data in {options.data_dir}", file=sys.stderr)
     if options.release is not None:
         print(
-            f"baifs serve: emulating Backend.AI {options.release.release} (API {options.release.api_version})",
+            f"baifs serve: emulating Backend.AI {options.release.release} "
+            f"(API {options.release.api_version})",
             file=sys.stderr,
         )
     if options.compat.enabled():
         print(f"baifs serve: compatibility switches: {', '.join(options.compat.enabled())}", file=sys.stderr)
     user = options.container_user
     if user is not None:
-        print(f"baifs serve: runs as uid {user.uid}, gid {user.gid}; uploads as uid {os.getuid()}", file=sys.stderr)
+        print(
+            f"baifs serve: runs as uid {user.uid}, gid {user.gid}; uploads as uid {os.getuid()}",
+            file=sys.stderr,
+        )
     for folder in options.vfolders:
         print(
             f"baifs serve: virtual folder {folder.name}: {folder.host_dir} at {folder.container_path} "

@@ -110,7 +110,10 @@ def prepare_folder(folder: VFolder, user: ContainerUser) -> None:
         if os.getuid() == 0:
             os.chown(folder.host_dir, user.uid, user.gid)
         log.warning(
-            "made %s for virtual folder %s (it did not exist), owned by uid %d", folder.host_dir, folder.name, user.uid
+            "made %s for virtual folder %s (it did not exist), owned by uid %d",
+            folder.host_dir,
+            folder.name,
+            user.uid,
         )
         return
     if not folder.host_dir.is_dir():
