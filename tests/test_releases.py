@@ -10,6 +10,7 @@ session's disk. One server per profile serves both (module scope).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from support import IMAGE, LocalServer, signed_request, start_server, unique_ses
 
 from baifs.api import archive
 from baifs.api.client import UploadFile
-from baifs.api.errors import RateLimited, ServerError
+from baifs.api.errors import RateLimited, RemotePathError, ServerError
 from baifs.server import releases
 
 RELEASES = list(releases.RELEASES)
@@ -291,3 +292,26 @@ async def test_gap9_a_rate_limited_keypair_is_given_time_not_more_refusals(
         local.stop()
     # One request over the limit was refused; the client neither repeated it nor sent during the pause.
     assert counts["list"] == refused_at + 1 + 1, counts
+
+
+async def test_gap7_a_bare_500_for_a_missing_file_is_decided_by_a_listing_not_repeated(
+    release_server,
+) -> None:
+    local = release_server("26.1.0")
+    connection, session, session_id = await open_session(local)
+    (local.work_dir(session_id) / "there.txt").write_text("here\n")
+    async with connection:
+        before = local.counters()
+        with pytest.raises(RemotePathError) as raised:
+            await session.download(["gone.txt"])
+        assert raised.value.errno == errno.ENOENT
+        after = local.counters()
+        # One download, one listing that shows the file is not there; no repeats of the download.
+        assert (after["download"] - before.get("download", 0), after["list"] - before.get("list", 0)) == (
+            1,
+            1,
+        )
+        both = session.download(["there.txt", "gone.txt"])
+        with pytest.raises(ServerError):  # the caller splits it; the present file is not called missing
+            await both
+        assert archive.single_member((await session.download(["there.txt"]))[0])[1] == b"here\n"

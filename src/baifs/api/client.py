@@ -42,6 +42,7 @@ away.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -75,6 +76,7 @@ from .errors import (
     PermissionDenied,
     ProtocolError,
     RateLimited,
+    RemotePathError,
     ServerError,
     SessionNotFound,
     SessionTerminated,
@@ -394,6 +396,15 @@ def is_deterministic_failure(response: httpx.Response) -> bool:
     return str(details.get("exception", "")).startswith(DETERMINISTIC_AGENT_ERRORS)
 
 
+def names_no_cause(response: httpx.Response) -> bool:
+    """A 500 without agent details: managers >= 26.1 answer every agent failure so."""
+    try:
+        document = response.json()
+    except ValueError:
+        return True
+    return not isinstance(document, dict) or not document.get("agent-details")
+
+
 def manager_release(text: str) -> tuple[int, int] | None:
     match = re.match(r"^(\d+)\.(\d+)", text.strip())
     return (int(match.group(1)), int(match.group(2))) if match else None
@@ -513,12 +524,15 @@ class Connection:
         idempotent: bool,
         timeout: float | None = None,
         payload: int = 0,
+        classify: Callable[[], Awaitable[bool]] | None = None,
     ) -> httpx.Response:
         """Send one signed API request; raise the typed error for any non-2xx answer.
 
         ``timeout`` bounds the whole exchange; by default it is sized to the
         request (`deadline_for`), ``payload`` being the bytes it carries or
-        is expected to bring back.
+        is expected to bring back. ``classify`` decides a 500 that names no
+        cause (managers >= 26.1) before it is repeated: True when repeating
+        could not change it.
         """
         headers = {"Content-Type": "application/json"} if content is not None else {}
         if upload is not None:
@@ -537,7 +551,9 @@ class Connection:
             self._sign(request)
             return request
 
-        response = await self._send_with_retries(build, endpoint, idempotent=idempotent, deadline=deadline)
+        response = await self._send_with_retries(
+            build, endpoint, idempotent=idempotent, deadline=deadline, classify=classify
+        )
         if response.status_code >= 300:
             self._raise_for_status(response, endpoint)
         return response
@@ -572,7 +588,13 @@ class Connection:
         raise AnswerDeadline(f"no whole answer within {deadline:.0f} s")
 
     async def _send_with_retries(
-        self, build: Any, endpoint: str, *, idempotent: bool, deadline: float
+        self,
+        build: Any,
+        endpoint: str,
+        *,
+        idempotent: bool,
+        deadline: float,
+        classify: Callable[[], Awaitable[bool]] | None = None,
     ) -> httpx.Response:
         attempt = 0
         while True:
@@ -615,6 +637,8 @@ class Connection:
                 retryable = status >= 500 and not is_deterministic_failure(response)
                 if not retryable or not idempotent or attempt + 1 >= self.retry.attempts:
                     return response
+                if classify is not None and names_no_cause(response) and await classify():
+                    return response  # a listing showed what a repeat would meet again
                 delay = self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after")))
                 log.warning("%s: HTTP %d; retrying in %.1f s", endpoint, status, delay)
             attempt += 1
@@ -878,14 +902,25 @@ class SessionClient:
             return [body for path in paths for body in await self.download([path])]
         query = query_string(("files", path) for path in paths)
         body = json_body({"files": list(paths)})
+        absent: list[str] = []
+
+        async def classify() -> bool:  # a 500 naming no cause: is a path simply not there?
+            absent[:] = await self._absent(paths)
+            return bool(absent)
+
         try:
-            response = await self._download_request(query, body, len(paths))
-        except MethodNotAllowed:
-            if self._download_method == "GET":
-                raise
-            log.info("this manager downloads with GET; switching")
-            self._download_method = "GET"
-            response = await self._download_request(query, body, len(paths))
+            try:
+                response = await self._download_request(query, body, len(paths), classify)
+            except MethodNotAllowed:
+                if self._download_method == "GET":
+                    raise
+                log.info("this manager downloads with GET; switching")
+                self._download_method = "GET"
+                response = await self._download_request(query, body, len(paths), classify)
+        except ServerError:
+            if absent and len(paths) == 1:
+                raise RemotePathError(errno.ENOENT, paths[0], "not in the session's listing") from None
+            raise
         parts = decode_multipart(response.headers.get("content-type", ""), response.content)
         if len(parts) == 1 < len(paths) and self._download_method == "GET":
             # Manager 23.09.11 reads only the first ``files`` value of a GET: one path a request.
@@ -896,7 +931,9 @@ class SessionClient:
             raise ProtocolError(f"asked for {len(paths)} archives, received {len(parts)}")
         return [part.body for part in parts]
 
-    async def _download_request(self, query: str, body: bytes, paths: int) -> httpx.Response:
+    async def _download_request(
+        self, query: str, body: bytes, paths: int, classify: Callable[[], Awaitable[bool]]
+    ) -> httpx.Response:
         return await self._request(
             self._download_method,
             f"{self._prefix}/download",
@@ -905,7 +942,22 @@ class SessionClient:
             content=body,
             idempotent=True,
             payload=paths * MAX_ARCHIVE_BYTES,
+            classify=classify,
         )
+
+    async def _absent(self, paths: Sequence[str]) -> list[str]:
+        """The paths that their directory's listing does not show (one listing per directory)."""
+        by_parent: dict[str, list[str]] = {}
+        for path in paths:
+            by_parent.setdefault(path.rpartition("/")[0], []).append(path)
+        absent = []
+        for parent, inside in by_parent.items():
+            try:
+                names = {entry.name for entry in await self.list_dir(parent or ".")}
+            except RemotePathError:
+                names = set()
+            absent += [path for path in inside if path.rpartition("/")[2] not in names]
+        return absent
 
     async def download_single(self, path: str) -> bytes:
         """The raw bytes of one file (the same 1 MiB archive limit applies)."""

@@ -162,6 +162,9 @@ def endpoint(name: str) -> Callable[[Handler], Handler]:
                 return response
             except Problem as problem:
                 log.info("%s %s -> %d %s", request.method, request.url.path, problem.status, problem.kind)
+                if problem.agent_exception is not None and state.compat.bare_agent_errors:
+                    log.info("agent failure answered bare: %s", problem.agent_exception)
+                    return Problem(500, "internal-server-error", "Internal server error.").response()
                 return problem.response()
             except SessionTerminated:
                 return no_such_session().response()

@@ -23,6 +23,8 @@ absolute-upload-names  upload names must be absolute under           agent 24.03
                        /home/work [§2.4]                             25.7.0
 no-persistent-paths    runs see no ``BACKENDAI_PERSISTENT_PATHS``    agent < 26.4.4
                        with the folders' mount paths [§12]
+bare-agent-errors      an agent failure is a bare 500 without        manager ≥ 26.1
+                       ``agent-details``
 aiohttp-filenames      upload names as aiohttp's ``BodyPartReader``  every release
                        reads them: leading ``/`` stripped, no
                        %-decoding, ``filename*`` preferred, ``None``
@@ -46,6 +48,7 @@ class Compat:
     absolute_upload_names: bool = False
     no_persistent_paths: bool = False
     aiohttp_filenames: bool = False
+    bare_agent_errors: bool = False
 
     @staticmethod
     def explained() -> dict[str, str]:
@@ -62,6 +65,8 @@ class Compat:
             "absolute-upload-names": "upload names must be absolute under /home/work "
             "(agent 24.03.7 - 25.7.0)",
             "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
+            "bare-agent-errors": "an agent failure answers a bare 500 internal-server-error, no "
+            "agent-details (manager >= 26.1)",
             "aiohttp-filenames": "upload names read by aiohttp: a leading / stripped, no %-decoding, "
             "filename* preferred, none with two ';' (every release)",
         }

@@ -99,6 +99,12 @@ RULES: tuple[Rule, ...] = (
         "manager api/rest/session/handler.py list_files @26.3.0: QueryParam (V4)",
     ),
     Rule(
+        "bare-agent-errors",
+        _from("26.1.0"),
+        "manager clients/agent/client.py @26.1.0: RPCUserError is no longer AgentError; "
+        "exception_middleware answers InternalServerError (V8)",
+    ),
+    Rule(
         "aiohttp-filenames",
         lambda v: True,
         "aiohttp multipart.py parse_content_disposition, v3.8.1-v3.13.3 (every manager's pin)",
@@ -130,7 +136,7 @@ RELEASES: dict[str, str] = {
     "25.6.6": "relative upload names; run_id only; phases resume",
     "25.15.12": "phases detach (frames sent meanwhile are lost); upload failures still reported",
     "25.16.0": "upload failures answered 204 (swallowed)",
-    "26.1.0": "API v9; uploads swallowed; list path still in the body",
+    "26.1.0": "agent failures answered as a bare 500 (no agent-details); list path still in the body",
     "26.4.7": "list path from the query only; BACKENDAI_PERSISTENT_PATHS in runs",
     "26.8.1": "the newest release read",
 }
