@@ -78,6 +78,9 @@ def test_profiles_follow_the_release_rules() -> None:
         "25.15.12"
     )
     assert "no-persistent-paths" in switches("26.1.0") and "no-persistent-paths" not in switches("26.4.7")
+    assert "run-id-camel-only" in switches("24.09.8") and "run-id-camel-only" not in switches("25.6.5")
+    assert {"run-id-camel-only", "run-id-snake-only"} & switches("25.6.6") == {"run-id-snake-only"}
+    assert "bare-agent-errors" in switches("26.1.0") and "bare-agent-errors" not in switches("25.16.0")
     assert releases.profile("23.09.11").api_version == "v7.20230615"
     assert releases.profile("26.8.1").api_version == "v9.20250722"
 

@@ -244,7 +244,14 @@ async def execute(request: Request) -> Response:
     mode = body.get("mode")
     if mode not in ("batch", "continue", "input", "query"):
         raise Problem(500, "invalid-session-data", "Invalid session data.", f"unsupported mode {mode!r}")
-    run_id = body.get("run_id") if state.compat.run_id_snake_only else body.get("run_id") or body.get("runId")
+    if state.compat.run_id_camel_only:
+        run_id = body.get("runId")
+        if not run_id:  # api/session.py execute up to 25.5: the key is required, batch mode included
+            raise invalid_params("runId is missing!")
+    elif state.compat.run_id_snake_only:
+        run_id = body.get("run_id")
+    else:
+        run_id = body.get("run_id") or body.get("runId")
     if not run_id:
         if mode != "batch":
             raise Problem(

@@ -14,6 +14,8 @@ list-path-query-only   the list path is read from the query only     manager ≥
                        [§4.1]
 run-id-snake-only      the run id is read from ``run_id`` only       manager ≥ 25.6
                        [§3.2]
+run-id-camel-only      the run id is read from ``runId`` only, and   manager ≤ 25.5
+                       required ("runId is missing!")
 phase-frame-loss       phase markers conclude the run; frames sent   agent ≥ 25.12
                        while detached are lost [§3.5]
 download-get-only      download answers POST with 405 [§5.1]         manager ≤ 24.03.6
@@ -42,6 +44,7 @@ class Compat:
     upload_errors_swallowed: bool = False
     list_path_query_only: bool = False
     run_id_snake_only: bool = False
+    run_id_camel_only: bool = False
     phase_frame_loss: bool = False
     download_get_only: bool = False
     download_query_first_only: bool = False
@@ -57,6 +60,7 @@ class Compat:
             "upload-errors-swallowed": "a failed upload still answers 204 (manager >= 25.16)",
             "list-path-query-only": "the list path is read from the query only (manager >= 26.3)",
             "run-id-snake-only": "the run id is read from run_id only (manager >= 25.6)",
+            "run-id-camel-only": "the run id is read from runId only, and is required (manager <= 25.5)",
             "phase-frame-loss": "phase markers end the run; output sent while detached is lost "
             "(agent >= 25.12)",
             "download-get-only": "download answers POST with 405 (manager <= 24.03.6)",

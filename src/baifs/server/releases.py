@@ -84,6 +84,11 @@ RULES: tuple[Rule, ...] = (
         "manager api/session.py execute @25.6.0: the run id is read from run_id (V5)",
     ),
     Rule(
+        "run-id-camel-only",
+        lambda v: v < version_of("25.6.0"),
+        "manager api/session.py execute @25.5.2: runId, required ('runId is missing!') (V5)",
+    ),
+    Rule(
         "phase-frame-loss",
         _any(_between("24.09.12", "24.09.99"), _between("25.6.13", "25.6.99"), _from("25.11.1")),
         "agent kernel.py get_next_result: the run detaches at a phase boundary (V9)",
