@@ -26,8 +26,9 @@ from mounting import baifs, baifs_environment, baifs_run, force_unmount, mount_f
 from support import IMAGE, LocalServer, signed_request, start_server, unique_session_name
 
 from baifs.api import archive
+from baifs.api.batch import BatchExecutor, BatchSteps
 from baifs.api.client import UploadFile
-from baifs.api.errors import RateLimited, RemotePathError, ServerError
+from baifs.api.errors import RateLimited, RemotePathError, ServerError, SessionWedged
 from baifs.server import releases
 
 RELEASES = list(releases.RELEASES)
@@ -318,3 +319,33 @@ async def test_gap7_a_bare_500_for_a_missing_file_is_decided_by_a_listing_not_re
         with pytest.raises(ServerError):  # the caller splits it; the present file is not called missing
             await both
         assert archive.single_member((await session.download(["there.txt"]))[0])[1] == b"here\n"
+
+
+@pytest.mark.parametrize("release", ["25.15.12", "26.8.1"])  # the agent's words; a bare 500
+async def test_gap3_a_run_queued_behind_another_clients_wedges_the_session_and_says_so(
+    release_server, release: str
+) -> None:
+    local = release_server(release)
+    connection, session, session_id = await open_session(local)
+    other_connection, other, _ = await open_session(local)  # another client of the same session
+    other = other_connection.session(session_id)
+    async with connection, other_connection:
+        ahead = await other.execute(
+            "batch", "ahead", options={"clean": "sleep 3", "build": None, "exec": None}
+        )
+        assert ahead["status"] == "continued"  # the other client's run holds the session
+
+        async def finish_theirs() -> None:
+            while (await other.execute("continue", "ahead"))["status"] != "finished":
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(finish_theirs)
+            started = trio.current_time()
+            with pytest.raises(SessionWedged, match="another client's or another mount's") as raised:
+                await BatchExecutor(session).run(BatchSteps(exec="sleep 5"))  # queued behind theirs
+        said = str(raised.value)
+        assert "is not found!" in said if release == "25.15.12" else "names no cause" in said
+        # Said at the first answer after it was let in (about 3 s, plus its 2 s of output);
+        # a bare 500 takes the few polls that tell it from a passing failure.
+        assert trio.current_time() - started < (9 if release == "25.15.12" else 20)

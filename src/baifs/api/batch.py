@@ -73,6 +73,19 @@ PHASE_MARKERS = ("clean-finished", "build-finished")
 BUILD_FAILED_EXIT = 127
 DETACH_SETTLE_SECONDS = 0.1
 CONTINUE_ATTEMPTS = 3
+#: What a real agent answers once its output queues lost a run: a run queued behind another
+#: (another client's, or another mount's) was activated and broke them (reference gap 3).
+LOST_QUEUE_TEXTS = ("is not found! (might be terminated", "OutputQueueMismatchError")
+LOST_QUEUE_MESSAGE = (
+    "the session's agent lost track of its runs: a run queued behind another (another client's or "
+    "another mount's) broke its run queue, a known fault of Backend.AI agents. Files can still be "
+    "read and written through the mount; runs cannot: start a new session (or have the agent restarted)"
+)
+
+
+def lost_queue(error: ServerError) -> bool:
+    """Whether a 5xx is the agent's answer after its output queues lost a run."""
+    return any(text in error.msg for text in LOST_QUEUE_TEXTS)
 
 
 @dataclass(frozen=True)
@@ -368,6 +381,10 @@ class BatchExecutor:
                 raise
             log.warning("run %s: the answer to its start was lost (%s); following the run", run_id, error)
         except ServerError as error:
+            if lost_queue(error):
+                raise SessionWedged(
+                    f"run {run_id}: {LOST_QUEUE_MESSAGE} (the agent said: {error.msg})"
+                ) from error
             log.warning("run %s: the start was answered %s; following the run in case it went", run_id, error)
         except APIError:
             await self._concluded(run_id)  # refused: nothing runs
@@ -433,8 +450,17 @@ class BatchExecutor:
                 result = await self.session.execute(mode, run_id, timeout=self.request_timeout)
                 return result, lost
             except (EndpointUnreachable, ServerError) as error:
+                if isinstance(error, ServerError) and lost_queue(error):
+                    raise SessionWedged(
+                        f"run {run_id}: {LOST_QUEUE_MESSAGE} (the agent said: {error.msg})"
+                    ) from error
                 lost = lost or not isinstance(error, EndpointUnreachable) or error.delivered
                 if attempt + 1 == CONTINUE_ATTEMPTS:
+                    if isinstance(error, ServerError) and not error.msg:  # managers >= 26.1 say no more
+                        raise SessionWedged(
+                            f"run {run_id}: every request for it is answered by a 500 that names no cause; "
+                            f"most likely {LOST_QUEUE_MESSAGE}"
+                        ) from error
                     raise SessionWedged(f"run {run_id}: the session stopped answering ({error})") from error
                 log.warning("run %s: %s; polling again", run_id, error)
                 await trio.sleep(1.0 * (attempt + 1))

@@ -39,7 +39,7 @@ from starlette.routing import Route
 from ..api import archive, signing
 from . import auth
 from .compat import Compat
-from .kernel import SessionTerminated
+from .kernel import RunWedged, SessionTerminated
 from .problems import AgentJSON, Problem, agent_failure, bad_request, invalid_params, no_such_session
 from .ratelimit import RateLimit
 from .sessions import ServedSession, SessionRegistry
@@ -272,7 +272,10 @@ async def execute(request: Request) -> Response:
     if mode == "batch":
         state.batch_runs += 1
     options = body.get("options") if isinstance(body.get("options"), dict) else None
-    result = await session.kernel.execute(mode, str(run_id), options)
+    try:
+        result = await session.kernel.execute(mode, str(run_id), options)
+    except RunWedged as error:
+        raise agent_failure(error) from None
     return AgentJSON({"result": result})
 
 

@@ -25,6 +25,9 @@ absolute-upload-names  upload names must be absolute under           agent 24.03
                        /home/work [§2.4]                             25.7.0
 no-persistent-paths    runs see no ``BACKENDAI_PERSISTENT_PATHS``    agent < 26.4.4
                        with the folders' mount paths [§12]
+queued-run-wedge       a run queued behind another, once activated,  every release
+                       fails unless it finishes at once; every later
+                       run waits for good (``next_output_queue``)
 bare-agent-errors      an agent failure is a bare 500 without        manager ≥ 26.1
                        ``agent-details``
 aiohttp-filenames      upload names as aiohttp's ``BodyPartReader``  every release
@@ -52,6 +55,7 @@ class Compat:
     no_persistent_paths: bool = False
     aiohttp_filenames: bool = False
     bare_agent_errors: bool = False
+    queued_run_wedge: bool = False
 
     @staticmethod
     def explained() -> dict[str, str]:
@@ -69,6 +73,8 @@ class Compat:
             "absolute-upload-names": "upload names must be absolute under /home/work "
             "(agent 24.03.7 - 25.7.0)",
             "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
+            "queued-run-wedge": "a run queued behind another breaks the session's runs for good once "
+            "activated, unless it finishes within 2 s (every agent)",
             "bare-agent-errors": "an agent failure answers a bare 500 internal-server-error, no "
             "agent-details (manager >= 26.1)",
             "aiohttp-filenames": "upload names read by aiohttp: a leading / stripped, no %-decoding, "

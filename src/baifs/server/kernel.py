@@ -13,6 +13,13 @@ Models the two halves a real session has (reference §3):
   to 2 s and answers ``continued`` or the marker it reached. A request for
   another run id waits until the current run is concluded.
 
+With ``queued_run_wedge`` (every real agent, reference gap 3) a run that
+had to wait for another is activated the way `AbstractCodeRunner` does it:
+``next_output_queue`` pops the waiter's entry, so when the activated run's
+first answer is not ``finished``, ``resume_output_queue`` fails
+(``KeyError``, answered as "The container for kernel … is not found!"), every
+later request for that run fails, and every other run waits for good.
+
 A run is concluded when a request reads ``finished``, or, with
 ``detach_at_phase_end`` (agents ≥ 25.12, reference §3.5), when it reads any
 phase marker. In that mode records emitted while no run is current are
@@ -49,6 +56,10 @@ class SessionTerminated(Exception):
     pass
 
 
+class RunWedged(RuntimeError):
+    """The agent's output queues lost a run (``queued_run_wedge``); the text is the agent's."""
+
+
 @dataclass
 class OutputQueue:
     run_id: str
@@ -60,11 +71,16 @@ class OutputQueue:
 
 
 class Kernel:
-    def __init__(self, work_dir: Path, sandbox: Sandbox, *, detach_at_phase_end: bool) -> None:
+    def __init__(
+        self, work_dir: Path, sandbox: Sandbox, *, detach_at_phase_end: bool, queued_run_wedge: bool = False
+    ) -> None:
         sandbox.prepare(work_dir)
         self.work_dir = work_dir
         self.sandbox = sandbox
         self.detach_at_phase_end = detach_at_phase_end
+        self.queued_run_wedge = queued_run_wedge
+        #: the run the agent's queues lost, once ``queued_run_wedge`` struck.
+        self._wedged: str | None = None
         self.num_queries = 0
         self._current: OutputQueue | None = None
         self._changed = trio.Event()
@@ -83,11 +99,20 @@ class Kernel:
 
     async def execute(self, mode: str, run_id: str, options: dict[str, Any] | None) -> dict[str, Any]:
         self._check_alive()
-        queue = await self._attach(run_id)
+        if run_id == self._wedged:
+            raise RunWedged(f"OutputQueueMismatchError: the output queue of run {run_id} is gone")
+        queue, waited = await self._attach(run_id)
         if mode == "batch":
             self.num_queries += 1
             self._nursery.start_soon(self._run_task, dict(options or {}))
-        return await self._next_result(queue)
+        result = await self._next_result(queue)
+        if waited and self.queued_run_wedge and result["status"] != "finished":
+            self._wedged = run_id  # nothing concludes it now: every other run waits for good
+            raise RunWedged(
+                f"The container for kernel {self.work_dir.parent.name} is not found! "
+                "(might be terminated--try it again)"
+            )
+        return result
 
     def interrupt(self) -> None:
         if self._process is not None:
@@ -110,13 +135,16 @@ class Kernel:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _attach(self, run_id: str) -> OutputQueue:
+    async def _attach(self, run_id: str) -> tuple[OutputQueue, bool]:
+        """The run's output queue, and whether the run had to wait for another to get it."""
+        waited = False
         while self._current is not None and self._current.run_id != run_id:
+            waited = True
             await self._changed.wait()
             self._check_alive()
         if self._current is None:
             self._current = OutputQueue(run_id)
-        return self._current
+        return self._current, waited
 
     def _conclude(self, queue: OutputQueue) -> None:
         if self._current is queue:

@@ -110,6 +110,11 @@ RULES: tuple[Rule, ...] = (
         "exception_middleware answers InternalServerError (V8)",
     ),
     Rule(
+        "queued-run-wedge",
+        lambda v: True,
+        "agent kernel.py next_output_queue popitem / resume_output_queue move_to_end, 23.09.0-26.8.1 (gap 3)",
+    ),
+    Rule(
         "aiohttp-filenames",
         lambda v: True,
         "aiohttp multipart.py parse_content_disposition, v3.8.1-v3.13.3 (every manager's pin)",

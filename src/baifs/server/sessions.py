@@ -127,7 +127,12 @@ class SessionRegistry:
     ) -> ServedSession:
         assert self._nursery is not None
         work = WorkDir(self.data_root / "sessions" / session_id / "work", self.sandbox.vfolders)
-        kernel = Kernel(work.root, self.sandbox, detach_at_phase_end=self.compat.phase_frame_loss)
+        kernel = Kernel(
+            work.root,
+            self.sandbox,
+            detach_at_phase_end=self.compat.phase_frame_loss,
+            queued_run_wedge=self.compat.queued_run_wedge,
+        )
         await self._nursery.start(kernel.serve_tasks)
         session = ServedSession(session_id, name, image, created_at, work, kernel, created_at + delay)
         self._sessions[session_id] = session
