@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from support import LocalServer, unique_session_name
+from support import LocalServer, start_server, unique_session_name
 
 CLIENT_REQUIREMENTS = ["backend.ai-client==23.9.10", "yarl<1.17"]
 CLIENT_VENV = Path.home() / ".cache" / "baifs-tests" / "official-client-23.9.10"
@@ -167,3 +167,54 @@ def test_official_client_uploads_lists_downloads_and_executes(
     assert stdout == "building\nexecuting\nalpha\ndone\n"
     assert stderr == "to-stderr\n"
     assert (work / "built.txt").read_bytes() == b"alpha\n"
+
+
+def test_official_client_against_its_own_release(official_client: Path, tmp_path: Path) -> None:
+    """The 23.9 client against the 23.09.11 profile does what it does against that real manager.
+
+    Nested upload names arrive as the SDK's aiohttp writes them, percent-encoded and not
+    decoded by the manager's (a file named ``tree%2Fa.txt``); a download is a GET whose
+    body the manager ignores (400); listing and execution work.
+    """
+    local = start_server(tmp_path / "srv", extra=("--emulate", "23.09.11"))
+    try:
+        environment = client_environment(local, tmp_path / "home")
+        (tmp_path / "home").mkdir()
+        name = unique_session_name()
+        create = run([str(official_client / "python"), "-c", CREATE_ONLY, name], tmp_path, environment)
+        work = local.work_dir(json.loads(create[0])["id"])
+        source = tmp_path / "src"
+        (source / "tree").mkdir(parents=True)
+        (source / "tree" / "a.txt").write_bytes(b"alpha\n")
+        (source / "top.txt").write_bytes(b"top\n")
+        run(
+            [str(official_client / "backend.ai"), "session", "upload", name, "tree/a.txt", "top.txt"],
+            source,
+            environment,
+        )
+        assert (work / "tree%2Fa.txt").read_bytes() == b"alpha\n" and not (work / "tree").exists()
+        assert (work / "top.txt").read_bytes() == b"top\n"
+        listing, _ = run(
+            [str(official_client / "backend.ai"), "session", "ls", name, "."], source, environment
+        )
+        assert "tree%2Fa.txt" in listing and "top.txt" in listing
+        download = subprocess.run(
+            [
+                str(official_client / "backend.ai"),
+                "session",
+                "download",
+                name,
+                "top.txt",
+                "--dest",
+                str(tmp_path),
+            ],
+            cwd=source,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        assert not (tmp_path / "top.txt").exists() and "400" in download.stdout + download.stderr, download
+    finally:
+        local.stop()
