@@ -349,3 +349,38 @@ async def test_gap3_a_run_queued_behind_another_clients_wedges_the_session_and_s
         # Said at the first answer after it was let in (about 3 s, plus its 2 s of output);
         # a bare 500 takes the few polls that tell it from a passing failure.
         assert trio.current_time() - started < (9 if release == "25.15.12" else 20)
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_gap6_names_that_are_not_utf8_are_listed_and_read_through_an_alias(
+    release_server, tmp_path: Path
+) -> None:
+    local = release_server("26.8.1")
+    m = mount_for(local, tmp_path)
+    work = os.fsencode(m.work)
+    directory = os.path.join(work, b"caf\xe9")
+    os.mkdir(directory)
+    with open(os.path.join(directory, b"na\xefve.txt"), "wb") as handle:
+        handle.write(b"bytes, not UTF-8\n")
+    os.symlink(b"na\xefve.txt", os.path.join(directory, b"l\xeenk"))
+    try:
+        m.start()
+        seen = os.fsencode(m.path)
+        assert b"caf\xe9" in os.listdir(seen)
+        inside = os.path.join(seen, b"caf\xe9")
+        assert sorted(os.listdir(inside)) == [b"l\xeenk", b"na\xefve.txt"]
+        with open(os.path.join(inside, b"na\xefve.txt"), "rb") as handle:
+            assert handle.read() == b"bytes, not UTF-8\n"
+        assert os.readlink(os.path.join(inside, b"l\xeenk")) == b"na\xefve.txt"
+        with open(os.path.join(inside, b"n\xe9w.txt"), "wb") as handle:
+            handle.write(b"made here\n")
+        m.sync()
+        with open(os.path.join(directory, b"n\xe9w.txt"), "rb") as handle:
+            assert handle.read() == b"made here\n"
+        assert m.unmount() == 0
+        scratch = os.path.join(work, b".baifs-tmp")
+        assert not os.path.exists(scratch) or os.listdir(scratch) == [], "aliases are litter, removed"
+    finally:
+        m.stop()

@@ -42,6 +42,7 @@ from ..api.archive import single_member
 from ..api.client import MAX_DOWNLOAD_PATHS, SessionClient
 from ..api.errors import BaifsError, ServerError, SessionWedged
 from ..concurrency import gather
+from .aliases import Aliases
 from .content import CHUNK_BYTES, DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
 from .flush import REMOTE_TMP, remote_name
 from .model import Node, join, same_mtime
@@ -104,6 +105,8 @@ class Fetcher:
         #: downloads of cut parts in flight, across every file being read.
         self._part_downloads = trio.CapacityLimiter(parallel)
         self._litter: set[bytes] = set()
+        #: how paths the API cannot name (not UTF-8) are listed and downloaded.
+        self.aliases = Aliases(session, supervisor, self._litter.add)
         #: staging directories of ranged reads under way (litter once they end).
         self._cutting: set[bytes] = set()
         self._uncut = trio.Event()
@@ -188,9 +191,8 @@ class Fetcher:
                 await self._idle_workers.park()
 
     async def _download(self, batch: list[Want]) -> None:
-        paths = [want.remote_path.decode("utf-8", "surrogateescape") for want in batch]
         try:
-            archives = await self.session.download(paths)
+            archives = await self.aliases.download([want.remote_path for want in batch])
         except ServerError as error:
             if len(batch) > 1:
                 log.info("download of %d files failed (%s); fetching them one by one", len(batch), error)
@@ -242,7 +244,7 @@ class Fetcher:
     async def link_target(self, node: Node) -> bytes:
         """The target of a remote symlink, from its archive entry."""
         assert node.origin is not None
-        archives = await self.session.download([node.origin.decode("utf-8", "surrogateescape")])
+        archives = await self.aliases.download([node.origin])
         member, _ = single_member(archives[0])
         if not member.issym():
             raise StaleContent(f"{node.origin!r} is no longer a symlink")

@@ -250,7 +250,7 @@ class Filesystem:
                 if origin is None or not directory.attached:
                     return
                 try:
-                    entries = await self.session.list_dir(origin.decode("utf-8", "surrogateescape"))
+                    entries = await self.fetcher.aliases.list_dir(origin)
                 except RemotePathError as error:
                     if error.errno in (errno.ENOENT, errno.ENOTDIR) and directory.inode != ROOT_INODE:
                         if epoch == motion.epoch:

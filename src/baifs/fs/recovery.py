@@ -88,7 +88,7 @@ async def _remote_object(fs: Filesystem, remote_path: bytes) -> Node | None:
     """A detached node for a remote object the view does not show (a parked one)."""
     parent, _, name = remote_path.rpartition(b"/")
     try:
-        entries = await fs.session.list_dir(remote_name(parent))
+        entries = await fs.fetcher.aliases.list_dir(parent)
     except (RemotePathError, BaifsError):
         return None
     for entry in entries:

@@ -70,6 +70,7 @@ from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
 from ..api.errors import BaifsError, RemotePathError, SessionBusy, SessionTerminated, UploadNotApplied
 from ..api.listing import RemoteEntry
 from ..concurrency import gather
+from .aliases import nameable
 from .content import ContentStore
 from .fetch import Fetcher
 from .flush import (
@@ -686,9 +687,12 @@ class SyncEngine:
 
         Best effort: without it, a placed file's staging copy stays its
         content until a listing shows the file (`Committer.retire_stage`).
+        A directory the API cannot name is left out: its alias would need a
+        script, and this flush holds the execution slot.
         """
         placed = [u for u in flush_plan.uploads if not u.direct and results.done(u.place_step)]
         parents = sorted({upload.path.rpartition(b"/")[0] for upload in placed})
+        parents = [parent for parent in parents if nameable(parent)]
         listings: dict[bytes, list[RemoteEntry]] = {}
 
         def lister(parent: bytes) -> Callable[[], Awaitable[None]]:

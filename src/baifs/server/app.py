@@ -82,10 +82,23 @@ def raw_target(request: Request) -> str:
 
 
 def query_values(request: Request, key: str) -> list[str]:
-    """Values of a query key, with raw bytes kept as surrogate escapes."""
+    """Values of a query key, with raw bytes kept as surrogate escapes (with ``utf8-names-only``,
+    bytes that are not UTF-8 become U+FFFD, as yarl decodes them for the manager)."""
     query = request.scope.get("query_string", b"").decode("latin-1")
-    pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors="surrogateescape")
+    errors = "replace" if state_of(request).compat.utf8_names_only else "surrogateescape"
+    pairs = parse_qsl(query, keep_blank_values=True, encoding="utf-8", errors=errors)
     return [value for name, value in pairs if name == key]
+
+
+def packable(request: Request, path: str) -> str:
+    """A path from a JSON body, as the agent RPC can carry it: with ``utf8-names-only``, msgpack
+    refuses a lone surrogate (how JSON carries bytes that are not UTF-8), a 500."""
+    if state_of(request).compat.utf8_names_only:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise agent_failure(error) from None
+    return path
 
 
 def too_large(limit: int) -> Problem:
@@ -288,7 +301,7 @@ async def list_files(request: Request) -> Response:
     elif state_of(request).compat.list_path_query_only:
         path = "."
     else:
-        path = str((await json_object(request, required=False)).get("path") or ".")
+        path = packable(request, str((await json_object(request, required=False)).get("path") or "."))
     try:
         return AgentJSON(await trio.to_thread.run_sync(session.work.listing, path))
     except PermissionError as error:
@@ -301,7 +314,7 @@ async def requested_paths(request: Request, key: str) -> list[str]:
         return from_query
     body = await json_object(request, required=False)
     value = body.get(key, [])
-    return [str(v) for v in (value if isinstance(value, list) else [value])]
+    return [packable(request, str(v)) for v in (value if isinstance(value, list) else [value])]
 
 
 @endpoint("download")

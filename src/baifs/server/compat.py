@@ -25,6 +25,9 @@ absolute-upload-names  upload names must be absolute under           agent 24.03
                        /home/work [§2.4]                             25.7.0
 no-persistent-paths    runs see no ``BACKENDAI_PERSISTENT_PATHS``    agent < 26.4.4
                        with the folders' mount paths [§12]
+utf8-names-only        a path that is not UTF-8: a 500 from a body   every release
+                       (msgpack refuses it), a different name from
+                       a query (yarl decodes it to U+FFFD)
 queued-run-wedge       a run queued behind another, once activated,  every release
                        fails unless it finishes at once; every later
                        run waits for good (``next_output_queue``)
@@ -56,6 +59,7 @@ class Compat:
     aiohttp_filenames: bool = False
     bare_agent_errors: bool = False
     queued_run_wedge: bool = False
+    utf8_names_only: bool = False
 
     @staticmethod
     def explained() -> dict[str, str]:
@@ -73,6 +77,8 @@ class Compat:
             "absolute-upload-names": "upload names must be absolute under /home/work "
             "(agent 24.03.7 - 25.7.0)",
             "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
+            "utf8-names-only": "a path not UTF-8 fails in a body (msgpack, 500) and loses its bytes in a "
+            "query (U+FFFD) (every release)",
             "queued-run-wedge": "a run queued behind another breaks the session's runs for good once "
             "activated, unless it finishes within 2 s (every agent)",
             "bare-agent-errors": "an agent failure answers a bare 500 internal-server-error, no "

@@ -110,6 +110,11 @@ RULES: tuple[Rule, ...] = (
         "exception_middleware answers InternalServerError (V8)",
     ),
     Rule(
+        "utf8-names-only",
+        lambda v: True,
+        "msgpack.packb of a lone surrogate (the agent RPC); yarl's query decoding (gap 6)",
+    ),
+    Rule(
         "queued-run-wedge",
         lambda v: True,
         "agent kernel.py next_output_queue popitem / resume_output_queue move_to_end, 23.09.0-26.8.1 (gap 3)",
