@@ -41,6 +41,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -802,6 +803,52 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
         nursery.cancel_scope.cancel()
 
 
+#: Cases the reference test always runs, whatever hypothesis draws.
+REFERENCE_EXAMPLES: list[list[tuple]] = [
+    # Another writer removes a directory holding new content of files here: they are made again.
+    [
+        ("mkdir", "a"),
+        ("write", "a/b", (66, 17)),
+        ("write", "a/e", (67, 3000)),
+        ("flush",),
+        ("write", "a/b", (68, 1_100_000)),
+        ("write", "a/a", (69, 1)),
+        ("remote_rmtree", "a"),
+        ("flush",),
+    ],
+    # Another writer adds a file to a directory removed here: the removal keeps it (across a crash too).
+    [
+        ("mkdir", "d"),
+        ("mkdir", "d/a"),
+        ("write", "d/b", (65, 17)),
+        ("flush",),
+        ("unlink", "d/b"),
+        ("rmdir", "d/a"),
+        ("rmdir", "d"),
+        ("remote_add", "d/e", (70, 3000)),
+        ("crash", 0.0),
+        ("flaky_flush", 0.3, 5),
+    ],
+    # A file moved out of a directory that moves too: settled in the wrong order, it stayed pending.
+    [
+        ("mkdir", "d"),
+        ("mkdir", "a"),
+        ("write", "d/a", (65, 10)),
+        ("flush",),
+        ("rename", "d/a", "a/b"),
+        ("rename", "d", "b"),
+        ("flush",),
+    ],
+]
+
+
+def with_examples(test: Any) -> Any:
+    """``test`` with every case of `REFERENCE_EXAMPLES`."""
+    for operations in reversed(REFERENCE_EXAMPLES):
+        test = example(operations=operations)(test)
+    return test
+
+
 @pytest.mark.timeout(600)
 @settings(
     max_examples=int(os.environ.get("BAIFS_REFERENCE_EXAMPLES", "60")),
@@ -813,49 +860,43 @@ async def scenario(faulted: Faulted, tmp: Path, operations: list[tuple], profile
     ],
 )
 @given(operations=st.lists(operation_st, min_size=1, max_size=25))
-# Another writer removes a directory holding new content of files here: they are made again.
-@example(
-    operations=[
-        ("mkdir", "a"),
-        ("write", "a/b", (66, 17)),
-        ("write", "a/e", (67, 3000)),
-        ("flush",),
-        ("write", "a/b", (68, 1_100_000)),
-        ("write", "a/a", (69, 1)),
-        ("remote_rmtree", "a"),
-        ("flush",),
-    ]
-)
-# Another writer adds a file to a directory removed here: the removal keeps it (across a crash too).
-@example(
-    operations=[
-        ("mkdir", "d"),
-        ("mkdir", "d/a"),
-        ("write", "d/b", (65, 17)),
-        ("flush",),
-        ("unlink", "d/b"),
-        ("rmdir", "d/a"),
-        ("rmdir", "d"),
-        ("remote_add", "d/e", (70, 3000)),
-        ("crash", 0.0),
-        ("flaky_flush", 0.3, 5),
-    ]
-)
-# A file moved out of a directory that moves too: settled in the wrong order, it stayed pending.
-@example(
-    operations=[
-        ("mkdir", "d"),
-        ("mkdir", "a"),
-        ("write", "d/a", (65, 10)),
-        ("flush",),
-        ("rename", "d/a", "a/b"),
-        ("rename", "d", "b"),
-        ("flush",),
-    ]
-)
+@with_examples
 @pytest.mark.parametrize("shape", sorted(PROFILES))
 def test_overlay_matches_a_real_directory(
     faulted: Faulted, tmp_path_factory: pytest.TempPathFactory, operations: list[tuple], shape: str
 ) -> None:
     tmp = tmp_path_factory.mktemp("ref")
     trio.run(scenario, faulted, tmp, operations, PROFILES[shape])
+
+
+@pytest.fixture(scope="module", params=["24.03.7", "26.8.1"])
+def faulted_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulted]:
+    """The fault proxy before a server emulating a real release: absolute upload names, verified
+    uploads, bare 500s and detaching phases (see `baifs.server.releases`)."""
+    directory = tmp_path_factory.mktemp(f"faulted-{request.param}")
+    server = start_server(directory / "server", extra=("--emulate", request.param))
+    proxy = start_proxy(directory / "proxy", server)
+    try:
+        yield Faulted(server, proxy)
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+@pytest.mark.timeout(600)
+@settings(
+    max_examples=int(os.environ.get("BAIFS_RELEASE_EXAMPLES", "10")),
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(operations=st.lists(operation_st, min_size=1, max_size=25))
+@with_examples
+def test_overlay_matches_a_real_directory_on_real_releases(
+    faulted_release: Faulted, tmp_path_factory: pytest.TempPathFactory, operations: list[tuple]
+) -> None:
+    tmp = tmp_path_factory.mktemp("ref")
+    trio.run(scenario, faulted_release, tmp, operations, PROFILES["plain"])
