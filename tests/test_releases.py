@@ -22,7 +22,16 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import open_session
-from mounting import baifs, baifs_environment, baifs_run, force_unmount, mount_for, needs_fuse
+from mounting import (
+    baifs,
+    baifs_environment,
+    baifs_run,
+    force_unmount,
+    mount_for,
+    needs_fuse,
+    run_status,
+    wait_for,
+)
 from support import IMAGE, LocalServer, signed_request, start_server, unique_session_name
 
 from baifs.api import archive
@@ -382,5 +391,42 @@ def test_gap6_names_that_are_not_utf8_are_listed_and_read_through_an_alias(
         assert m.unmount() == 0
         scratch = os.path.join(work, b".baifs-tmp")
         assert not os.path.exists(scratch) or os.listdir(scratch) == [], "aliases are litter, removed"
+    finally:
+        m.stop()
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.timeout(120)
+def test_a_session_ended_during_a_run_is_reported_terminated_not_wedged(
+    release_server, tmp_path: Path
+) -> None:
+    local = release_server("25.15.12")  # the agents' words are visible there
+    m = mount_for(local, tmp_path)
+    try:
+        m.start()
+        (m.path / "kept.txt").write_text("kept\n")
+        m.sync()
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "baifs", "run", str(m.path), "--", "sleep 30"],
+            env=m.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        started = m.path / ".runs" / "1" / "status"
+        wait_for(lambda: started.exists() and run_status(m, 1)["state"] == "running", what="the run")
+        version = releases.profile("25.15.12").api_version
+        assert signed_request(local, "DELETE", f"/session/{m.session_id}", version=version).status_code == 200
+        _, stderr = runner.communicate(timeout=90)
+        assert runner.returncode != 0 and b"lost track of its runs" not in stderr, stderr
+        def ended() -> bool:  # a user goes on working: the mount's next listing meets the end
+            try:
+                os.listdir(m.path / "sub-that-is-not-there")
+            except OSError:
+                pass
+            return bool(m.status()["remote"]["terminated"])
+
+        wait_for(ended, 60, "the mount to see the session ended")
+        assert (m.path / "kept.txt").read_text() == "kept\n"  # what is cached still reads
     finally:
         m.stop()

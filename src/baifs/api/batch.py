@@ -381,10 +381,8 @@ class BatchExecutor:
                 raise
             log.warning("run %s: the answer to its start was lost (%s); following the run", run_id, error)
         except ServerError as error:
-            if lost_queue(error):
-                raise SessionWedged(
-                    f"run {run_id}: {LOST_QUEUE_MESSAGE} (the agent said: {error.msg})"
-                ) from error
+            if lost_queue(error) and (wedged := await self._wedged(run_id, error)) is not None:
+                raise wedged from error
             log.warning("run %s: the start was answered %s; following the run in case it went", run_id, error)
         except APIError:
             await self._concluded(run_id)  # refused: nothing runs
@@ -425,6 +423,15 @@ class BatchExecutor:
             result, lost = await self._poll_counting_losses(run_id, mode)
             complete = complete and not lost
 
+    async def _wedged(self, run_id: str, error: ServerError) -> SessionWedged | None:
+        """The agent's words for lost run queues, unless the session is ending (the agents say the
+        same while a session is TERMINATING): then None, and the run is followed to the session's end."""
+        status = str((await self.session.info()).get("status", ""))
+        if status not in ("RUNNING", "RUNNING_DEGRADED"):
+            log.info("run %s: %s while the session is %s", run_id, error.msg, status)
+            return None
+        return SessionWedged(f"run {run_id}: {LOST_QUEUE_MESSAGE} (the agent said: {error.msg})")
+
     async def _conclude_later(self, run_id: str, done: trio.Event) -> None:
         try:
             await self._conclude(run_id)
@@ -451,9 +458,8 @@ class BatchExecutor:
                 return result, lost
             except (EndpointUnreachable, ServerError) as error:
                 if isinstance(error, ServerError) and lost_queue(error):
-                    raise SessionWedged(
-                        f"run {run_id}: {LOST_QUEUE_MESSAGE} (the agent said: {error.msg})"
-                    ) from error
+                    if (wedged := await self._wedged(run_id, error)) is not None:
+                        raise wedged from error
                 lost = lost or not isinstance(error, EndpointUnreachable) or error.delivered
                 if attempt + 1 == CONTINUE_ATTEMPTS:
                     if isinstance(error, ServerError) and not error.msg:  # managers >= 26.1 say no more

@@ -145,8 +145,22 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def session_of(request: Request) -> ServedSession:
-    return state_of(request).registry.get(request.path_params["session"])
+def session_of(request: Request, *, terminating_ok: bool = False) -> ServedSession:
+    """The session a request names. While it is TERMINATING (``terminating-window``) the agent no
+    longer knows its kernel: every request but its info answers the agents' 500."""
+    session = state_of(request).registry.get(request.path_params["session"])
+    if session.terminating and not terminating_ok:
+        if (
+            request.method == "POST"
+            and request.url.path.rstrip("/") == f"/session/{request.path_params['session']}"
+        ):
+            raise agent_failure(
+                RuntimeError(
+                    f"The container for kernel {session.id} is not found! (might be terminated--try it again)"
+                )
+            )
+        raise agent_failure(KeyError(session.id))  # kernel_registry[kernel_id]
+    return session
 
 
 def endpoint(name: str) -> Callable[[Handler], Handler]:
@@ -234,7 +248,7 @@ async def create_session(request: Request) -> Response:
 
 @endpoint("info")
 async def session_info(request: Request) -> Response:
-    return AgentJSON(session_of(request).info())
+    return AgentJSON(session_of(request, terminating_ok=True).info())
 
 
 @endpoint("destroy")

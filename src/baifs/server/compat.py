@@ -60,6 +60,7 @@ class Compat:
     bare_agent_errors: bool = False
     queued_run_wedge: bool = False
     utf8_names_only: bool = False
+    terminating_window: bool = False
 
     @staticmethod
     def explained() -> dict[str, str]:
@@ -77,6 +78,8 @@ class Compat:
             "absolute-upload-names": "upload names must be absolute under /home/work "
             "(agent 24.03.7 - 25.7.0)",
             "no-persistent-paths": "runs see no BACKENDAI_PERSISTENT_PATHS (agent < 26.4.4)",
+            "terminating-window": "a destroyed session is TERMINATING for 3 s, its requests answered "
+            "with the agents' 500s, before it is gone (404) (every release)",
             "utf8-names-only": "a path not UTF-8 fails in a body (msgpack, 500) and loses its bytes in a "
             "query (U+FFFD) (every release)",
             "queued-run-wedge": "a run queued behind another breaks the session's runs for good once "

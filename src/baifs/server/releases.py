@@ -110,6 +110,11 @@ RULES: tuple[Rule, ...] = (
         "exception_middleware answers InternalServerError (V8)",
     ),
     Rule(
+        "terminating-window",
+        lambda v: True,
+        "agent.py kernel_registry KeyError / execute RuntimeError while TERMINATING (real-versions §3.2)",
+    ),
+    Rule(
         "utf8-names-only",
         lambda v: True,
         "msgpack.packb of a lone surrogate (the agent RPC); yarl's query decoding (gap 6)",

@@ -45,10 +45,14 @@ class ServedSession:
     #: when the session is RUNNING (`--start-delay`: the image is pulled, then the kernel made).
     running_at: float = 0.0
     running: trio.Event = field(default_factory=trio.Event)
+    #: set while a destroyed session is TERMINATING (``terminating-window``), until it is gone.
+    terminating: bool = False
 
     @property
     def status(self) -> str:
         """PULLING for the first half of the start, PREPARING for the second, then RUNNING."""
+        if self.terminating:
+            return "TERMINATING"
         left = self.running_at - time.time()
         if left <= 0:
             return "RUNNING"
@@ -92,6 +96,11 @@ class ServedSession:
             "lastStat": {},
             "idleChecks": {},
         }
+
+
+#: How long a destroyed session stays TERMINATING with ``terminating-window`` (its containers
+#: are being removed; the agents answer 500 meanwhile).
+TERMINATING_SECONDS = 3.0
 
 
 class SessionRegistry:
@@ -172,9 +181,23 @@ class SessionRegistry:
         return session, True
 
     def destroy(self, id_or_name: str) -> None:
+        """End a session: gone at once, or TERMINATING for `TERMINATING_SECONDS` first."""
         session = self.get(id_or_name)
         session.kernel.terminate()
-        del self._sessions[session.id]
+        if self.compat.terminating_window and not session.terminating:
+            session.terminating = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._remove_later, session)
+            return
+        self._remove(session)
+
+    async def _remove_later(self, session: ServedSession) -> None:
+        await trio.sleep(TERMINATING_SECONDS)
+        self._remove(session)
+
+    def _remove(self, session: ServedSession) -> None:
+        if self._sessions.pop(session.id, None) is None:
+            return
         self._save()
         shutil.rmtree(session.work.root.parent, ignore_errors=True)
 
