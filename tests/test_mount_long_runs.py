@@ -126,6 +126,9 @@ def test_a_runs_record_stays_while_it_goes_after_a_flush_before_it(mount: Mount)
     marker = next((m.home / "state").rglob("mounts/*/"), None)
     assert marker is not None
     marker = marker / "current-run"
+    # The run's id is in its status a moment before the executor records it as the current run
+    # (the barrier flush's run may still be the one recorded then): wait for that first.
+    wait_for(lambda: marker.exists() and marker.read_text().strip() == run_id, 20, "the run to be recorded")
     seen = 0
     while json.loads(status.read_text())["state"] == "running" and not (m.work / "long.txt").exists():
         assert marker.exists() and marker.read_text().strip() == run_id, "the running run's record vanished"
