@@ -62,27 +62,28 @@ class Aliases:
             self._litter(alias)
 
     async def download(self, paths: list[bytes]) -> list[memoryview]:
-        """Archives of files, in order, whatever bytes their paths hold (one script for the aliases)."""
+        """Archives of files, in order, whatever bytes their paths hold (a script for each alias)."""
         if all(nameable(path) for path in paths):
             return await self.session.download([remote_name(path) for path in paths])
         names: list[bytes] = []
         aliases: list[bytes] = []
-        for path in paths:
-            if nameable(path):
-                names.append(path)
-            else:
+        try:
+            for path in paths:
+                if nameable(path):
+                    names.append(path)
+                    continue
                 alias = await self._make(
                     path, "ln -f -- {target} {alias} 2>/dev/null || cp -p -- {target} {alias}"
                 )
                 aliases.append(alias)
                 names.append(alias)
-        try:
             return await self.session.download([remote_name(name) for name in names])
         finally:
             for alias in aliases:
                 self._litter(alias)
 
     async def _make(self, path: bytes, command: str, relative: bytes | None = None) -> bytes:
+        """An alias of ``path`` made by ``command`` (its target ``relative`` when given) in one script."""
         alias = join(REMOTE_TMP, b"alias-" + secrets.token_hex(6).encode())
         shell = ShellScript()
         shell.raw(f"mkdir -p -- {shell.word(REMOTE_TMP)} || exit 1")
