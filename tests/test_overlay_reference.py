@@ -885,7 +885,7 @@ def faulted_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 
 @pytest.mark.timeout(600)
 @settings(
-    max_examples=int(os.environ.get("BAIFS_RELEASE_EXAMPLES", "10")),
+    max_examples=int(os.environ.get("BAIFS_RELEASE_EXAMPLES", "6")),
     deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,
