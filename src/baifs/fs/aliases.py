@@ -26,20 +26,15 @@ from ..api.errors import RemotePathError
 from ..api.listing import RemoteEntry
 from .flush import REMOTE_TMP, remote_name
 from .model import join
-from .shell import ShellScript
+from .shell import ShellScript, is_utf8
 from .supervisor import Supervisor
 
 #: How long an alias's script may wait for the execution slot.
 ALIAS_QUEUE_TIMEOUT = 20.0
 
 
-def nameable(path: bytes) -> bool:
-    """Whether the API can carry ``path`` as it is (UTF-8)."""
-    try:
-        path.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+#: Whether the API can carry a path as it is: UTF-8 (what the shell scripts also ask).
+nameable = is_utf8
 
 
 class Aliases:
