@@ -14,6 +14,7 @@ UUID or its name.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -97,6 +98,8 @@ class ServedSession:
             "idleChecks": {},
         }
 
+
+log = logging.getLogger(__name__)
 
 #: How long a destroyed session stays TERMINATING with ``terminating-window`` (its containers
 #: are being removed; the agents answer 500 meanwhile).
@@ -193,7 +196,10 @@ class SessionRegistry:
 
     async def _remove_later(self, session: ServedSession) -> None:
         await trio.sleep(TERMINATING_SECONDS)
-        self._remove(session)
+        try:
+            self._remove(session)
+        except OSError as error:  # a background task: a full disk must not end the server
+            log.warning("session %s: could not save the session index (%s)", session.id, error)
 
     def _remove(self, session: ServedSession) -> None:
         if self._sessions.pop(session.id, None) is None:
