@@ -363,7 +363,9 @@ def _remote_add(reference: Reference, work: Path, path: str, data: tuple[int, in
     if not _is_dir(work / parent) or os.path.lexists(work / path) or reference.crosses_symlink(parent):
         return False
     parts = path.split("/")
-    missing = next((index for index in range(1, len(parts)) if not os.path.lexists(ref / "/".join(parts[:index]))), None)
+    missing = next(
+        (index for index in range(1, len(parts)) if not os.path.lexists(ref / "/".join(parts[:index]))), None
+    )
     if missing is None:
         return False
     gone = "/".join(parts[:missing])
@@ -638,16 +640,20 @@ class Faulted:
     proxy: FaultProxy
 
 
-@pytest.fixture(scope="module")
-def faulted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulted]:
-    directory = tmp_path_factory.mktemp("faulted")
-    server = start_server(directory / "server")
+def faulted_server(directory: Path, *extra: str) -> Iterator[Faulted]:
+    """A server (started with ``extra``) behind the fault proxy, stopped when done."""
+    server = start_server(directory / "server", extra=extra)
     proxy = start_proxy(directory / "proxy", server)
     try:
         yield Faulted(server, proxy)
     finally:
         proxy.stop()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulted]:
+    yield from faulted_server(tmp_path_factory.mktemp("faulted"))
 
 
 async def attempt_flush(fs: Filesystem) -> bool:
@@ -849,16 +855,21 @@ def with_examples(test: Any) -> Any:
     return test
 
 
+def reference_settings(examples_variable: str, default: int) -> Any:
+    """Hypothesis settings of a reference test: ``default`` examples unless the variable says."""
+    return settings(
+        max_examples=int(os.environ.get(examples_variable, str(default))),
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+        ],
+    )
+
+
 @pytest.mark.timeout(600)
-@settings(
-    max_examples=int(os.environ.get("BAIFS_REFERENCE_EXAMPLES", "60")),
-    deadline=None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-    ],
-)
+@reference_settings("BAIFS_REFERENCE_EXAMPLES", 60)
 @given(operations=st.lists(operation_st, min_size=1, max_size=25))
 @with_examples
 @pytest.mark.parametrize("shape", sorted(PROFILES))
@@ -870,29 +881,16 @@ def test_overlay_matches_a_real_directory(
 
 
 @pytest.fixture(scope="module", params=["24.03.7", "26.8.1"])
-def faulted_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulted]:
+def faulted_release(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Faulted]:
     """The fault proxy before a server emulating a real release: absolute upload names, verified
     uploads, bare 500s and detaching phases (see `baifs.server.releases`)."""
-    directory = tmp_path_factory.mktemp(f"faulted-{request.param}")
-    server = start_server(directory / "server", extra=("--emulate", request.param))
-    proxy = start_proxy(directory / "proxy", server)
-    try:
-        yield Faulted(server, proxy)
-    finally:
-        proxy.stop()
-        server.stop()
+    yield from faulted_server(tmp_path_factory.mktemp(f"faulted-{request.param}"), "--emulate", request.param)
 
 
 @pytest.mark.timeout(600)
-@settings(
-    max_examples=int(os.environ.get("BAIFS_RELEASE_EXAMPLES", "6")),
-    deadline=None,
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-    ],
-)
+@reference_settings("BAIFS_RELEASE_EXAMPLES", 6)
 @given(operations=st.lists(operation_st, min_size=1, max_size=25))
 @with_examples
 def test_overlay_matches_a_real_directory_on_real_releases(
