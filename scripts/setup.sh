@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything baifs needs on Debian 12, as root: the system packages
 # (FUSE, the build tools for pyfuse3, bubblewrap for `baifs serve`, and the
-# programs the tests and benchmarks drive), a virtual environment in .venv,
+# programs the tests and benchmarks drive; debootstrap makes the Debian 13 root
+# the official 26.9 client needs for its Python 3.13), a virtual environment in .venv,
 # and baifs itself with its test extras. Safe to run again: it installs only
 # what is missing. Links `baifs` into /usr/local/bin (or ~/.local/bin when
 # that is not writable), unless it is another checkout's that works
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
     fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
-    bubblewrap git vim nano rsync sshfs openssh-server procps bash-completion man-db
+    bubblewrap git vim nano rsync sshfs openssh-server procps bash-completion man-db debootstrap
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -1,50 +1,151 @@
-"""The official Backend.AI client (CLI and SDK, 23.9.10) accepts `baifs serve`.
+"""The official Backend.AI clients (CLI and SDK, 23.9.10 and 26.9.6) accept `baifs serve`.
 
-The client is installed into its own virtual environment on first use (it pins
-old aiohttp/yarl releases that must not meet ours), cached under
-``~/.cache/baifs-tests``.
+Each client is installed once, cached under ``~/.cache/baifs-tests``: 23.9.10
+into its own virtual environment (it pins old aiohttp/yarl releases that must
+not meet ours); 26.9.6, which needs Python 3.13 (Debian 12 has 3.11), into a
+virtual environment inside a minimal Debian 13 root made by debootstrap, run
+through chroot. The chroot shares the host's network, so it reaches the server
+on 127.0.0.1 as any client does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from support import LocalServer, start_server, unique_session_name
 
-CLIENT_REQUIREMENTS = ["backend.ai-client==23.9.10", "yarl<1.17"]
-CLIENT_VENV = Path.home() / ".cache" / "baifs-tests" / "official-client-23.9.10"
+CACHE = Path.home() / ".cache" / "baifs-tests"
+CLIENT_23_REQUIREMENTS = ["backend.ai-client==23.9.10", "yarl<1.17"]
+CLIENT_23_VENV = CACHE / "official-client-23.9.10"
+CLIENT_26_REQUIREMENT = "backend.ai-client==26.9.6"
+CLIENT_26_ROOT = CACHE / "official-client-26.9.6-trixie"
+#: Inside the chroot.
+CLIENT_26_VENV = "/opt/backend.ai-client"
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def official_client() -> Path:
-    ready = CLIENT_VENV / ".installed"
-    if not ready.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(CLIENT_VENV)], check=True)
-        install = subprocess.run(
-            [str(CLIENT_VENV / "bin/pip"), "install", "--quiet", *CLIENT_REQUIREMENTS],
-            stdin=subprocess.DEVNULL,
+@dataclass
+class OfficialClient:
+    """One installed official client: its CLI and its Python, run in `root` (a chroot) or here."""
+
+    release: str
+    bin_dir: str
+    root: Path | None = None
+
+    def inside(self, path: Path) -> str:
+        """`path` (under the workspace) as the client sees it."""
+        return "/" + str(path.relative_to(self.root)) if self.root else str(path)
+
+    def argv(self, program: str, *args: str, cwd: Path) -> list[str]:
+        command = [f"{self.bin_dir}/{program}", *args]
+        if self.root is None:
+            return command
+        return ["chroot", str(self.root), "/usr/bin/env", "-C", self.inside(cwd), *command]
+
+    def call(
+        self, program: str, *args: str, cwd: Path, environment: dict[str, str]
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(program, *args, cwd=cwd),
+            cwd=cwd,
+            env=environment,
             capture_output=True,
             text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
         )
-        assert install.returncode == 0, f"installing the official client failed:\n{install.stderr}"
-        ready.write_text("\n".join(CLIENT_REQUIREMENTS))
-    return CLIENT_VENV / "bin"
+
+    def run(self, program: str, *args: str, cwd: Path, environment: dict[str, str]) -> tuple[str, str]:
+        finished = self.call(program, *args, cwd=cwd, environment=environment)
+        assert finished.returncode == 0, f"{program} {args} failed:\n{finished.stdout}\n{finished.stderr}"
+        return finished.stdout, finished.stderr
 
 
-def client_environment(server: LocalServer, home: Path) -> dict[str, str]:
+def install(argv: list[str], what: str) -> None:
+    finished = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert finished.returncode == 0, f"{what} failed:\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def client_23() -> OfficialClient:
+    ready = CLIENT_23_VENV / ".installed"
+    if not ready.exists():
+        install([sys.executable, "-m", "venv", "--clear", str(CLIENT_23_VENV)], "making its venv")
+        install(
+            [str(CLIENT_23_VENV / "bin/pip"), "install", "--quiet", *CLIENT_23_REQUIREMENTS],
+            "installing the official client 23.9.10",
+        )
+        ready.write_text("\n".join(CLIENT_23_REQUIREMENTS))
+    return OfficialClient("23.9.10", str(CLIENT_23_VENV / "bin"))
+
+
+@pytest.fixture(scope="module")
+def client_26() -> OfficialClient:
+    root = CLIENT_26_ROOT
+    ready = root / ".installed"
+    if not ready.exists():
+        assert shutil.which("debootstrap"), "debootstrap is missing: run scripts/setup.sh"
+        shutil.rmtree(root, ignore_errors=True)
+        install(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3.13,python3.13-venv,ca-certificates",
+                "trixie",
+                str(root),
+                "http://deb.debian.org/debian",
+            ],
+            "debootstrap of a Debian 13 root for Python 3.13",
+        )
+        # The host's trust store, so pip inside reaches PyPI through whatever proxy the host trusts.
+        shutil.copyfile("/etc/ssl/certs/ca-certificates.crt", root / "etc/ssl/certs/ca-certificates.crt")
+        shutil.copyfile("/etc/resolv.conf", root / "etc/resolv.conf")
+        install(["chroot", str(root), "/usr/bin/python3.13", "-m", "venv", CLIENT_26_VENV], "its venv")
+        install(
+            ["chroot", str(root), f"{CLIENT_26_VENV}/bin/pip", "install", "--quiet", CLIENT_26_REQUIREMENT],
+            "installing the official client 26.9.6",
+        )
+        ready.write_text(CLIENT_26_REQUIREMENT)
+    return OfficialClient("26.9.6", f"{CLIENT_26_VENV}/bin", root)
+
+
+@pytest.fixture(params=["23.9.10", "26.9.6"])
+def official_client(request: pytest.FixtureRequest) -> OfficialClient:
+    return request.getfixturevalue("client_23" if request.param == "23.9.10" else "client_26")
+
+
+@pytest.fixture
+def workspace(official_client: OfficialClient, tmp_path: Path) -> Iterator[Path]:
+    """A scratch directory the client can see (inside its root), removed afterwards."""
+    if official_client.root is None:
+        place = tmp_path / "client"
+    else:
+        place = official_client.root / "tmp" / f"conformance-{uuid.uuid4().hex[:8]}"
+    (place / "home").mkdir(parents=True)
+    try:
+        yield place
+    finally:
+        if official_client.root is not None:
+            shutil.rmtree(place, ignore_errors=True)
+
+
+def client_environment(server: LocalServer, client: OfficialClient, workspace: Path) -> dict[str, str]:
     environment = {
         key: value for key, value in os.environ.items() if not key.startswith(("BACKEND_", "SORNA_"))
     }
     environment.update(
-        HOME=str(home),
+        HOME=client.inside(workspace / "home"),
         BACKEND_ENDPOINT=server.endpoint,
         BACKEND_ENDPOINT_TYPE="api",
         BACKEND_ACCESS_KEY=server.credentials.access_key,
@@ -52,14 +153,6 @@ def client_environment(server: LocalServer, home: Path) -> dict[str, str]:
         PYTHONWARNINGS="ignore",
     )
     return environment
-
-
-def run(argv: list[str], cwd: Path, environment: dict[str, str]) -> tuple[str, str]:
-    finished = subprocess.run(
-        argv, cwd=cwd, env=environment, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
-    )
-    assert finished.returncode == 0, f"{argv} failed:\n{finished.stdout}\n{finished.stderr}"
-    return finished.stdout, finished.stderr
 
 
 CREATE_ONLY = textwrap.dedent(
@@ -81,11 +174,11 @@ SDK_SCRIPT = textwrap.dedent(
     import json, sys
     from ai.backend.client.session import Session
 
-    name = sys.argv[1]
+    name, built_from = sys.argv[1], sys.argv[2]
     with Session() as api:
         session = api.ComputeSession.get_or_create("python:3.11-ubuntu22.04", name=name)
         run_id, mode, options = None, "batch", {
-            "build": "echo building; cat tree/a.txt > built.txt",
+            "build": f"echo building; cat {built_from} > built.txt",
             "exec": "echo executing; cat built.txt; echo to-stderr >&2; sleep 2.5; echo done; exit 7",
         }
         statuses, console = [], []
@@ -102,17 +195,32 @@ SDK_SCRIPT = textwrap.dedent(
 )
 
 
+def sdk_call(
+    client: OfficialClient, script: str, args: tuple[str, ...], workspace: Path, environment: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run an SDK script with the client's Python."""
+    path = workspace / f"script-{uuid.uuid4().hex[:6]}.py"
+    path.write_text(script)
+    return client.call("python", client.inside(path), *args, cwd=workspace, environment=environment)
+
+
+def sdk(
+    client: OfficialClient, script: str, args: tuple[str, ...], workspace: Path, environment: dict[str, str]
+) -> dict:
+    finished = sdk_call(client, script, args, workspace, environment)
+    assert finished.returncode == 0, f"the SDK script failed:\n{finished.stdout}\n{finished.stderr}"
+    return json.loads(finished.stdout)
+
+
 def test_official_client_uploads_lists_downloads_and_executes(
-    official_client: Path, server: LocalServer, tmp_path: Path
+    official_client: OfficialClient, server: LocalServer, workspace: Path
 ) -> None:
-    environment = client_environment(server, tmp_path / "home")
-    (tmp_path / "home").mkdir()
+    client, environment = official_client, client_environment(server, official_client, workspace)
     name = unique_session_name()
-    create = run([str(official_client / "python"), "-c", CREATE_ONLY, name], tmp_path, environment)
-    session_id = json.loads(create[0])["id"]
+    session_id = sdk(client, CREATE_ONLY, (name,), workspace, environment)["id"]
     work = server.work_dir(session_id)
 
-    source = tmp_path / "src"
+    source = workspace / "src"
     files = {
         "tree/a.txt": b"alpha\n",
         "tree/sub/b.bin": bytes(range(256)) * 40,
@@ -122,42 +230,37 @@ def test_official_client_uploads_lists_downloads_and_executes(
     for relative, data in files.items():
         (source / relative).parent.mkdir(parents=True, exist_ok=True)
         (source / relative).write_bytes(data)
-    _, upload_log = run(
-        [str(official_client / "backend.ai"), "session", "upload", name, *files], source, environment
+    output, upload_log = client.run(
+        "backend.ai", "session", "upload", name, *files, cwd=source, environment=environment
     )
-    assert "Uploaded" in upload_log
+    assert "Uploaded" in output + upload_log
     for relative, data in files.items():
         assert (work / relative).read_bytes() == data, relative
 
-    listing, _ = run(
-        [str(official_client / "backend.ai"), "session", "ls", name, "tree"], source, environment
-    )
+    listing, _ = client.run("backend.ai", "session", "ls", name, "tree", cwd=source, environment=environment)
     for entry in ("a.txt", "sub", "with space.txt"):
         assert entry in listing
     assert "drwx" in listing
 
-    destination = tmp_path / "downloaded"
+    destination = workspace / "downloaded"
     destination.mkdir()
-    run(
-        [
-            str(official_client / "backend.ai"),
-            "session",
-            "download",
-            name,
-            "tree/a.txt",
-            "tree/sub",
-            "--dest",
-            str(destination),
-        ],
-        source,
-        environment,
+    client.run(
+        "backend.ai",
+        "session",
+        "download",
+        name,
+        "tree/a.txt",
+        "tree/sub",
+        "--dest",
+        client.inside(destination),
+        cwd=source,
+        environment=environment,
     )
     assert (destination / "a.txt").read_bytes() == files["tree/a.txt"]
     assert (destination / "sub/b.bin").read_bytes() == files["tree/sub/b.bin"]
     assert (destination / "sub/deeper/c.txt").read_bytes() == files["tree/sub/deeper/c.txt"]
 
-    execution_log, _ = run([str(official_client / "python"), "-c", SDK_SCRIPT, name], tmp_path, environment)
-    execution = json.loads(execution_log)
+    execution = sdk(client, SDK_SCRIPT, (name, "tree/a.txt"), workspace, environment)
     assert execution["id"] == session_id
     assert execution["statuses"][:2] == ["clean-finished", "build-finished"]
     assert "continued" in execution["statuses"] and execution["statuses"][-1] == "finished"
@@ -169,52 +272,67 @@ def test_official_client_uploads_lists_downloads_and_executes(
     assert (work / "built.txt").read_bytes() == b"alpha\n"
 
 
-def test_official_client_against_its_own_release(official_client: Path, tmp_path: Path) -> None:
-    """The 23.9 client against the 23.09.11 profile does what it does against that real manager.
+#: Each client against the newest release of the profiles that is not newer than the client.
+OWN_RELEASE = {"23.9.10": "23.09.11", "26.9.6": "26.8.1"}
 
-    Nested upload names arrive as the SDK's aiohttp writes them, percent-encoded and not
-    decoded by the manager's (a file named ``tree%2Fa.txt``); a download is a GET whose
-    body the manager ignores (400); listing and execution work.
+
+def test_official_client_against_its_own_release(
+    official_client: OfficialClient, workspace: Path, tmp_path: Path
+) -> None:
+    """Each client against its release's profile does what it does against that real manager.
+
+    Both: nested upload names arrive as the SDK's aiohttp writes them, percent-encoded, and
+    the manager's aiohttp does not decode them (a file named ``tree%2Fa.txt``); listing works.
+    23.9 on 23.09.11: a download is a GET whose body the manager ignores (400); the batch loop
+    works. 26.9 on 26.8.1: a download works; the SDK sends the run id as ``runId``, which
+    managers from 25.6 no longer read, so its batch loop fails at its first ``continue`` with
+    the manager's "continuation requires explicit run ID".
     """
-    local = start_server(tmp_path / "srv", extra=("--emulate", "23.09.11"))
+    client = official_client
+    local = start_server(tmp_path / "srv", extra=("--emulate", OWN_RELEASE[client.release]))
     try:
-        environment = client_environment(local, tmp_path / "home")
-        (tmp_path / "home").mkdir()
+        environment = client_environment(local, client, workspace)
         name = unique_session_name()
-        create = run([str(official_client / "python"), "-c", CREATE_ONLY, name], tmp_path, environment)
-        work = local.work_dir(json.loads(create[0])["id"])
-        source = tmp_path / "src"
+        work = local.work_dir(sdk(client, CREATE_ONLY, (name,), workspace, environment)["id"])
+        source = workspace / "src"
         (source / "tree").mkdir(parents=True)
         (source / "tree" / "a.txt").write_bytes(b"alpha\n")
         (source / "top.txt").write_bytes(b"top\n")
-        run(
-            [str(official_client / "backend.ai"), "session", "upload", name, "tree/a.txt", "top.txt"],
-            source,
-            environment,
+        client.run(
+            "backend.ai",
+            "session",
+            "upload",
+            name,
+            "tree/a.txt",
+            "top.txt",
+            cwd=source,
+            environment=environment,
         )
         assert (work / "tree%2Fa.txt").read_bytes() == b"alpha\n" and not (work / "tree").exists()
         assert (work / "top.txt").read_bytes() == b"top\n"
-        listing, _ = run(
-            [str(official_client / "backend.ai"), "session", "ls", name, "."], source, environment
-        )
+        listing, _ = client.run("backend.ai", "session", "ls", name, ".", cwd=source, environment=environment)
         assert "tree%2Fa.txt" in listing and "top.txt" in listing
-        download = subprocess.run(
-            [
-                str(official_client / "backend.ai"),
-                "session",
-                "download",
-                name,
-                "top.txt",
-                "--dest",
-                str(tmp_path),
-            ],
+        destination = workspace / "downloaded"
+        destination.mkdir()
+        download = client.call(
+            "backend.ai",
+            "session",
+            "download",
+            name,
+            "top.txt",
+            "--dest",
+            client.inside(destination),
             cwd=source,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
+            environment=environment,
         )
-        assert not (tmp_path / "top.txt").exists() and "400" in download.stdout + download.stderr, download
+        execution = sdk_call(client, SDK_SCRIPT, (name, "top.txt"), workspace, environment)
+        if client.release == "23.9.10":
+            assert not (destination / "top.txt").exists()
+            assert "400" in download.stdout + download.stderr, download
+            assert execution.returncode == 0 and json.loads(execution.stdout)["exit"] == 7, execution
+        else:
+            assert download.returncode == 0 and (destination / "top.txt").read_bytes() == b"top\n", download
+            assert execution.returncode != 0, execution
+            assert "continuation requires explicit run ID" in execution.stderr, execution.stderr
     finally:
         local.stop()

@@ -272,9 +272,12 @@ async def execute(request: Request) -> Response:
     if mode not in ("batch", "continue", "input", "query"):
         raise Problem(500, "invalid-session-data", "Invalid session data.", f"unsupported mode {mode!r}")
     if state.compat.run_id_camel_only:
-        run_id = body.get("runId")
-        if not run_id:  # api/session.py execute up to 25.5: the key is required, batch mode included
+        # api/session.py execute up to 25.5: the key must be there, its value may be None.
+        if "runId" not in body:
             raise invalid_params("runId is missing!")
+        run_id = body["runId"]
+        if not run_id and mode != "batch":
+            raise invalid_params("continuation requires explicit run ID")  # an assert there: 400
     elif state.compat.run_id_snake_only:
         run_id = body.get("run_id")
     else:
