@@ -905,7 +905,16 @@ class SessionClient:
         absent: list[str] = []
 
         async def classify() -> bool:  # a 500 naming no cause: is a path simply not there?
-            absent[:] = await self._absent(paths)
+            try:
+                absent[:] = await self._absent(paths)
+            except APIError as error:
+                raise ServerError(
+                    500,
+                    title="Download failed",
+                    msg="the session named no cause, and the listing that would show whether "
+                    f"{', '.join(map(repr, paths[:5]))} exist failed too: {error}",
+                    endpoint="download",
+                ) from error
             return bool(absent)
 
         try:
