@@ -91,6 +91,9 @@ def test_profiles_follow_the_release_rules() -> None:
     assert "run-id-camel-only" in switches("24.09.8") and "run-id-camel-only" not in switches("25.6.5")
     assert {"run-id-camel-only", "run-id-snake-only"} & switches("25.6.6") == {"run-id-snake-only"}
     assert "bare-agent-errors" in switches("26.1.0") and "bare-agent-errors" not in switches("25.16.0")
+    assert "agent-call-retries" in switches("25.16.0") and not {"agent-call-retries"} & (
+        switches("25.15.12") | switches("26.1.0")
+    )
     assert releases.profile("23.09.11").api_version == "v7.20230615"
     assert releases.profile("26.8.1").api_version == "v9.20250722"
 
@@ -330,6 +333,29 @@ async def test_gap7_a_bare_500_for_a_missing_file_is_decided_by_a_listing_not_re
         assert archive.single_member((await session.download(["there.txt"]))[0])[1] == b"here\n"
 
 
+@pytest.mark.parametrize("release", ["25.15.12", "25.16.0"])
+async def test_a_failing_agent_call_the_manager_repeats_is_not_repeated_again_by_the_client(
+    release_server, release: str
+) -> None:
+    """Managers 25.16 - 25.19 make a failed agent call three times before they answer; a missing
+    file is still one request of the client's (the agent's "Could not download" is final)."""
+    local = release_server(release)
+    connection, session, _ = await open_session(local)
+    async with connection:
+        started = trio.current_time()
+        with pytest.raises(ServerError, match="Could not download the archive"):
+            await session.download(["gone.txt"])
+        took = trio.current_time() - started
+    document = signed_request(
+        local, "GET", "/_baifs/counters", version=releases.profile(release).api_version
+    ).json()
+    assert document["requests"]["download"] == 1, document
+    if release == "25.16.0":
+        assert document["agent_call_retries"] == 2 and took >= 0.3, (document, took)
+    else:
+        assert document["agent_call_retries"] == 0, document
+
+
 @pytest.mark.parametrize("release", ["25.15.12", "26.8.1"])  # the agent's words; a bare 500
 async def test_gap3_a_run_queued_behind_another_clients_wedges_the_session_and_says_so(
     release_server, release: str
@@ -419,6 +445,7 @@ def test_a_session_ended_during_a_run_is_reported_terminated_not_wedged(
         assert signed_request(local, "DELETE", f"/session/{m.session_id}", version=version).status_code == 200
         _, stderr = runner.communicate(timeout=90)
         assert runner.returncode != 0 and b"lost track of its runs" not in stderr, stderr
+
         def ended() -> bool:  # a user goes on working: the mount's next listing meets the end
             try:
                 os.listdir(m.path / "sub-that-is-not-there")

@@ -72,6 +72,31 @@ class ServerState:
     rate_limit: RateLimit | None = None
     requests: Counter[str] = field(default_factory=Counter)
     batch_runs: int = 0
+    #: agent calls made again after a failure (``agent-call-retries``).
+    agent_call_retries: int = 0
+
+
+#: ``agent-call-retries``: the manager's RetryPolicy(max_retries=3, retry_delay=0.1, exponential).
+AGENT_CALL_ATTEMPTS = 3
+AGENT_RETRY_DELAY = 0.1
+
+
+async def agent_call(
+    state: ServerState,
+    call: Callable[[], Awaitable[Any]],
+    failing: type[BaseException] | tuple[type[BaseException], ...],
+) -> Any:
+    """One call to the session's agent. With ``agent-call-retries`` (managers 25.16 - 25.19) a
+    call that fails is made again, up to three calls in all, 0.1 then 0.2 s apart, before its
+    last error goes to the caller (and, as the manager does, to the client)."""
+    attempts = AGENT_CALL_ATTEMPTS if state.compat.agent_call_retries else 1
+    for attempt in range(1, attempts):
+        try:
+            return await call()
+        except failing:
+            state.agent_call_retries += 1
+            await trio.sleep(AGENT_RETRY_DELAY * 2 ** (attempt - 1))
+    return await call()
 
 
 def raw_target(request: Request) -> str:
@@ -216,7 +241,13 @@ async def announcement(request: Request) -> Response:
 @endpoint("counters")
 async def counters(request: Request) -> Response:
     state = state_of(request)
-    return AgentJSON({"requests": dict(state.requests), "batch_runs": state.batch_runs})
+    return AgentJSON(
+        {
+            "requests": dict(state.requests),
+            "batch_runs": state.batch_runs,
+            "agent_call_retries": state.agent_call_retries,
+        }
+    )
 
 
 @endpoint("create")
@@ -303,7 +334,9 @@ async def execute(request: Request) -> Response:
         state.batch_runs += 1
     options = body.get("options") if isinstance(body.get("options"), dict) else None
     try:
-        result = await session.kernel.execute(mode, str(run_id), options)
+        result = await agent_call(
+            state, functools.partial(session.kernel.execute, mode, str(run_id), options), RunWedged
+        )
     except RunWedged as error:
         raise agent_failure(error) from None
     return AgentJSON({"result": result})
@@ -319,8 +352,9 @@ async def list_files(request: Request) -> Response:
         path = "."
     else:
         path = packable(request, str((await json_object(request, required=False)).get("path") or "."))
+    listing = functools.partial(trio.to_thread.run_sync, session.work.listing, path)
     try:
-        return AgentJSON(await trio.to_thread.run_sync(session.work.listing, path))
+        return AgentJSON(await agent_call(state_of(request), listing, PermissionError))
     except PermissionError as error:
         raise agent_failure(error) from None
 
@@ -355,8 +389,9 @@ async def download(request: Request) -> Response:
         )
     payloads = []
     for path in paths:
+        pack = functools.partial(trio.to_thread.run_sync, session.work.archive, path)
         try:
-            payloads.append(await trio.to_thread.run_sync(session.work.archive, path))
+            payloads.append(await agent_call(state_of(request), pack, (OSError, ValueError, RuntimeError)))
         except (OSError, ValueError, RuntimeError) as error:
             raise agent_failure(error) from None
     content_type, body = archive.encode_mixed(payloads)
@@ -369,8 +404,9 @@ async def download_single(request: Request) -> Response:
     paths = await requested_paths(request, "file")
     if len(paths) != 1:
         raise invalid_params("exactly one file is required")
+    read = functools.partial(trio.to_thread.run_sync, session.work.single, paths[0])
     try:
-        data = await trio.to_thread.run_sync(session.work.single, paths[0])
+        data = await agent_call(state_of(request), read, (OSError, ValueError, RuntimeError))
     except (OSError, ValueError, RuntimeError) as error:
         raise agent_failure(error) from None
     return Response(data, media_type="application/octet-stream")
@@ -399,7 +435,7 @@ async def upload(request: Request) -> Response:
                 session.work.write_upload, filename, data, absolute_names=state.compat.absolute_upload_names
             )
             try:
-                await trio.to_thread.run_sync(write)
+                await agent_call(state, functools.partial(trio.to_thread.run_sync, write), OSError)
             except OSError as error:
                 failures.append(error)
 

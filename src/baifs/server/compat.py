@@ -37,6 +37,9 @@ aiohttp-filenames      upload names as aiohttp's ``BodyPartReader``  every relea
                        reads them: leading ``/`` stripped, no
                        %-decoding, ``filename*`` preferred, ``None``
                        for two ``;``
+agent-call-retries     a failed agent call (run, listing, download,  manager 25.16 –
+                       upload) is made three times, 0.1 and 0.2 s    25.19
+                       apart, before the manager answers
 =====================  ============================================  ===============
 """
 
@@ -61,6 +64,7 @@ class Compat:
     queued_run_wedge: bool = False
     utf8_names_only: bool = False
     terminating_window: bool = False
+    agent_call_retries: bool = False
 
     @staticmethod
     def explained() -> dict[str, str]:
@@ -88,6 +92,8 @@ class Compat:
             "agent-details (manager >= 26.1)",
             "aiohttp-filenames": "upload names read by aiohttp: a leading / stripped, no %-decoding, "
             "filename* preferred, none with two ';' (every release)",
+            "agent-call-retries": "a failed agent call is made three times, 0.1 and 0.2 s apart, "
+            "before the manager answers (manager 25.16 - 25.19)",
         }
 
     @classmethod

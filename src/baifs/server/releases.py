@@ -104,6 +104,13 @@ RULES: tuple[Rule, ...] = (
         "manager api/rest/session/handler.py list_files @26.3.0: QueryParam (V4)",
     ),
     Rule(
+        "agent-call-retries",
+        _between("25.16.0", "25.19.99"),
+        "manager clients/agent/client.py @25.16.0, @25.19.2: every AgentClient RPC has "
+        "agent_client_resilience, a RetryPolicy(max_retries=3, retry_delay=0.1, exponential); AgentError "
+        "is a RuntimeError, not in non_retryable_exceptions",
+    ),
+    Rule(
         "bare-agent-errors",
         _from("26.1.0"),
         "manager clients/agent/client.py @26.1.0: RPCUserError is no longer AgentError; "
