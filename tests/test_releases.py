@@ -36,7 +36,7 @@ from support import IMAGE, LocalServer, signed_request, start_server, unique_ses
 
 from baifs.api import archive
 from baifs.api.batch import BatchExecutor, BatchSteps
-from baifs.api.client import UploadFile
+from baifs.api.client import Connection, UploadFile
 from baifs.api.errors import RateLimited, RemotePathError, ServerError, SessionWedged
 from baifs.server import releases
 
@@ -108,6 +108,20 @@ def test_a_profile_answers_as_its_release_and_refuses_newer_api_versions(emulate
         assert newer.status_code == 400 and "Unsupported API version" in newer.text
     fine = signed_request(emulated, "GET", "/_baifs/counters", version=profile.api_version)
     assert fine.status_code == 200, fine.text
+
+
+async def test_the_clients_create_works_on_every_release(emulated: LocalServer) -> None:
+    """baifs's own create (enqueued, get-or-create by name) and info, with the API version it
+    negotiated; the same name again finds the same session."""
+    connection = Connection(emulated.credentials, timeout=20)
+    async with connection:
+        await connection.negotiate()
+        name = unique_session_name()
+        created = await connection.create_session(name, IMAGE)
+        again = await connection.create_session(name, IMAGE)
+        assert created["sessionId"] == again["sessionId"]
+        info = await connection.session(created["sessionId"]).info()
+        assert info["status"] == "RUNNING", info
 
 
 def _git(*args: str, cwd: Path) -> None:
@@ -310,6 +324,29 @@ async def test_gap9_a_rate_limited_keypair_is_given_time_not_more_refusals(
     assert counts["list"] == refused_at + 1 + 1, counts
 
 
+@pytest.mark.parametrize("release", RELEASES)
+async def test_every_release_limits_the_keypair_and_the_client_stops_sending(
+    tmp_path: Path, release: str
+) -> None:
+    """The limiter of every release, met by the client: it learns the window from the answers,
+    and once refused it sends nothing more while paused (a quarter of the window)."""
+    local = start_server(tmp_path / "limited", extra=("--emulate", release, "--rate-limit", "8/60"))
+    try:
+        connection, session, _ = await open_session(local)
+        async with connection:
+            with pytest.raises(RateLimited):
+                for _ in range(20):
+                    await session.list_dir(".")
+            assert (connection.rate.limit, connection.rate.window) == (8, 60)
+            sent = release_counters(local, release)["list"]
+            with pytest.raises(RateLimited, match="nothing is sent for"):
+                await session.list_dir(".")
+            assert release_counters(local, release)["list"] == sent
+        assert sent + 1 == 8 + 1  # the create and the listings: one over the limit, refused
+    finally:
+        local.stop()
+
+
 async def test_gap7_a_bare_500_for_a_missing_file_is_decided_by_a_listing_not_repeated(
     release_server,
 ) -> None:
@@ -333,6 +370,13 @@ async def test_gap7_a_bare_500_for_a_missing_file_is_decided_by_a_listing_not_re
         assert archive.single_member((await session.download(["there.txt"]))[0])[1] == b"here\n"
 
 
+def release_counters(local: LocalServer, release: str) -> dict[str, int]:
+    """The server's counters, asked for with the API version the release knows."""
+    response = signed_request(local, "GET", "/_baifs/counters", version=releases.profile(release).api_version)
+    document = response.json()
+    return {**document["requests"], "agent_call_retries": document["agent_call_retries"]}
+
+
 @pytest.mark.parametrize("release", ["25.15.12", "25.16.0"])
 async def test_a_failing_agent_call_the_manager_repeats_is_not_repeated_again_by_the_client(
     release_server, release: str
@@ -346,10 +390,8 @@ async def test_a_failing_agent_call_the_manager_repeats_is_not_repeated_again_by
         with pytest.raises(ServerError, match="Could not download the archive"):
             await session.download(["gone.txt"])
         took = trio.current_time() - started
-    document = signed_request(
-        local, "GET", "/_baifs/counters", version=releases.profile(release).api_version
-    ).json()
-    assert document["requests"]["download"] == 1, document
+    document = release_counters(local, release)
+    assert document["download"] == 1, document
     if release == "25.16.0":
         assert document["agent_call_retries"] == 2 and took >= 0.3, (document, took)
     else:
