@@ -106,7 +106,7 @@ async def test_a_bare_500_is_not_called_missing_when_the_listing_that_decides_it
     While listings fail, the file may be there: no ENOENT, an error that says the session did
     not answer. Once they answer, ENOENT; the file that is there is read."""
     faulted = faulted_release("26.1.0")
-    connection = Connection(faulted.proxy.credentials, timeout=4)
+    connection = Connection(faulted.proxy.credentials, timeout=2)
     await connection.negotiate()
     answer = await connection.create_session(unique_session_name(), IMAGE)
     session = connection.session(answer["sessionId"])
@@ -158,7 +158,7 @@ def test_names_that_are_not_utf8_are_read_and_written_through_aliases_on_a_flaky
     work = os.fsencode(m.work)
     directory = os.path.join(work, b"caf\xe9")
     os.mkdir(directory)
-    contents = {b"na\xefve-%d.txt" % index: os.urandom(2000 + index) for index in range(6)}
+    contents = {b"na\xefve-%d.txt" % index: os.urandom(2000 + index) for index in range(4)}
     for name, data in contents.items():
         with open(os.path.join(directory, name), "wb") as handle:
             handle.write(data)
