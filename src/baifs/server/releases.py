@@ -162,7 +162,7 @@ RELEASES: dict[str, str] = {
     "25.6.5": "the last of the absolute upload names; run_id only",
     "25.6.6": "relative upload names; run_id only; phases resume",
     "25.15.12": "phases detach (frames sent meanwhile are lost); upload failures still reported",
-    "25.16.0": "upload failures answered 204 (swallowed)",
+    "25.16.0": "upload failures answered 204 (swallowed); a failed agent call made three times",
     "26.1.0": "agent failures answered as a bare 500 (no agent-details); list path still in the body",
     "26.4.7": "list path from the query only; BACKENDAI_PERSISTENT_PATHS in runs",
     "26.8.1": "the newest release read",
