@@ -45,11 +45,18 @@ class LocalServer:
     def work_dir(self, session_id: str) -> Path:
         return self.data_dir / "sessions" / session_id / "work"
 
-    def counters(self) -> dict[str, int]:
-        response = signed_request(self, "GET", "/_baifs/counters")
+    def counters(self, version: str | None = None) -> dict[str, int]:
+        """Requests per endpoint, batch runs and agent-call repeats (asked with API ``version``)."""
+        response = signed_request(
+            self, "GET", "/_baifs/counters", **({"version": version} if version else {})
+        )
         response.raise_for_status()
         document = response.json()
-        return {**document["requests"], "batch_runs": document["batch_runs"]}
+        return {
+            **document["requests"],
+            "batch_runs": document["batch_runs"],
+            "agent_call_retries": document["agent_call_retries"],
+        }
 
     def stop(self) -> None:
         stop_process(self.process, 10)

@@ -907,25 +907,30 @@ class SessionClient:
         async def classify() -> bool:  # a 500 naming no cause: is a path simply not there?
             try:
                 absent[:] = await self._absent(paths)
-            except APIError as error:
+            except ServerError as error:  # typed answers (429, a session gone, ...) stay what they are
                 raise ServerError(
                     500,
                     title="Download failed",
                     msg="the session named no cause, and the listing that would show whether "
-                    f"{', '.join(map(repr, paths[:5]))} exist failed too: {error}",
+                    f"{', '.join(map(repr, paths))} exist failed too: {error}",
                     endpoint="download",
                 ) from error
             return bool(absent)
 
+        async def send(method: str) -> httpx.Response:
+            return await self._request(
+                method,
+                f"{self._prefix}/download",
+                endpoint="download",
+                query=query,
+                content=body,
+                idempotent=True,
+                payload=len(paths) * MAX_ARCHIVE_BYTES,
+                classify=classify,
+            )
+
         try:
-            try:
-                response = await self._download_request(query, body, len(paths), classify)
-            except MethodNotAllowed:
-                if self._download_method == "GET":
-                    raise
-                log.info("this manager downloads with GET; switching")
-                self._download_method = "GET"
-                response = await self._download_request(query, body, len(paths), classify)
+            response = await self._in_download_method(send)
         except ServerError:
             if absent and len(paths) == 1:
                 raise RemotePathError(errno.ENOENT, paths[0], "not in the session's listing") from None
@@ -940,19 +945,17 @@ class SessionClient:
             raise ProtocolError(f"asked for {len(paths)} archives, received {len(parts)}")
         return [part.body for part in parts]
 
-    async def _download_request(
-        self, query: str, body: bytes, paths: int, classify: Callable[[], Awaitable[bool]]
-    ) -> httpx.Response:
-        return await self._request(
-            self._download_method,
-            f"{self._prefix}/download",
-            endpoint="download",
-            query=query,
-            content=body,
-            idempotent=True,
-            payload=paths * MAX_ARCHIVE_BYTES,
-            classify=classify,
-        )
+    async def _in_download_method(self, send: Callable[[str], Awaitable[httpx.Response]]) -> httpx.Response:
+        """``send(method)`` with the method this manager downloads with: POST until a 405 says
+        it takes GET only (managers up to 24.03.6), then GET for good."""
+        try:
+            return await send(self._download_method)
+        except MethodNotAllowed:
+            if self._download_method == "GET":
+                raise
+            log.info("this manager downloads with GET; switching")
+            self._download_method = "GET"
+            return await send("GET")
 
     async def _absent(self, paths: Sequence[str]) -> list[str]:
         """The paths that their directory's listing does not show (one listing per directory)."""
@@ -970,16 +973,19 @@ class SessionClient:
 
     async def download_single(self, path: str) -> bytes:
         """The raw bytes of one file (the same 1 MiB archive limit applies)."""
-        response = await self._request(
-            "POST",
-            f"{self._prefix}/download_single",
-            endpoint="download_single",
-            query=query_string([("file", path)]),
-            content=json_body({"file": path}),
-            idempotent=True,
-            payload=MAX_ARCHIVE_BYTES,
-        )
-        return response.content
+
+        async def send(method: str) -> httpx.Response:
+            return await self._request(
+                method,
+                f"{self._prefix}/download_single",
+                endpoint="download_single",
+                query=query_string([("file", path)]),
+                content=json_body({"file": path}),
+                idempotent=True,
+                payload=MAX_ARCHIVE_BYTES,
+            )
+
+        return (await self._in_download_method(send)).content
 
     async def execute(
         self,

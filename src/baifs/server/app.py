@@ -307,14 +307,14 @@ async def execute(request: Request) -> Response:
         if "runId" not in body:
             raise invalid_params("runId is missing!")
         run_id = body["runId"]
-        if not run_id and mode != "batch":
+        if run_id is None and mode in ("continue", "input"):
             raise invalid_params("continuation requires explicit run ID")  # an assert there: 400
     elif state.compat.run_id_snake_only:
         run_id = body.get("run_id")
     else:
         run_id = body.get("run_id") or body.get("runId")
     if not run_id:
-        if mode != "batch":
+        if mode in ("continue", "input"):
             raise Problem(
                 500, "invalid-session-data", "Invalid session data.", "continuation requires explicit run ID"
             )
@@ -368,11 +368,16 @@ async def requested_paths(request: Request, key: str) -> list[str]:
     return [packable(request, str(v)) for v in (value if isinstance(value, list) else [value])]
 
 
+def refuse_download_method(request: Request) -> None:
+    """Managers up to 24.03.6 route both downloads for GET only (``download-get-only``)."""
+    if request.method == "POST" and state_of(request).compat.download_get_only:
+        raise Problem(405, "method-not-allowed", "Method not allowed.")
+
+
 @endpoint("download")
 async def download(request: Request) -> Response:
     session = session_of(request)
-    if request.method == "POST" and state_of(request).compat.download_get_only:
-        raise Problem(405, "method-not-allowed", "Method not allowed.")
+    refuse_download_method(request)
     if request.method == "GET" and state_of(request).compat.download_query_first_only:
         # check_api_params ignores a GET's body and validates dict(request.query): one value.
         paths = query_values(request, "files")[:1]
@@ -401,7 +406,11 @@ async def download(request: Request) -> Response:
 @endpoint("download_single")
 async def download_single(request: Request) -> Response:
     session = session_of(request)
-    paths = await requested_paths(request, "file")
+    refuse_download_method(request)
+    if request.method == "GET" and state_of(request).compat.download_query_first_only:
+        paths = query_values(request, "file")[:1]  # a GET's body is ignored there
+    else:
+        paths = await requested_paths(request, "file")
     if len(paths) != 1:
         raise invalid_params("exactly one file is required")
     read = functools.partial(trio.to_thread.run_sync, session.work.single, paths[0])
