@@ -76,6 +76,9 @@ class ServerState:
     agent_call_retries: int = 0
 
 
+#: What the agent's file calls (download, download_single) raise for a path they cannot serve.
+FILE_FAILURES = (OSError, ValueError, RuntimeError)
+
 #: ``agent-call-retries``: the manager's RetryPolicy(max_retries=3, retry_delay=0.1, exponential).
 AGENT_CALL_ATTEMPTS = 3
 AGENT_RETRY_DELAY = 0.1
@@ -360,7 +363,14 @@ async def list_files(request: Request) -> Response:
 
 
 async def requested_paths(request: Request, key: str) -> list[str]:
+    """The paths a download names: the query's values, else the JSON body's. With
+    ``download-query-first-only`` a GET's body is ignored and only the first query value is read
+    (check_api_params validates ``dict(request.query)``), as manager 23.09.11 does."""
     from_query = query_values(request, key)
+    if request.method == "GET" and state_of(request).compat.download_query_first_only:
+        if not from_query:
+            raise invalid_params(f"{key} is missing")
+        return from_query[:1]
     if from_query:
         return from_query
     body = await json_object(request, required=False)
@@ -378,13 +388,7 @@ def refuse_download_method(request: Request) -> None:
 async def download(request: Request) -> Response:
     session = session_of(request)
     refuse_download_method(request)
-    if request.method == "GET" and state_of(request).compat.download_query_first_only:
-        # check_api_params ignores a GET's body and validates dict(request.query): one value.
-        paths = query_values(request, "files")[:1]
-        if not paths:
-            raise invalid_params("files is missing")
-    else:
-        paths = await requested_paths(request, "files")
+    paths = await requested_paths(request, "files")
     if len(paths) > MAX_DOWNLOAD_FILES:
         raise Problem(
             400,
@@ -396,8 +400,8 @@ async def download(request: Request) -> Response:
     for path in paths:
         pack = functools.partial(trio.to_thread.run_sync, session.work.archive, path)
         try:
-            payloads.append(await agent_call(state_of(request), pack, (OSError, ValueError, RuntimeError)))
-        except (OSError, ValueError, RuntimeError) as error:
+            payloads.append(await agent_call(state_of(request), pack, FILE_FAILURES))
+        except FILE_FAILURES as error:
             raise agent_failure(error) from None
     content_type, body = archive.encode_mixed(payloads)
     return Response(body, media_type=content_type)
@@ -407,16 +411,13 @@ async def download(request: Request) -> Response:
 async def download_single(request: Request) -> Response:
     session = session_of(request)
     refuse_download_method(request)
-    if request.method == "GET" and state_of(request).compat.download_query_first_only:
-        paths = query_values(request, "file")[:1]  # a GET's body is ignored there
-    else:
-        paths = await requested_paths(request, "file")
+    paths = await requested_paths(request, "file")
     if len(paths) != 1:
         raise invalid_params("exactly one file is required")
     read = functools.partial(trio.to_thread.run_sync, session.work.single, paths[0])
     try:
-        data = await agent_call(state_of(request), read, (OSError, ValueError, RuntimeError))
-    except (OSError, ValueError, RuntimeError) as error:
+        data = await agent_call(state_of(request), read, FILE_FAILURES)
+    except FILE_FAILURES as error:
         raise agent_failure(error) from None
     return Response(data, media_type="application/octet-stream")
 

@@ -34,6 +34,8 @@ from .workdir import WorkDir
 
 SESSION_NAME = re.compile(r"^(?=.{4,64}$)\w[\w.-]*\w$", re.ASCII)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ServedSession:
@@ -98,8 +100,6 @@ class ServedSession:
             "idleChecks": {},
         }
 
-
-log = logging.getLogger(__name__)
 
 #: How long a destroyed session stays TERMINATING with ``terminating-window`` (its containers
 #: are being removed; the agents answer 500 meanwhile).
