@@ -201,3 +201,38 @@ def test_names_that_are_not_utf8_are_read_and_written_through_aliases_on_a_flaky
         assert not os.path.exists(scratch) or os.listdir(scratch) == [], os.listdir(scratch)
     finally:
         m.stop()
+
+
+async def test_download_single_on_a_get_only_release_survives_faults_and_the_server_gone(
+    faulted_release,
+) -> None:
+    """On 24.03.6 download_single is GET only: the client's 405 switch, then 503s, resets before
+    and after the server answered, a stall and the server killed. Each call gives the bytes or
+    an error within its bounds; after the trouble the file is read again."""
+    faulted = faulted_release("24.03.6")
+    async with Connection(faulted.proxy.credentials, timeout=2) as connection:
+        await connection.negotiate()
+        answer = await connection.create_session(unique_session_name(), IMAGE)
+        session = connection.session(answer["sessionId"])
+        (faulted.server.work_dir(answer["sessionId"]) / "one").write_bytes(b"one\n")
+        faulted.proxy.set(
+            *flaky("download_single", 0.5),
+            {"endpoint": "download_single", "fault": "stall", "seconds": 30, "rate": 1, "count": 1},
+            seed=2,
+        )
+        read = 0
+        for _ in range(4):
+            with trio.fail_after(60):
+                try:
+                    assert await session.download_single("one") == b"one\n"
+                    read += 1
+                except BaifsError:
+                    continue
+        injected = faulted.proxy.state()["injected"]
+        assert read and "download_single:stall" in injected, (read, injected)
+        faulted.proxy.clear()
+        faulted.server.kill()
+        with trio.fail_after(60), pytest.raises(BaifsError):
+            await session.download_single("one")
+        faulted.server.restart()
+        assert await session.download_single("one") == b"one\n"
