@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .api.errors import BaifsError
+from .errors import BaifsError
 from .logs import mount_log_path, setup_logging
 from .server.compat import Compat
 
@@ -544,7 +544,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_mount_command(args: argparse.Namespace) -> int:
     from . import config
-    from .fs.filesystem import MountOptions
+    from .fs.core import MountOptions
     from .fs.mount import MountRequest, check_mountpoint
 
     if args.local:
@@ -715,20 +715,13 @@ def replay_salvage(args: argparse.Namespace, state: Path) -> int:
     import trio
 
     from . import config
-    from .fs.filesystem import MountOptions
-    from .fs.mount import MountRequest, open_session
+    from .fs.remote import open_session
     from .fs.salvage import replay
 
-    request = MountRequest(
-        session=args.session,
-        mountpoint=Path("."),
-        credentials=config.load_credentials(args.profile),
-        options=MountOptions(),
-        create_image=args.create,
-    )
+    credentials = config.load_credentials(args.profile)
 
     async def push() -> int:
-        connection, session, _ = await open_session(request)
+        connection, session, _ = await open_session(credentials, args.session, create_image=args.create)
         async with connection:
             return await replay(state, session)
 

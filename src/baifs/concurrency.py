@@ -21,14 +21,17 @@ traceback and the loop starts again, so no bug in one task ends the mount.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import trio
 
 log = logging.getLogger(__name__)
 RESTART_DELAY = 1.0
+T = TypeVar("T")
 
 
 async def gather(tasks: Iterable[Callable[[], Awaitable[object]]], *, limit: float = math.inf) -> None:
@@ -50,6 +53,13 @@ async def gather(tasks: Iterable[Callable[[], Awaitable[object]]], *, limit: flo
             nursery.start_soon(guarded, task, nursery)
     if failures:
         raise failures[0]
+
+
+async def gather_each(
+    function: Callable[[T], Awaitable[object]], items: Iterable[T], *, limit: float = math.inf
+) -> None:
+    """`gather` of ``function(item)`` for every item."""
+    await gather((functools.partial(function, item) for item in items), limit=limit)
 
 
 async def keep_running(name: str, loop: Callable[[], Awaitable[object]]) -> None:

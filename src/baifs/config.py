@@ -25,7 +25,7 @@ from pathlib import Path
 
 import dotenv
 
-from .api.errors import BaifsError
+from .errors import BaifsError
 
 CONFIG_FILE_NAME = "config.toml"
 

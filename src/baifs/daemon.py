@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from .api.errors import BaifsError
+from .errors import BaifsError
 from .fs.mount import MountRequest, run_mount
 from .logs import setup_logging
 

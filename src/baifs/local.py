@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from . import config
-from .api.errors import BaifsError
+from .errors import BaifsError
 from .processes import running
 
 LOCAL_SESSION = "local"

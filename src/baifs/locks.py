@@ -14,7 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .api.errors import BaifsError
+from .errors import BaifsError
 
 
 class DirectoryLocked(BaifsError):

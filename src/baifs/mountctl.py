@@ -32,13 +32,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .api.errors import BaifsError
+from . import controlfiles
+from .errors import BaifsError
 from .processes import running
 from .timestamps import moment
-
-STATUS_FILE = ".baifs-status"
-FLUSH_XATTR = "user.baifs.flush"
-KEEP_PENDING_XATTR = "user.baifs.keep-pending"
 
 
 class NotAMount(BaifsError):
@@ -55,7 +52,7 @@ def find_mount(start: Path) -> Path:
             'enter it again (cd "$PWD") or name the mount'
         ) from None
     for candidate in (path, *path.parents):
-        if os.path.ismount(candidate) and (candidate / STATUS_FILE).exists():
+        if os.path.ismount(candidate) and (candidate / controlfiles.STATUS).exists():
             return candidate
     raise NotAMount(f"{path} is not inside a baifs mount")
 
@@ -106,14 +103,14 @@ def mounts_served_by(endpoint: str) -> list[Path]:
 
 def _status_endpoint(mountpoint: Path) -> str | None:
     try:
-        return str(json.loads((mountpoint / STATUS_FILE).read_text())["endpoint"])
+        return str(json.loads((mountpoint / controlfiles.STATUS).read_text())["endpoint"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # dead (ENOTCONN), or not a mount of this baifs
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:
     try:
-        return json.loads((mountpoint / STATUS_FILE).read_text())
+        return json.loads((mountpoint / controlfiles.STATUS).read_text())
     except FileNotFoundError:
         raise NotAMount(f"{mountpoint} is not a baifs mount") from None
     except OSError as error:
@@ -276,7 +273,7 @@ def _flush_once(mountpoint: Path, show: Any) -> OSError | None:
     on in the background.
     """
     child = subprocess.Popen(
-        [sys.executable, "-c", _FLUSH_CHILD, str(mountpoint), FLUSH_XATTR],
+        [sys.executable, "-c", _FLUSH_CHILD, str(mountpoint), controlfiles.FLUSH_XATTR],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -350,7 +347,7 @@ def unmount(mountpoint: Path, *, lazy: bool, keep_pending: bool = False, timeout
     pid = read_status(mountpoint).get("pid")
     if keep_pending:
         try:
-            os.setxattr(mountpoint, KEEP_PENDING_XATTR, b"1")
+            os.setxattr(mountpoint, controlfiles.KEEP_PENDING_XATTR, b"1")
         except OSError as error:
             raise BaifsError(
                 f"{mountpoint} did not take the request to keep its pending changes ({error.strerror}); "

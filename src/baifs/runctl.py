@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .api.errors import BaifsError
+from . import controlfiles
+from .errors import BaifsError
 
-INTERRUPT_XATTR = "user.baifs.interrupt"
 #: Exit status when the mount could not carry a run out (like ssh's 255).
 RUN_FAILED_EXIT = 255
 POLL_FIRST = 0.01
@@ -60,7 +60,7 @@ def request_text(exec_command: str, build: str = "", clean: str = "") -> bytes:
 
 def submit(mountpoint: Path, request: bytes) -> dict[str, Any]:
     """Submit a run request; returns the new run's status (with its number)."""
-    descriptor = os.open(mountpoint / ".run", os.O_RDWR | os.O_TRUNC)
+    descriptor = os.open(mountpoint / controlfiles.RUN, os.O_RDWR | os.O_TRUNC)
     try:
         os.write(descriptor, request)
         try:
@@ -68,7 +68,7 @@ def submit(mountpoint: Path, request: bytes) -> dict[str, Any]:
         except OSError as error:
             if error.errno not in (errno.EINVAL, errno.ENOSPC):
                 raise
-            reason = json.loads((mountpoint / ".run").read_bytes()).get("last_rejected")
+            reason = json.loads((mountpoint / controlfiles.RUN).read_bytes()).get("last_rejected")
             raise RunRefused(f"the mount refused the run: {reason or error.strerror}") from None
         return json.loads(os.pread(descriptor, 1 << 20, 0))
     finally:
@@ -81,7 +81,7 @@ class Follower:
     def __init__(self, mountpoint: Path, number: int, stdout: BinaryIO, stderr: BinaryIO) -> None:
         self.mountpoint = mountpoint
         self.number = number
-        self.directory = mountpoint / ".runs" / str(number)
+        self.directory = mountpoint / controlfiles.RUNS / str(number)
         self.targets = {"stdout": stdout, "stderr": stderr}
         self.offsets = {"stdout": 0, "stderr": 0}
         self.interrupts = 0
@@ -108,7 +108,9 @@ class Follower:
         if self.interrupts > 1:
             raise KeyboardInterrupt
         try:
-            os.setxattr(self.mountpoint / ".run", INTERRUPT_XATTR, str(self.number).encode())
+            os.setxattr(
+                self.mountpoint / controlfiles.RUN, controlfiles.INTERRUPT_XATTR, str(self.number).encode()
+            )
         except OSError as error:
             print(f"baifs: could not interrupt run {self.number}: {error.strerror}", file=sys.stderr)
 

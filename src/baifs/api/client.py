@@ -60,7 +60,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from ..concurrency import gather
+from ..concurrency import gather_each
 from ..config import Credentials
 from . import signing
 from .archive import decode_multipart
@@ -789,16 +789,13 @@ class SessionClient:
         budget = ByteBudget(memory)
         sent: dict[str, int] = {}
 
-        def sender(batch: Sequence[UploadFile]) -> Callable[[], Awaitable[None]]:
-            async def send() -> None:
-                async with budget.hold(sum(item.size for item in batch)):
-                    sent.update(await self._upload_batch(batch))
-                if on_batch is not None:
-                    on_batch(batch)
+        async def send(batch: Sequence[UploadFile]) -> None:
+            async with budget.hold(sum(item.size for item in batch)):
+                sent.update(await self._upload_batch(batch))
+            if on_batch is not None:
+                on_batch(batch)
 
-            return send
-
-        await gather(map(sender, batches), limit=parallel)
+        await gather_each(send, batches, limit=parallel)
         if not files or not (verify or self._unproven_204s):
             return {}
         return await self._verify_upload(sent)
@@ -875,13 +872,10 @@ class SessionClient:
             by_parent.setdefault(parent, {})[base] = size
         listings: dict[str, list[RemoteEntry]] = {}
 
-        def verifier(parent: str) -> Callable[[], Awaitable[None]]:
-            async def verify() -> None:
-                listings[parent] = await self.list_dir(parent)
+        async def verify(parent: str) -> None:
+            listings[parent] = await self.list_dir(parent)
 
-            return verify
-
-        await gather(map(verifier, by_parent), limit=4)
+        await gather_each(verify, by_parent, limit=4)
         missing = [
             f"{parent}/{name}".lstrip("/")
             for parent, expected in by_parent.items()

@@ -11,12 +11,7 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 
-
-class BaifsError(Exception):
-    """Base class of every error baifs reports to a user."""
-
-    #: the exit status of a command that ends with this error.
-    exit_status = 1
+from ..errors import BaifsError
 
 
 class APIError(BaifsError):

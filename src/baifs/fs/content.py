@@ -295,3 +295,7 @@ class ContentStore:
     @property
     def staged_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.staging_dir.iterdir())
+
+    def status(self) -> dict[str, int]:
+        """The cache and the staging area, for ``baifs status``."""
+        return {"bytes": self.cached_bytes, "limit": self.cache_limit, "staged_bytes": self.staged_bytes}

@@ -8,7 +8,7 @@ a scan), so a directory of files costs about one request per five files.
 
 Larger files are read in chunks of `CHUNK_BYTES`, through a script in the
 session (a run of its own, or a request to the supervisor of the mount's run
-that holds the execution slot: `supervisor`) that checks the file's size
+that holds the execution slot: `remote.RemoteTree.run` decides) that checks the file's size
 and mtime (to the nanosecond) against the listing before and after it takes
 the chunks, so every chunk of a cache entry is of one version. A
 single chunk (the first read of a file, or a random access) travels inline,
@@ -30,24 +30,22 @@ from __future__ import annotations
 
 import base64
 import logging
-import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from ..api.archive import single_member
-from ..api.client import MAX_DOWNLOAD_PATHS, SessionClient
-from ..api.errors import BaifsError, ServerError, SessionWedged
-from ..concurrency import gather
-from .aliases import Aliases
+from ..api.errors import ServerError, SessionWedged
+from ..concurrency import gather_each
+from . import scratch
 from .content import CHUNK_BYTES, DIRECT_DOWNLOAD_MAX, CacheEntry, ContentStore
-from .flush import REMOTE_TMP, remote_name
+from .errors import StaleContent
 from .model import Node, join, same_mtime
+from .remote import MAX_DOWNLOAD_PATHS, Remote
 from .shell import ShellScript
-from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +58,6 @@ MAX_WINDOW_CHUNKS = 32
 RANGE_QUEUE_TIMEOUT = 20.0
 #: Ranged reads whose output was lost on the way are read again this many times.
 RANGE_ATTEMPTS = 2
-
-
-class StaleContent(BaifsError):
-    """The remote file no longer has the size the listing reported."""
 
 
 @dataclass
@@ -88,11 +82,9 @@ class RangeState:
 
 
 class Fetcher:
-    def __init__(
-        self, session: SessionClient, supervisor: Supervisor, store: ContentStore, *, parallel: int = 4
-    ) -> None:
-        self.session = session
-        self.supervisor = supervisor
+    def __init__(self, remote: Remote, store: ContentStore, *, parallel: int = 4) -> None:
+        self.remote = remote
+        self.scratch = remote.scratch
         self.store = store
         self.parallel = parallel
         self._wants: dict[bytes, Want] = {}
@@ -104,13 +96,6 @@ class Fetcher:
         self._nursery: trio.Nursery | None = None
         #: downloads of cut parts in flight, across every file being read.
         self._part_downloads = trio.CapacityLimiter(parallel)
-        self._litter: set[bytes] = set()
-        #: how paths the API cannot name (not UTF-8) are listed and downloaded.
-        self.aliases = Aliases(session, supervisor, self._litter.add)
-        #: staging directories of ranged reads under way (litter once they end).
-        self._cutting: set[bytes] = set()
-        self._uncut = trio.Event()
-        self._uncut.set()
 
     async def run_workers(self) -> None:
         """The download workers, and the home of background ranged reads."""
@@ -192,7 +177,7 @@ class Fetcher:
 
     async def _download(self, batch: list[Want]) -> None:
         try:
-            archives = await self.aliases.download([want.remote_path for want in batch])
+            archives = await self.remote.download([want.remote_path for want in batch])
         except ServerError as error:
             if len(batch) > 1:
                 log.info("download of %d files failed (%s); fetching them one by one", len(batch), error)
@@ -244,7 +229,7 @@ class Fetcher:
     async def link_target(self, node: Node) -> bytes:
         """The target of a remote symlink, from its archive entry."""
         assert node.origin is not None
-        archives = await self.aliases.download([node.origin])
+        archives = await self.remote.download([node.origin])
         member, _ = single_member(archives[0])
         if not member.issym():
             raise StaleContent(f"{node.origin!r} is no longer a symlink")
@@ -335,21 +320,13 @@ class Fetcher:
         chunk in base64 would make larger than a download can carry: parts
         are always cut then.
         """
-        if len(indices) == 1 and self.supervisor.available() is None:
+        if len(indices) == 1 and self.remote.inbox() is None:
             await self._run_read(entry, indices, None, arrived)
             return
-        staging = join(REMOTE_TMP, b"read-" + secrets.token_hex(6).encode())
-        if not self._cutting:
-            self._uncut = trio.Event()
-        self._cutting.add(staging)
-        try:
+        staging = scratch.read_dir(scratch.new_token())
+        with self.scratch.using(staging):  # then litter, removed by the next script that runs
             await self._run_read(entry, indices, staging, arrived)
             await self._download_parts(entry, staging, indices, arrived)
-        finally:
-            self._cutting.discard(staging)
-            self._litter.add(staging)  # removed by the next script that runs in the session
-            if not self._cutting:
-                self._uncut.set()
 
     async def _run_read(
         self, entry: CacheEntry, indices: list[int], staging: bytes | None, arrived: Callable[[int], None]
@@ -361,7 +338,7 @@ class Fetcher:
         """
         shell = ShellScript()
         path = shell.word(entry.remote_path)
-        leftovers = self.take_litter()
+        leftovers = self.scratch.take_litter()
         for leftover in leftovers:
             shell.raw(f"rm -rf -- {shell.word(leftover)}")
         # The file's size and mtime to the nanosecond, before and after the chunks are
@@ -390,8 +367,8 @@ class Fetcher:
         try:
             for _ in range(RANGE_ATTEMPTS):
                 output.clear()
-                outcome = await self.supervisor.run(
-                    shell.render(), collect, queue_timeout=RANGE_QUEUE_TIMEOUT
+                outcome = await self.remote.run(
+                    shell.render(), collect, purpose="a ranged read", queue_timeout=RANGE_QUEUE_TIMEOUT
                 )
                 if outcome.complete:
                     break
@@ -399,7 +376,7 @@ class Fetcher:
             else:
                 raise SessionWedged(f"reading {entry.remote_path!r}: the session's answers keep getting lost")
         except BaseException:
-            self._litter.update(leftovers)
+            self.scratch.note_litter(leftovers)
             raise
         if outcome.exit_code != 0:
             raise StaleContent(f"could not read {entry.remote_path!r} in the session")
@@ -413,39 +390,22 @@ class Fetcher:
     ) -> None:
         batches = [indices[i : i + MAX_DOWNLOAD_PATHS] for i in range(0, len(indices), MAX_DOWNLOAD_PATHS)]
 
-        def fetcher(batch: list[int]) -> Callable[[], Awaitable[None]]:
-            async def fetch() -> None:
-                async with self._part_downloads:
-                    paths = [remote_name(join(staging, str(index).encode())) for index in batch]
-                    archives = await self.session.download(paths)
-                for index, archive in zip(batch, archives, strict=True):
-                    _, data = await trio.to_thread.run_sync(single_member, archive)
-                    expected = min(CHUNK_BYTES, entry.size - index * CHUNK_BYTES)
-                    if len(data) != expected:
-                        raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
-                    await self._store_chunk(entry, index, data)
-                    arrived(index)
+        async def fetch(batch: list[int]) -> None:
+            async with self._part_downloads:
+                archives = await self.remote.download([join(staging, str(index).encode()) for index in batch])
+            for index, archive in zip(batch, archives, strict=True):
+                _, data = await trio.to_thread.run_sync(single_member, archive)
+                expected = min(CHUNK_BYTES, entry.size - index * CHUNK_BYTES)
+                if len(data) != expected:
+                    raise StaleContent(f"part {index} of {entry.remote_path!r} has {len(data)} bytes")
+                await self._store_chunk(entry, index, data)
+                arrived(index)
 
-            return fetch
-
-        await gather(map(fetcher, batches))
+        await gather_each(fetch, batches)
 
     async def _store_chunk(self, entry: CacheEntry, index: int, data: bytes) -> None:
         await trio.to_thread.run_sync(self.store.write_chunk, entry, index, data)
         self.store.chunk_written(entry, index)
-
-    @property
-    def has_litter(self) -> bool:
-        return bool(self._litter or self._cutting)
-
-    async def uncut(self) -> None:
-        """Wait until no ranged read has parts in the session (they are all litter now)."""
-        await self._uncut.wait()
-
-    def take_litter(self) -> list[bytes]:
-        """Directories of finished ranged reads, to be removed by the next script that runs."""
-        litter, self._litter = sorted(self._litter), set()
-        return litter
 
 
 def _stat_mtime_ns(text: str) -> tuple[int, bool]:

@@ -1,4 +1,4 @@
-"""Flush plans: what the overlay needs in the session, as uploads and one script, and how to commit it.
+"""Flush plans: what the overlay needs in the session, as uploads and one script.
 
 `plan` reads the pending changes into a `FlushPlan` without changing the
 namespace: content to upload in batches of up to 20 files, and at most one
@@ -43,33 +43,27 @@ new content is uploaded at its new name and its old remote object removed.
 A *scoped* plan (``fsync`` of one file, or write-back while a user's run
 holds the session's execution slot) carries only uploads that need no script.
 
-Committing is step by step and records only what the session confirmed
-(`commit_uploads` once uploads are verified, `commit_script` with the
-script's report): a change whose step did not happen, or whose outcome is
-unknown, stays pending exactly as it was. Changes made in the mount while the
-flush went are kept: commits follow each node wherever it went meanwhile.
+Planning is pure: `plan` and `plan_uploads` read the namespace and change
+nothing; `script` only numbers the steps in the plan's objects. What the
+session then confirms is recorded by the overlay (`overlay.Overlay.confirm_uploads`,
+`confirm_script`), step by step.
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 import stat
-import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from ..api.client import MAX_UPLOAD_BYTES
-from ..api.listing import RemoteEntry
-from .content import ContentStore
-from .model import Namespace, Node, depth, is_ancestor_or_self, join
+from . import scratch
+from .model import Namespace, Node, depth, is_ancestor_or_self
 from .profile import SessionProfile
-from .shell import ShellScript, StepResults
+from .remote import MAX_UPLOAD_BYTES
+from .shell import ShellScript
 
-REMOTE_TMP = b".baifs-tmp"
 #: Longer scripts travel as a file with the uploads instead of on the command line.
 INLINE_SCRIPT_MAX = 96 * 1024
-SCRIPT_SUFFIX = b".sh"
-REPORT_NAME = b"report"
 #: Modes an upload or a ``mkdir`` gives new objects (the agent's umask 022).
 DEFAULT_FILE_MODE = stat.S_IFREG | 0o644
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
@@ -87,8 +81,9 @@ def upload_safe(path: bytes) -> bool:
     return True
 
 
-def remote_name(path: bytes) -> str:
-    return path.decode("utf-8", "surrogateescape")
+def shown(path: bytes) -> str:
+    """A path as a step's description shows it to a person."""
+    return os.fsdecode(path)
 
 
 @dataclass
@@ -167,11 +162,7 @@ class FlushPlan:
     @property
     def tmp(self) -> bytes:
         """The directory of what the script makes (parked objects, its report)."""
-        return join(REMOTE_TMP, self.token)
-
-    def staged(self, name: bytes) -> bytes:
-        """Where uploaded content waits for the script: flat in ``.baifs-tmp``, named by the token."""
-        return self.tmp + b"." + name
+        return scratch.flush_dir(self.token)
 
     @property
     def needs_script(self) -> bool:
@@ -209,7 +200,7 @@ class FlushPlan:
         if self.shell is None:
             return None
         if self.moves or len(self.shell.render().encode()) > INLINE_SCRIPT_MAX:
-            return self.staged(SCRIPT_SUFFIX[1:])
+            return scratch.flush_script(self.token)
         return None
 
     @property
@@ -219,7 +210,7 @@ class FlushPlan:
 
     @property
     def report_file(self) -> bytes:
-        return join(self.tmp, REPORT_NAME)
+        return scratch.flush_report(self.token)
 
     def uploaded(self, node: Node) -> bool:
         return any(upload.node is node for upload in self.uploads)
@@ -234,7 +225,7 @@ def _fresh(node: Node) -> bool:
     return _new_content(node) and node.moved
 
 
-def _old_mode(node: Node) -> int:
+def old_file_mode(node: Node) -> int:
     return node.remote_mode if node.remote_mode >= 0 else DEFAULT_FILE_MODE
 
 
@@ -312,13 +303,13 @@ def _planned_doomed(namespace: Namespace, nodes: Collection[Node]) -> dict[bytes
     for node in nodes:
         if node.attached and _fresh(node):
             assert node.origin is not None
-            doomed[node.origin] = _old_mode(node)
+            doomed[node.origin] = old_file_mode(node)
     return doomed
 
 
 def plan_uploads(namespace: Namespace, scope: Collection[Node], profile: SessionProfile) -> FlushPlan:
     """A plan of only those uploads among ``scope`` that need no script."""
-    flush_plan = FlushPlan(secrets.token_hex(6).encode(), profile=profile)
+    flush_plan = FlushPlan(scratch.new_token(), profile=profile)
     doomed = _planned_doomed(namespace, scope)
     sources, targets = _script_paths(namespace, doomed)
     for node in sorted(scope, key=lambda n: depth(n.path)):
@@ -337,7 +328,7 @@ def plan(
     litter: Collection[bytes] = (),
 ) -> FlushPlan:
     """Read the whole overlay (but the nodes in ``defer``) into a plan; the namespace is not changed."""
-    flush_plan = FlushPlan(secrets.token_hex(6).encode(), litter=list(litter), profile=profile)
+    flush_plan = FlushPlan(scratch.new_token(), litter=list(litter), profile=profile)
     nodes = sorted(
         (n for n in namespace.pending if n.attached and n not in defer), key=lambda n: depth(n.path)
     )
@@ -349,7 +340,7 @@ def plan(
         if upload is None:
             upload = _new_upload(node)
             upload.remote_mode = DEFAULT_FILE_MODE  # placed: a new file replaces the old one
-            upload.target = flush_plan.staged(f"u{len(flush_plan.uploads)}".encode())
+            upload.target = scratch.staged(flush_plan.token, f"u{len(flush_plan.uploads)}".encode())
             if node.size > MAX_UPLOAD_BYTES:
                 count = -(-node.size // MAX_UPLOAD_BYTES)
                 upload.parts = [upload.target + f".{index:06d}".encode() for index in range(count)]
@@ -360,7 +351,7 @@ def plan(
     for node in nodes:
         if node.moved and not _fresh(node):
             assert node.origin is not None
-            parked = join(flush_plan.tmp, f"m{len(flush_plan.moves)}".encode())
+            parked = scratch.parked(flush_plan.token, len(flush_plan.moves))
             flush_plan.moves.append(Move(node, node.origin, node.path, parked))
         elif node.origin is None and (node.is_dir or node.is_symlink or node.is_fifo):
             if (
@@ -403,11 +394,11 @@ def _removal(shell: ShellScript, path: bytes, mode: int) -> int:
     if stat.S_ISDIR(mode):
         return shell.step(
             f"rmdir -- {word}",
-            f"remove directory {remote_name(path)}",
+            f"remove directory {shown(path)}",
             needs=word,
             keeps=f'! {{ {real_dir} && [ -z "$(ls -A -- {word})" ]; }}',
         )
-    return shell.step(f"rm -f -- {word}", f"remove {remote_name(path)}", needs=word, keeps=real_dir)
+    return shell.step(f"rm -f -- {word}", f"remove {shown(path)}", needs=word, keeps=real_dir)
 
 
 def script(flush_plan: FlushPlan) -> ShellScript:
@@ -431,7 +422,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
         else:
             move.park_step = shell.step(
                 f"mv -f -- {source} {shell.word(move.parked)}",
-                f"move {remote_name(path)} aside",
+                f"move {shown(path)} aside",
                 needs=source,
             )
     for upload in flush_plan.uploads:
@@ -439,7 +430,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             parts = shell.word(upload.target) + ".*"
             assembled = shell.word(upload.target)
             upload.assemble_step = shell.step(
-                f"cat -- {parts} > {assembled} && rm -f -- {parts}", f"assemble {remote_name(upload.path)}"
+                f"cat -- {parts} > {assembled} && rm -f -- {parts}", f"assemble {shown(upload.path)}"
             )
     placements: list[tuple[bytes, Callable[[], None]]] = []
 
@@ -461,22 +452,22 @@ def script(flush_plan: FlushPlan) -> ShellScript:
     for move in flush_plan.moves:
 
         def place_move(move: Move = move) -> None:
-            move.place_step = place(move.parked, move.path, f"move to {remote_name(move.path)}", True)
+            move.place_step = place(move.parked, move.path, f"move to {shown(move.path)}", True)
 
         placements.append((move.path, place_move))
 
     def copy_into_place(upload: Upload, index: int) -> int:
         """Copy staged content beside the target, then rename it over: atomic, and the runner's own."""
         target = shell.word(upload.path)
-        parent = upload.path.rpartition(b"/")[0]
-        beside = shell.word(join(parent, b".baifs-" + flush_plan.token + f"-u{index}".encode()))
+        beside = shell.word(scratch.beside(upload.path, flush_plan.token, index))
         sources = shell.word(upload.target) + (".*" if upload.parts else "")
         command = (
             f"if [ -d {target} ] && [ ! -L {target} ]; then echo 'a directory is in the way' >&2; false; "
-            f"elif {made_parent(upload.path)}cat -- {sources} > {beside} && mv -f -- {beside} {target}; then true; "
+            f"elif {made_parent(upload.path)}cat -- {sources} > {beside} && mv -f -- {beside} {target}; "
+            "then true; "
             f"else rm -f -- {beside}; false; fi"
         )
-        return shell.step(command, f"place {remote_name(upload.path)}")
+        return shell.step(command, f"place {shown(upload.path)}")
 
     for index, upload in enumerate(flush_plan.uploads):
         if not upload.direct:
@@ -486,7 +477,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
                     upload.place_step = copy_into_place(upload, index)
                 else:
                     upload.place_step = place(
-                        upload.target, upload.path, f"place {remote_name(upload.path)}", False
+                        upload.target, upload.path, f"place {shown(upload.path)}", False
                     )
 
             placements.append((upload.path, place_upload))
@@ -498,21 +489,21 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             target = shell.word(creation.path)
             if creation.node.is_dir:
                 creation.step = shell.step(
-                    f"mkdir -p -- {target}", f"create directory {remote_name(creation.path)}"
+                    f"mkdir -p -- {target}", f"create directory {shown(creation.path)}"
                 )
             elif creation.node.is_fifo:
                 # Repeatable: a FIFO an earlier, unconfirmed attempt made is kept.
                 mode = stat.S_IMODE(creation.remote_mode)
                 creation.step = shell.step(
                     f"[ -p {target} ] || mkfifo -m {mode:04o} -- {target}",
-                    f"create FIFO {remote_name(creation.path)}",
+                    f"create FIFO {shown(creation.path)}",
                 )
             else:
                 # Repeatable: a link an earlier, unconfirmed attempt made is replaced.
                 link = shell.word(creation.node.target or b"")
                 creation.step = shell.step(
                     f"{{ [ ! -L {target} ] || rm -f -- {target}; }} && ln -s -- {link} {target}",
-                    f"create symlink {remote_name(creation.path)}",
+                    f"create symlink {shown(creation.path)}",
                 )
 
         placements.append((creation.path, create))
@@ -521,7 +512,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
     for change in flush_plan.chmods:
         change.step = shell.step(
             f"chmod {change.value:04o} -- {shell.word(change.path)}",
-            f"chmod {remote_name(change.path)}",
+            f"chmod {shown(change.path)}",
             needs=shell.word(change.path),
         )
     for which, changes in (("m", flush_plan.touches), ("a", flush_plan.atimes)):
@@ -530,12 +521,12 @@ def script(flush_plan: FlushPlan) -> ShellScript:
             target = shell.word(change.path)
             change.step = shell.step(
                 f"touch -c -{which} -h -d @{seconds}.{nanoseconds:09d} -- {target}",
-                f"set the {which}time of {remote_name(change.path)}",
+                f"set the {which}time of {shown(change.path)}",
                 needs=target,
             )
     shell.raw(f'if [ "$failed" = 0 ]; then rm -rf -- {tmp} {tmp}.*; fi')
     if not profile.keeps_staging_dir:
-        shell.raw(f"rmdir -- {shell.word(REMOTE_TMP)} 2>/dev/null")
+        shell.raw(f"rmdir -- {shell.word(scratch.ROOT)} 2>/dev/null")
     return shell
 
 
@@ -554,219 +545,3 @@ class FlushReport:
     left_tmp: bool = False
     #: only uploads were attempted (the execution slot was busy); the rest waits.
     partial: bool = False
-
-
-class Committer:
-    """Records in the tree what the session confirmed of a plan (and nothing else)."""
-
-    def __init__(self, namespace: Namespace, store: ContentStore) -> None:
-        self.namespace = namespace
-        self.store = store
-
-    def commit_uploads(self, flush_plan: FlushPlan, listings: dict[str, list[RemoteEntry]]) -> None:
-        """The plan's uploads are on the session: direct ones are the nodes' remote objects now."""
-        by_path = {
-            join(
-                parent.encode("utf-8", "surrogateescape"), entry.name.encode("utf-8", "surrogateescape")
-            ): entry
-            for parent, entries in listings.items()
-            for entry in entries
-        }
-        for path in flush_plan.overwrites:
-            self.namespace.doomed.pop(path, None)
-        for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
-            if not creation.explicit:
-                self._settle_creation(creation, StepResults())
-        for upload in flush_plan.uploads:
-            if upload.direct:
-                self._settle_upload(upload, by_path.get(upload.target), replaced_gone=False)
-
-    def commit_script(self, flush_plan: FlushPlan, steps: StepResults, report: FlushReport) -> None:
-        """Record the script's confirmed steps; a step not confirmed leaves its change pending."""
-        namespace = self.namespace
-        removed = [
-            path for path, step in flush_plan.removal_steps.items() if steps.done(step) or step in steps.gone
-        ]
-        for path, step in flush_plan.removal_steps.items():
-            if step in steps.kept:
-                # The session's object stays (the next listing shows it), and the user is told.
-                namespace.doomed.pop(path, None)
-                report.kept.append(
-                    f"{steps.descriptions[step]}: not done, the session holds something there "
-                    "the mount never saw; it is kept"
-                )
-
-        def was_removed(path: bytes) -> bool:
-            return any(is_ancestor_or_self(gone, path) for gone in removed)
-
-        for path in removed:
-            for gone in [d for d in namespace.doomed if is_ancestor_or_self(path, d)]:
-                del namespace.doomed[gone]
-        # Deepest origins first, as phase 1 moved them: a directory's move then
-        # relocates only what was still inside it.
-        for move in sorted(flush_plan.moves, key=lambda m: -depth(m.origin)):
-            self._settle_move(move, steps, report)
-        for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
-            if creation.explicit:
-                self._settle_creation(creation, steps)
-        for upload in flush_plan.uploads:
-            if upload.direct:
-                continue
-            replaced_gone = upload.replaces is not None and was_removed(upload.replaces)
-            if steps.done(upload.assemble_step) and steps.done(upload.place_step):
-                self._settle_upload(upload, None, replaced_gone=replaced_gone)
-            elif replaced_gone:
-                assert upload.replaces is not None
-                self._lose_origin(upload.node, upload.replaces)
-        for change in flush_plan.chmods:
-            if steps.done(change.step):
-                change.node.remote_mode = stat.S_IFMT(change.node.mode) | change.value
-            elif change.step in steps.gone:
-                report.vanished.append(change.node)
-            namespace.refresh_pending(change.node)
-        for change in flush_plan.touches:
-            node = change.node
-            if steps.done(change.step):
-                if node.mtime_dirty and node.mtime_ns == change.value:
-                    node.mtime_dirty = False
-                if node.remote_mtime_ns >= 0:
-                    node.remote_mtime_ns = change.value
-            elif change.step in steps.gone:
-                report.vanished.append(node)
-            namespace.refresh_pending(node)
-        for change in flush_plan.atimes:
-            node = change.node
-            if steps.done(change.step) and node.atime_dirty and node.atime_ns == change.value:
-                node.atime_dirty = False
-            elif change.step in steps.gone:
-                report.vanished.append(node)
-            namespace.refresh_pending(node)
-        report.refused = {steps.descriptions[step]: steps.words.get(step, "") for step in sorted(steps.failed)}
-        if steps.failed or not steps.complete:
-            report.left_tmp = flush_plan.uses_tmp
-
-    def _lose_origin(self, node: Node, origin: bytes) -> None:
-        """The node's old remote object was removed but its new content not placed: it is new again."""
-        if node.origin == origin:
-            node.origin = None
-            node.remote_mode = -1
-            self.namespace.refresh_pending(node)
-
-    def _settle_move(self, move: Move, steps: StepResults, report: FlushReport) -> None:
-        node = move.node
-        namespace = self.namespace
-        if move.park_step in steps.gone:
-            report.vanished.append(node)
-            return
-        if not steps.done(move.park_step):
-            return
-        landed = move.path if steps.done(move.place_step) else move.parked
-
-        def relocated(path: bytes) -> bytes:
-            return landed + path[len(move.origin) :] if is_ancestor_or_self(move.origin, path) else path
-
-        self.store.rename(move.origin, landed)
-        # Nodes inside the moved object (some may have moved elsewhere meanwhile)
-        # and removals decided meanwhile now refer to where the object landed.
-        for other in {*namespace.walk(node), *namespace.pending}:
-            if other.origin is not None:
-                other.origin = relocated(other.origin)
-        namespace.doomed = {relocated(path): mode for path, mode in namespace.doomed.items()}
-        namespace.refresh_pending(node)
-
-    def _settle_creation(self, creation: Creation, steps: StepResults) -> None:
-        node = creation.node
-        if (creation.explicit and not steps.done(creation.step)) or node.origin is not None:
-            return
-        if node.attached:
-            node.origin = creation.path
-            node.remote_mode = creation.remote_mode
-            if node.is_symlink:
-                node.remote_size = len(node.target or b"")
-            if node.is_dir and node.listed_at is None:
-                node.listed_at = time.monotonic()  # made here: its content is what the mount knows
-        else:
-            self.namespace.doomed[creation.path] = creation.remote_mode
-        self.namespace.refresh_pending(node)
-
-    def _settle_upload(self, upload: Upload, entry: RemoteEntry | None, *, replaced_gone: bool) -> None:
-        """The uploaded copy is the node's remote object now, wherever the node went meanwhile."""
-        node = upload.node
-        namespace = self.namespace
-        if upload.replaces is not None and node.origin == upload.replaces and not replaced_gone:
-            # Its old object goes too (this flush's script removes it, or a later one).
-            namespace.doomed.setdefault(upload.replaces, _old_mode(node))
-        if not node.attached:
-            namespace.doomed[upload.path] = upload.remote_mode  # deleted while it was uploaded
-            return
-        node.origin = upload.path
-        if entry is not None and entry.size == upload.size:
-            node.set_remote(entry)
-        else:
-            node.remote_size, node.remote_mtime_ns = upload.size, -1
-            node.remote_mode = upload.remote_mode
-        if node.content_version == upload.version and node.stage == upload.stage:
-            node.dirty = False
-            if node.write_count == 0:
-                self.retire_stage(node)
-        namespace.refresh_pending(node)
-
-    def commit_placed(self, placed: list[Upload], listings: dict[bytes, list[RemoteEntry]]) -> None:
-        """Listings of where the script placed files: their remote (size, mtime), now known."""
-        for upload in placed:
-            node = upload.node
-            parent, _, name = upload.path.rpartition(b"/")
-            entry = next(
-                (e for e in listings.get(parent, []) if e.name.encode("utf-8", "surrogateescape") == name),
-                None,
-            )
-            if (
-                entry is None
-                or entry.size != upload.size
-                or node.origin != upload.path
-                or node.remote_mtime_ns >= 0
-            ):
-                continue
-            node.set_remote(entry)
-            if node.stage is not None and not node.dirty and node.write_count == 0:
-                self.retire_stage(node)
-
-    def retire_stage(self, node: Node) -> None:
-        """Clean local content is on the session: keep it as the cached copy.
-
-        While the remote object's mtime is unknown (a file the script placed),
-        the staging file stays the node's content: the cache could not tell
-        that version from another, and reading it must not need the session.
-        """
-        assert node.stage is not None and node.origin is not None
-        if node.remote_mtime_ns < 0:
-            return
-        if node.remote_size == node.size:
-            self.store.adopt_stage(node.stage, node.origin, node.size, node.remote_mtime_ns)
-        else:
-            self.store.discard_stage(node.stage)
-        node.stage = None
-
-    def uncertain_uploads(self, flush_plan: FlushPlan) -> None:
-        """Uploads that may have landed without being confirmed (a failed or cancelled flush).
-
-        What they may have made is taken to be there, so that a removal or a
-        move here reaches it (a removal is ``rm -f``/``rmdir`` of what is
-        found, so taking too much costs nothing): the directories the
-        uploads imply are recorded as made, and a new file's node takes the
-        uploaded name as its remote object, still dirty. Where a node has
-        left that name meanwhile, the name is doomed: otherwise a file
-        deleted or renamed here could reappear.
-        """
-        for creation in sorted(flush_plan.creations, key=lambda c: depth(c.path)):
-            if not creation.explicit:
-                self._settle_creation(creation, StepResults())
-        for upload in flush_plan.uploads:
-            node = upload.node
-            if not upload.direct or node.origin == upload.path:
-                continue
-            if not node.attached or node.path != upload.path:
-                self.namespace.doomed.setdefault(upload.path, upload.remote_mode)
-            elif node.origin is None:
-                node.origin, node.remote_mode = upload.path, upload.remote_mode
-                self.namespace.refresh_pending(node)

@@ -1,16 +1,10 @@
 """The journal of pending changes: what a crashed daemon left for the next mount.
 
 ``journal.jsonl`` in the mount's state directory holds, one JSON object per
-line:
+line (the records of `changes`):
 
-1. a ``state`` record (the checkpoint): the whole overlay as it was after the
-   last flush: every pending node (its path, the remote object it stands for,
-   its mode, staged content, set mtime or symlink target) and every doomed
-   remote path;
-2. the operations made since, in order: ``create``, ``stage`` (a file got
-   local content), ``remove``, ``rename``, ``meta``, and ``script`` (the
-   objects a flush's script is about to move aside, so a crash in the middle
-   of it cannot hide them).
+1. a checkpoint: the whole overlay as it was after the last flush;
+2. the changes made since, in order.
 
 Each record is written before the operation returns, whole or not at all: a
 record the disk has no room for is cut off again and raises, so the
@@ -26,10 +20,6 @@ answers the kernel.
 File content lives in staging files beside the journal; a ``stage`` record
 only names one.
 
-Records name paths (relative, surrogate-escaped text), never inode numbers,
-so `recovery` can rebuild the overlay on a fresh tree made from the
-session's listings.
-
 A record reaches the kernel's page cache before the operation returns, so a
 ``kill -9`` of the daemon loses nothing; surviving a power cut needs the
 ``fsync`` that checkpoints do and that an application's ``fsync`` asks for.
@@ -41,66 +31,16 @@ import errno
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from .model import Namespace, Node, depth
+from .changes import Change, Checkpoint, JournalContents
 
 JOURNAL_FILE = "journal.jsonl"
 RESERVE_FILE = "journal.reserve"
 RESERVE_BYTES = 256 * 1024
-
-
-def encode_path(path: bytes) -> str:
-    return os.fsdecode(path)
-
-
-def decode_path(text: str) -> bytes:
-    return os.fsencode(text)
-
-
-def content_base(node: Node) -> list[int] | None:
-    """The session's version a local content change starts from, as last seen: [size, mtime_ns].
-
-    Recovery compares it with the session's file before it puts the content
-    back: a file the session changed since is not overwritten blindly.
-    """
-    if node.origin is None or node.remote_size < 0 or node.remote_mtime_ns < 0:
-        return None
-    return [node.remote_size, node.remote_mtime_ns]
-
-
-def overlay_state(namespace: Namespace) -> dict[str, Any]:
-    """The checkpoint of an overlay: everything pending, by path."""
-    nodes = []
-    for node in sorted((n for n in namespace.pending if n.attached), key=lambda n: depth(n.path)):
-        nodes.append(
-            {
-                "path": encode_path(node.path),
-                "origin": None if node.origin is None else encode_path(node.origin),
-                "mode": node.mode,
-                "stage": node.stage if node.dirty else None,
-                "base": content_base(node) if node.dirty else None,
-                "mtime_ns": node.mtime_ns if node.mtime_dirty else None,
-                "atime_ns": node.atime_ns if node.atime_dirty else None,
-                "target": None if node.target is None else encode_path(node.target),
-            }
-        )
-    doomed = [[encode_path(path), mode] for path, mode in sorted(namespace.doomed.items())]
-    return {"op": "state", "nodes": nodes, "doomed": doomed}
-
-
-@dataclass
-class JournalContents:
-    state: dict[str, Any] | None = None
-    operations: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.operations and not (self.state and (self.state["nodes"] or self.state["doomed"]))
 
 
 class Journal:
@@ -133,9 +73,9 @@ class Journal:
         except OSError:
             self._reserve.unlink(missing_ok=True)
 
-    def record(self, op: str, **fields: Any) -> None:
+    def record(self, change: Change) -> None:
         """Append one record; OSError (ENOSPC) leaves the journal as it was."""
-        line = (json.dumps({"op": op, **fields}) + "\n").encode()
+        line = (json.dumps(change.to_record()) + "\n").encode()
         try:
             self._append(line)
         except OSError as error:
@@ -160,7 +100,7 @@ class Journal:
         async with self._swapping:
             await trio.to_thread.run_sync(os.fsync, self._fd)
 
-    async def checkpoint(self, state: dict[str, Any]) -> None:
+    async def checkpoint(self, checkpoint: Checkpoint) -> None:
         """Replace the journal with one ``state`` record, on disk before the swap.
 
         Records made while the new file is synced follow the state in it. On
@@ -171,7 +111,7 @@ class Journal:
             self._meanwhile = []
             try:
                 with open(temporary, "wb") as handle:
-                    handle.write((json.dumps(state) + "\n").encode())
+                    handle.write((json.dumps(checkpoint.to_record()) + "\n").encode())
                     handle.flush()
                     await trio.to_thread.run_sync(os.fsync, handle.fileno())
                     handle.writelines(self._meanwhile)
@@ -191,13 +131,7 @@ class Journal:
 
 def read_journal(directory: Path) -> JournalContents:
     """What the journal in ``directory`` holds (without opening it for writing)."""
-    contents = JournalContents()
-    for record in _read(directory / JOURNAL_FILE):
-        if record.get("op") == "state":
-            contents = JournalContents(state=record)
-        else:
-            contents.operations.append(record)
-    return contents
+    return JournalContents.of(_read(directory / JOURNAL_FILE))
 
 
 def _read(path: Path) -> Iterator[dict[str, Any]]:

@@ -43,14 +43,15 @@ Invariants:
 from __future__ import annotations
 
 import itertools
+import math
 import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..api.listing import RemoteEntry
-
 ROOT_INODE = 1
+#: ``listed_at`` of a directory whose listing is known but must be taken again.
+LISTING_EXPIRED = -math.inf
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -72,6 +73,18 @@ MTIME_PRECISION_NS = 1000
 def same_mtime(known_ns: int, listed_ns: int) -> bool:
     """Whether a listed mtime is the one known here (set in nanoseconds by a flush), as a float can say."""
     return abs(known_ns - listed_ns) < MTIME_PRECISION_NS
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a listing says of one remote object (`remote` makes them from the session's answers)."""
+
+    name: bytes
+    mode: int
+    size: int
+    ctime_ns: int
+    mtime_ns: int
+    atime_ns: int
 
 
 class Node:
@@ -242,13 +255,13 @@ class Node:
     def moved(self) -> bool:
         return self.origin is not None and self.parent is not None and self.origin != self.implied_origin()
 
-    def set_remote(self, entry: RemoteEntry) -> None:
+    def set_remote(self, entry: Entry) -> None:
         self.remote_size = entry.size
         if not same_mtime(self.remote_mtime_ns, entry.mtime_ns):
             self.remote_mtime_ns = entry.mtime_ns  # else keep the exact one a flush set
         self.remote_mode = entry.mode
 
-    def take_remote_attributes(self, entry: RemoteEntry) -> bool:
+    def take_remote_attributes(self, entry: Entry) -> bool:
         """Adopt a listing entry of this node's clean remote object; whether its content changed.
 
         While the remote object is the one last seen (same size and mtime, or
@@ -354,7 +367,7 @@ class Namespace:
         claimed.update(n.origin for n in self.pending if n.origin is not None and n.moved)
         return claimed
 
-    def merge_listing(self, directory: Node, entries: list[RemoteEntry], hidden: set[bytes]) -> Merged:
+    def merge_listing(self, directory: Node, entries: list[Entry], hidden: set[bytes]) -> Merged:
         """Fold a listing of ``directory.origin`` into the tree."""
         assert directory.children is not None and directory.origin is not None
         claimed = self.claimed()
@@ -362,7 +375,7 @@ class Namespace:
         removed: list[Node] = []
         stale: list[str] = []
         for entry in entries:
-            name = entry.name.encode("utf-8", "surrogateescape")
+            name = entry.name
             remote_path = join(directory.origin, name)
             if name in hidden or remote_path in claimed:
                 continue
@@ -411,7 +424,8 @@ class Namespace:
         """Whether a subtree holds what the session does not have: new content (a file open
         for writing included), something made here, something moved in."""
         return any(
-            n.dirty or n.write_count or n.origin is None or (n.moved and n is not node) for n in self.walk(node)
+            n.dirty or n.write_count or n.origin is None or (n.moved and n is not node)
+            for n in self.walk(node)
         )
 
     def lose_remote(self, node: Node) -> list[Node]:

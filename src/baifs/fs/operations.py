@@ -9,9 +9,9 @@ kernel protocol demands:
 - stable ``readdir`` cookies: a directory handle holds the listing it was
   opened with, and a cookie is a position in that snapshot;
 - attribute and entry timeouts, negative entries for names that do not
-  exist, and dropping the kernel's caches after a run changed the session
-  (from a worker thread, never inside a handler: those calls block);
-- routing the reserved names at the root to the control tree (`control`);
+  exist (remembered by `kernel.KernelCache`, which drops them after a run);
+- routing: a request about a control inode, name or descriptor goes to the
+  control tree (`control`) once, everything else to `Filesystem`;
 - the rule that no handler may take the mount down: `FSError` becomes its
   errno, a failed remote call EIO, and anything else is logged with its
   traceback and answered EIO.
@@ -25,33 +25,23 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-import trio
 
-from ..api.errors import BaifsError
-from .control import (
-    FLUSH_XATTR,
-    INTERRUPT_XATTR,
-    KEEP_PENDING_XATTR,
-    RUN_INODE,
-    RUNS_INODE,
-    ControlEntry,
-    ControlTree,
-)
-from .filesystem import HIDDEN_AT_ROOT, Filesystem, FSError, Handle
+from ..errors import BaifsError
+from .control import ControlEntry, ControlTree
+from .core import MountOptions
+from .errors import FSError
+from .filesystem import Filesystem
+from .handles import Handle, Handles
+from .kernel import KernelCache
 from .model import ROOT_INODE, Node
-from .runs import RunRecord, RunRejected, RunUnrecordable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = ParamSpec("P")
-CONTROL_HANDLE_BASE = 1 << 40
-#: Names looked up in vain, remembered so a run's new files do not hide behind them.
-MAX_NEGATIVE_NAMES = 10_000
 
 
 def handler(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -78,21 +68,6 @@ def handler(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
     return wrapper
 
 
-@dataclass
-class ControlHandle:
-    inode: int
-    writable: bool
-    #: the document as it was at open (``.baifs-status``, ``.run``); None for run files.
-    snapshot: bytes | None
-    #: the request being written, which starts at offset ``base`` of the descriptor (after an
-    #: fsync submitted what came before, later writes start the next request).
-    request: bytearray = field(default_factory=bytearray)
-    base: int = 0
-    record: RunRecord | None = None
-    #: where the process that opened ``.run`` works, relative to /home/work, if inside the mount.
-    writer_cwd: str | None = None
-
-
 DirectoryEntry = tuple[bytes, Node | ControlEntry, bool]
 
 
@@ -101,20 +76,25 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, filesystem: Filesystem, control: ControlTree) -> None:
+    def __init__(
+        self,
+        filesystem: Filesystem,
+        handles: Handles,
+        control: ControlTree,
+        kernel: KernelCache,
+        options: MountOptions,
+        disk: Callable[[], tuple[int, int, int]],
+    ) -> None:
         super().__init__()
         self.fs = filesystem
+        self.handles = handles
         self.control = control
-        self.options = filesystem.options
+        self.kernel = kernel
+        self.options = options
+        #: the session's disk in 4 KiB blocks: total, free, available.
+        self.disk = disk
         self._dirs: dict[int, list[DirectoryEntry]] = {}
-        self._controls: dict[int, ControlHandle] = {}
         self._next_dir = 1
-        self._next_control = CONTROL_HANDLE_BASE
-        #: Names the kernel was told do not exist, to be invalidated after a run. A name
-        #: leaves the set when the kernel learns it exists: invalidating a positive entry
-        #: unhashes it, and a shell whose working directory it is loses that directory.
-        self._negative: set[tuple[int, bytes]] = set()
-        filesystem.invalidate = self._invalidate
 
     # -- attributes -------------------------------------------------------
 
@@ -122,18 +102,17 @@ class Operations(pyfuse3.Operations):
         attributes = pyfuse3.EntryAttributes()
         attributes.st_ino = item.inode
         attributes.generation = 0
-        attributes.st_uid, attributes.st_gid = (
-            self._owner(item) if isinstance(item, Node) else (self.options.uid, self.options.gid)
-        )
         attributes.st_rdev = 0
         attributes.st_blksize = 65536
         if isinstance(item, ControlEntry):
+            attributes.st_uid, attributes.st_gid = self.options.uid, self.options.gid
             attributes.entry_timeout = attributes.attr_timeout = 0
             attributes.st_mode = item.mode
             attributes.st_nlink = 2 if item.is_dir else 1
             attributes.st_size = item.size
             attributes.st_atime_ns = attributes.st_mtime_ns = attributes.st_ctime_ns = item.mtime_ns
         else:
+            attributes.st_uid, attributes.st_gid = self._owner(item)
             attributes.entry_timeout = attributes.attr_timeout = self.options.attr_timeout
             mode = item.mode
             if self.options.umask is not None:
@@ -160,11 +139,8 @@ class Operations(pyfuse3.Operations):
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         node.lookups += 1
         if node.parent is not None:
-            self._negative.discard((node.parent.inode, node.name))
+            self.kernel.present(node.parent.inode, node.name)
         return self._attributes(node)
-
-    def _is_control_name(self, parent_inode: int, name: bytes) -> bool:
-        return (parent_inode == ROOT_INODE and name in HIDDEN_AT_ROOT) or self.control.owns(parent_inode)
 
     # -- lookups ----------------------------------------------------------
 
@@ -172,7 +148,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if self._is_control_name(parent_inode, name):
+        if self.control.owns_name(parent_inode, name):
             return self._attributes(self.control.lookup(parent_inode, name))
         parent = self.fs.node(parent_inode)
         if name == b".":
@@ -184,8 +160,7 @@ class Operations(pyfuse3.Operations):
         except FSError as error:
             if error.errno != errno.ENOENT:
                 raise
-            if len(self._negative) < MAX_NEGATIVE_NAMES:
-                self._negative.add((parent_inode, name))
+            self.kernel.absent(parent_inode, name)
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
             negative.entry_timeout = self.options.negative_timeout
@@ -214,10 +189,8 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         if self.control.owns(inode):
-            # Truncating .run (shell redirection opens it with O_TRUNC) is all one may do.
-            if inode != RUN_INODE or fields.update_mode or fields.update_uid or fields.update_gid:
-                raise FSError(errno.EPERM)
-            return self._attributes(self.control.entry(inode))
+            changes_owner = fields.update_mode or fields.update_uid or fields.update_gid
+            return self._attributes(self.control.setattr(inode, only_size=not changes_owner))
         node = self.fs.node(inode)
         owner = None
         if fields.update_uid or fields.update_gid:  # the kernel checked who may (default_permissions)
@@ -265,11 +238,11 @@ class Operations(pyfuse3.Operations):
         """Snapshot the directory: readdir cookies are positions in this snapshot."""
         entries: list[DirectoryEntry]
         if self.control.owns(inode):
-            here = self.control.entry(inode)
+            above = self.control.parent_of(inode)
             parent: Node | ControlEntry = (
-                self.fs.namespace.root if inode == RUNS_INODE else self.control.entry(RUNS_INODE)
+                self.fs.namespace.root if above == ROOT_INODE else self.control.entry(above)
             )
-            entries = [(b".", here, False), (b"..", parent, False)]
+            entries = [(b".", self.control.entry(inode), False), (b"..", parent, False)]
             entries += [(entry.name, entry, False) for entry in self.control.children(inode)]
         else:
             directory = self.fs.node(inode)
@@ -341,7 +314,7 @@ class Operations(pyfuse3.Operations):
         await self.fs.rename(
             self.fs.node(parent_inode_old), name_old, self.fs.node(parent_inode_new), name_new, flags
         )
-        self._negative.discard((parent_inode_new, name_new))
+        self.kernel.present(parent_inode_new, name_new)
 
     @handler
     async def link(
@@ -362,12 +335,12 @@ class Operations(pyfuse3.Operations):
             # something the session's scripts can make for a mount.
             raise FSError(errno.EPERM)
         number, handle = await self.fs.create(parent, name, mode, os.O_WRONLY)
-        await self.fs.release(number)
+        await self.handles.release(number)
         return self._entry(self._made_by(handle.node, ctx))
 
     def _refuse_control(self, parent_inode: int, name: bytes) -> None:
         """Reserved names at the root and everything under them belong to baifs, not to the session."""
-        if self._is_control_name(parent_inode, name):
+        if self.control.owns_name(parent_inode, name):
             raise FSError(errno.EPERM)
 
     # -- files ------------------------------------------------------------
@@ -375,34 +348,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if self.control.owns(inode):
-            writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-            if writable and inode != RUN_INODE:
-                raise FSError(errno.EACCES)
-            snapshot = self.control.document(inode)
-            if snapshot is None:
-                self.control.entry(inode)  # a run file: ENOENT if its run was pruned
-            number = self._next_control
-            self._next_control += 1
-            writer_cwd = self._cwd_in_mount(ctx.pid) if writable else None
-            self._controls[number] = ControlHandle(inode, writable, snapshot, writer_cwd=writer_cwd)
+            number = self.control.open(inode, flags, ctx.pid)
             return pyfuse3.FileInfo(fh=number, direct_io=True, keep_cache=False)
-        number, handle = await self.fs.open(self.fs.node(inode), flags)
+        number, handle = await self.handles.open(self.fs.node(inode), flags)
         return self._file_info(number, handle)
-
-    def _cwd_in_mount(self, pid: int) -> str | None:
-        """The working directory of process ``pid`` relative to the mount's root, if it is inside."""
-        mountpoint = self.control.identity.get("mountpoint")
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            return None
-        # After a run the mount drops the kernel's entries, and the kernel then calls a working
-        # directory in the mount "deleted"; the name is still the directory's.
-        cwd = cwd.removesuffix(" (deleted)")
-        relative = os.path.relpath(cwd, mountpoint) if mountpoint else ".."
-        if relative == ".." or relative.startswith("../"):
-            return None
-        return "" if relative == "." else relative
 
     def _file_info(self, number: int, handle: Handle) -> pyfuse3.FileInfo:
         node = handle.node
@@ -420,69 +369,35 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        control = self._controls.get(fh)
-        if control is None:
-            return await self.fs.read(fh, off, size)
-        if control.record is not None:
-            return self.control.run_status(control.record)[off : off + size]
-        if control.snapshot is not None:
-            return control.snapshot[off : off + size]
-        return self.control.read(control.inode, off, size)
+        if self.control.owns_handle(fh):
+            return self.control.read(fh, off, size)
+        return await self.handles.read(fh, off, size)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        control = self._controls.get(fh)
-        if control is None:
-            return await self.fs.write(fh, off, buf)
-        if not control.writable:
-            raise FSError(errno.EBADF)
-        if off < control.base or not control.request:
-            control.base = off  # rewriting from the start, or the first write of the next request
-        request = control.request
-        at = off - control.base
-        if at > len(request):
-            request.extend(b"\0" * (at - len(request)))
-        request[at : at + len(buf)] = buf
-        try:
-            self.control.runs.refuse_early(bytes(request))
-        except RunRejected as error:
-            control.request = bytearray()
-            log.warning("refused a run request: %s", error)
-            raise FSError(errno.EINVAL) from None
-        except RunUnrecordable as error:
-            control.request = bytearray()
-            log.warning("refused a run request: %s", error)
-            raise FSError(errno.ENOSPC) from None
-        return len(buf)
+        if self.control.owns_handle(fh):
+            return self.control.write(fh, off, buf)
+        return await self.handles.write(fh, off, buf)
 
     @handler
     async def flush(self, fh: int) -> None:
         """close(): a run request written to ``.run`` is submitted here, so a bad one fails close()."""
-        control = self._controls.get(fh)
-        if control is not None and control.request:
-            self._submit(control)
-
-    def _submit(self, control: ControlHandle) -> None:
-        request, control.request = bytes(control.request), bytearray()
-        try:
-            control.record = self.control.runs.submit(request, writer_cwd=control.writer_cwd)
-        except RunRejected as error:
-            log.warning("refused a run request: %s", error)
-            raise FSError(errno.EINVAL) from None
+        if self.control.owns_handle(fh):
+            self.control.flush(fh)
 
     @handler
     async def release(self, fh: int) -> None:
-        if self._controls.pop(fh, None) is None:
-            await self.fs.release(fh)
+        if self.control.owns_handle(fh):
+            self.control.release(fh)
+        else:
+            await self.handles.release(fh)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
-        control = self._controls.get(fh)
-        if control is not None:
-            if control.request:
-                self._submit(control)
+        if self.control.owns_handle(fh):
+            self.control.flush(fh)
             return
-        handle = self.fs.handles.get(fh)
+        handle = self.handles.get(fh)
         if handle is not None:
             await self.fs.fsync(handle.node)
 
@@ -490,21 +405,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT_INODE and name == FLUSH_XATTR:
-            await self.fs.flush_everything()
-            return
-        if inode == ROOT_INODE and name == KEEP_PENDING_XATTR:
-            self.fs.sync.keep_pending = True
-            log.warning("asked to keep pending changes at unmount: the final flush is left out")
-            return
-        if inode == RUN_INODE and name == INTERRUPT_XATTR:
-            try:
-                number = int(value.decode().strip())
-            except ValueError:
-                raise FSError(errno.EINVAL) from None
-            await self.control.runs.interrupt(number)
-            return
-        raise FSError(errno.ENOTSUP)
+        await self.control.setxattr(inode, name, value)  # baifs's commands are the only attributes
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -524,48 +425,8 @@ class Operations(pyfuse3.Operations):
         """The session's disk as ``df`` in it reported at discovery; until then, the local staging space."""
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
-        disk = self.fs.sync.profile.disk_kib
-        if disk is not None:  # free counts what root may still use, as df's "used" is total - free
-            total, free, available = disk[0] // 4, (disk[0] - disk[1]) // 4, disk[2] // 4
-        else:
-            local = os.statvfs(self.fs.store.staging_dir)
-            total, free, available = (
-                local.f_blocks * local.f_frsize // 4096,
-                local.f_bfree * local.f_frsize // 4096,
-                local.f_bavail * local.f_frsize // 4096,
-            )
+        total, free, available = self.disk()
         data.f_blocks, data.f_bfree, data.f_bavail = total, free, available
         data.f_files = data.f_ffree = data.f_favail = 1 << 30  # the session's inode count is not known
         data.f_namemax = 255
         return data
-
-    # -- kernel cache invalidation ------------------------------------------
-
-    def _invalidate(self, nodes: list[Node]) -> None:
-        """Drop the kernel's entries for nodes that changed in the session (never blocks)."""
-        for node in nodes:
-            if node.parent is not None:
-                pyfuse3.invalidate_entry_async(node.parent.inode, node.name, ignore_enoent=True)
-
-    async def forget_kernel_caches(self) -> None:
-        """After a run: the kernel asks again about every name and attribute it cached.
-
-        Runs in a worker thread, since the kernel calls block until requests
-        on the same inodes are answered by the handlers on this thread.
-        """
-        inodes = [inode for inode, node in self.fs.namespace.inodes.items() if node.lookups > 0]
-        negative, self._negative = self._negative, set()
-
-        def invalidate() -> None:
-            for inode in inodes:
-                try:
-                    pyfuse3.invalidate_inode(inode, attr_only=True)
-                except OSError:
-                    pass  # the kernel forgot it meanwhile
-            for parent, name in negative:
-                try:
-                    pyfuse3.invalidate_entry(parent, name)
-                except OSError:
-                    pass
-
-        await trio.to_thread.run_sync(invalidate)

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,17 +46,17 @@ from typing import Any
 
 import trio
 
-from ..api.batch import BatchExecutor, BatchSteps
-from ..api.client import SessionClient, UploadFile
-from ..api.errors import BaifsError
+from ..errors import BaifsError
+from ..files import replace_atomically
 from ..timestamps import moment, stamp
+from . import scratch
 from .model import is_ancestor_or_self
+from .remote import Remote
 
 log = logging.getLogger(__name__)
 
 PROFILE_FILE = "profile.json"
 WORK_DIR = b"/home/work/"
-PROBE_PREFIX = b".baifs-probe-"
 #: How long a flush waits for discovery before it goes ahead with what is known.
 PROFILE_WAIT = 10.0
 DISCOVERY_RETRY_MAX = 300.0
@@ -250,11 +250,11 @@ class ProfileKeeper:
         self._save()
         return True
 
-    async def discover(self, session: SessionClient, executor: BatchExecutor) -> None:
+    async def discover(self, remote: Remote) -> None:
         """One probe upload and one run; the profile they show replaces the one kept."""
-        probe = PROBE_PREFIX + secrets.token_hex(6).encode()
+        probe = scratch.PROBE_PREFIX + scratch.new_token()
         try:
-            await session.upload([UploadFile.of(probe.decode("ascii"), b"")], verify=False)
+            await remote.send([(probe, b"")])
         except BaifsError as error:
             raise ProfileUnavailable(f"the probe upload failed ({error})") from error
         output: list[str] = []
@@ -263,7 +263,9 @@ class ProfileKeeper:
             if stream == "stdout":
                 output.append(text)
 
-        outcome = await executor.run(BatchSteps(exec=discovery_script(probe)), collect, purpose="discovery")
+        outcome = await remote.run(
+            discovery_script(probe), collect, purpose="discovery", queue_timeout=math.inf
+        )
         if outcome.exit_code is None:
             raise ProfileUnavailable("the answer of the discovery run was lost")
         discovered = parse_discovery("".join(output))
@@ -282,12 +284,12 @@ class ProfileKeeper:
                 "by runs; remove it as that user (or root) in the session"
             )
 
-    async def keep_discovering(self, session: SessionClient, executor: BatchExecutor) -> None:
+    async def keep_discovering(self, remote: Remote) -> None:
         """Discover once, retrying with backoff while the session cannot answer."""
         delay = 5.0
         while True:
             try:
-                await self.discover(session, executor)
+                await self.discover(remote)
                 return
             except BaifsError as error:
                 log.warning("session profile not known yet (%s); trying again in %.0f s", error, delay)
@@ -295,12 +297,10 @@ class ProfileKeeper:
             delay = min(delay * 2, DISCOVERY_RETRY_MAX)
 
     def _save(self) -> None:
-        temporary = self.state / (PROFILE_FILE + ".tmp")
         try:
-            temporary.write_text(json.dumps(self.profile.as_dict(), indent=2) + "\n")
-            temporary.replace(self.state / PROFILE_FILE)
+            document = json.dumps(self.profile.as_dict(), indent=2) + "\n"
+            replace_atomically(self.state / PROFILE_FILE, document.encode())
         except OSError as error:
-            temporary.unlink(missing_ok=True)
             log.warning("cannot save the session profile (%s); the next mount discovers it again", error)
 
 

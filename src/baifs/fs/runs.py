@@ -51,12 +51,16 @@ from typing import IO, Any
 
 import trio
 
-from ..api.batch import BatchOutcome, BatchSteps
-from ..api.errors import BaifsError
 from ..concurrency import keep_running
+from ..errors import BaifsError
+from ..files import replace_atomically
 from ..timestamps import moment, stamp
-from .filesystem import Filesystem
-from .supervisor import SupervisedSteps
+from .kernel import KernelNotifier
+from .listing import Listings
+from .profile import ProfileKeeper
+from .remote import BatchOutcome, BatchSteps, Remote
+from .supervisor import SupervisedSteps, Supervisor
+from .sync import SyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,10 @@ class RunRejected(BaifsError):
 
 class IncompleteRequest(RunRejected):
     """A request with no command (yet): refused at ``close``, but more bytes could mend it."""
+
+
+class RunFailed(BaifsError):
+    """A run could not be carried out; the message is the cause recorded in its status."""
 
 
 class RunUnrecordable(BaifsError):
@@ -190,16 +198,17 @@ class RunRecord:
             "output_note": self.output_note,
         }
 
+    def write_status(self) -> None:
+        """Write the status (and the exit code, once finished); OSError if the disk cannot take it."""
+        replace_atomically(self.directory / "status", (json.dumps(self.status(), indent=2) + "\n").encode())
+        if self.state == "finished" and self.exit_code is not None:
+            (self.directory / "exit_code").write_text(f"{self.exit_code}\n")
+
     def save(self) -> None:
-        """Write the status (and the exit code); a full disk keeps the older status and is logged."""
-        temporary = self.directory / "status.tmp"
+        """`write_status`; a full disk keeps the older status and is logged."""
         try:
-            temporary.write_text(json.dumps(self.status(), indent=2) + "\n")
-            temporary.replace(self.directory / "status")
-            if self.state == "finished" and self.exit_code is not None:
-                (self.directory / "exit_code").write_text(f"{self.exit_code}\n")
+            self.write_status()
         except OSError as error:
-            temporary.unlink(missing_ok=True)
             log.warning("run %d: cannot save its status (%s)", self.number, error)
 
     def append(self, stream: str, text: str) -> None:
@@ -239,16 +248,24 @@ class RunManager:
 
     def __init__(
         self,
-        fs: Filesystem,
+        remote: Remote,
+        supervisor: Supervisor,
+        sync: SyncEngine,
+        listings: Listings,
+        kernel: KernelNotifier,
+        profiles: ProfileKeeper,
         directory: Path,
         *,
         keep: int = DEFAULT_KEEP,
-        after_run: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self.fs = fs
+        self.remote = remote
+        self.supervisor = supervisor
+        self.sync = sync
+        self.listings = listings
+        self.kernel = kernel
+        self.profiles = profiles
         self.directory = directory
         self.keep = max(1, keep)
-        self.after_run = after_run
         self.records: dict[int, RunRecord] = {}
         #: why the last write to ``.run`` was refused (shown when ``.run`` is read).
         self.last_rejection: str | None = None
@@ -331,9 +348,7 @@ class RunManager:
             (directory / "command").write_bytes(data)
             for name in ("output", "stdout", "stderr"):
                 record.sinks[name] = open(directory / name, "wb")
-            temporary = directory / "status.tmp"
-            temporary.write_text(json.dumps(record.status(), indent=2) + "\n")
-            temporary.replace(directory / "status")
+            record.write_status()
         except OSError as error:
             for handle in record.sinks.values():
                 handle.close()
@@ -348,13 +363,12 @@ class RunManager:
         return record
 
     async def _carry_out(self, record: RunRecord) -> None:
-        executor = self.fs.executor
         try:
-            async with executor.slot(purpose=f"run {record.number}"):
+            async with self.remote.slot(purpose=f"run {record.number}"):
                 record.state, record.started_at = "running", time.time()
                 record.save()
                 try:
-                    await self.fs.sync.barrier()
+                    await self.sync.barrier()
                 except (BaifsError, OSError) as error:
                     raise RunFailed(
                         f"the pending changes could not be put on the session first: {error}"
@@ -377,20 +391,19 @@ class RunManager:
             record.ended_at = time.time()
             self._close(record)
             with trio.CancelScope(shield=True):
-                self.fs.expire_listings()
-                if self.after_run is not None:
-                    await self.after_run()
+                self.listings.expire()
+                await self.kernel.attributes_stale()
 
     async def _supervised(self, record: RunRecord) -> BatchOutcome:
         """The run, with a supervisor that serves the mount's scripts while it goes (`supervisor`)."""
-        supervisor = self.fs.supervisor
+        supervisor = self.supervisor
         assert record.run_id is not None
         inbox = supervisor.open(record.run_id)
         ended = False
         try:
-            keep_tmp = self.fs.sync.profiles.profile.keeps_staging_dir
+            keep_tmp = self.profiles.profile.keeps_staging_dir
             steps = SupervisedSteps(record.steps, inbox.box, keep_tmp)
-            outcome = await self.fs.executor.run_held(
+            outcome = await self.remote.run_held(
                 steps, self._sink(record), record.run_id, purpose=f"run {record.number}"
             )
             ended = True
@@ -431,12 +444,12 @@ class RunManager:
     async def interrupt(self, number: int) -> None:
         """Ask the session to interrupt run ``number`` if it is the one going."""
         record = self.records.get(number)
-        if record is None or record.state != "running" or self.fs.executor.current_run_id != record.run_id:
+        if record is None or record.state != "running" or self.remote.current_run_id != record.run_id:
             return
         log.info("interrupting run %d", number)
-        await self.fs.executor.interrupt()
+        await self.remote.interrupt()
         if self._nursery is not None:
-            relay = self.fs.supervisor.relay_interrupt
+            relay = self.supervisor.relay_interrupt
             self._nursery.start_soon(
                 keep_running, "the interrupt relay", lambda: relay(lambda: record.state == "running")
             )
@@ -446,6 +459,3 @@ class RunManager:
             if self.records[number].done:
                 shutil.rmtree(self.records.pop(number).directory, ignore_errors=True)
 
-
-class RunFailed(BaifsError):
-    """A run could not be carried out; the message is the cause recorded in its status."""

@@ -34,24 +34,20 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..api.client import SessionClient
-from ..api.errors import BaifsError
+from ..errors import BaifsError
 from ..locks import DirectoryLock, DirectoryLocked
-from .filesystem import MountOptions
-from .journal import decode_path, read_journal
+from .changes import Change, Create, Meta, Remove, Rename, Stage
+from .core import MountCore, MountOptions
+from .journal import read_journal
 from .model import depth, is_ancestor_or_self
-from .state import (
-    CURRENT_RUN_FILE,
-    StateIdentity,
-    build_filesystem,
-    normalised_endpoint,
-    start_filesystem,
-    state_directories,
-)
+from .state import CURRENT_RUN_FILE, StateIdentity, normalised_endpoint, state_directories
+
+if TYPE_CHECKING:
+    from ..api.client import SessionClient
 
 REPORT_NAME = ".baifs-salvage.json"
 
@@ -84,51 +80,37 @@ class PendingTree:
     def read(cls, state: Path) -> PendingTree:
         contents = read_journal(state)
         tree = cls()
-        if contents.state is not None:
-            for record in contents.state.get("nodes", []):
-                tree.entries[decode_path(record["path"])] = PendingEntry(
-                    int(record["mode"]),
-                    None if record["origin"] is None else decode_path(record["origin"]),
-                    record.get("stage"),
-                    record.get("mtime_ns"),
-                    None if record.get("target") is None else decode_path(record["target"]),
+        if contents.checkpoint is not None:
+            for node in contents.checkpoint.nodes:
+                tree.entries[node.path] = PendingEntry(
+                    node.mode, node.origin, node.stage, node.mtime_ns, node.target
                 )
-            tree.removed.update(decode_path(path) for path, _ in contents.state.get("doomed", []))
-        for record in contents.operations:
-            tree._apply(record)
+            tree.removed.update(path for path, _ in contents.checkpoint.doomed)
+        for change in contents.changes:
+            tree.apply(change)
         return tree
 
-    def _apply(self, record: dict[str, Any]) -> None:
-        op = record.get("op")
-        if op == "rename":
-            self._rename(decode_path(record["old"]), decode_path(record["new"]))
-            return
-        if op not in ("create", "stage", "remove", "meta"):
-            return
-        path = decode_path(record["path"])
-        if op == "create":
-            target = record.get("target")
-            self.entries[path] = PendingEntry(
-                int(record["mode"]),
-                None,
-                record.get("stage"),
-                None,
-                None if target is None else decode_path(target),
-            )
-        elif op == "stage":
-            self._entry(path).stage = record["stage"]
-        elif op == "remove":
-            for key in [k for k in self.entries if is_ancestor_or_self(path, k)]:
-                entry = self.entries.pop(key)
-                if entry.origin is not None:
-                    self.removed.add(entry.origin)
-            self.removed.add(path)
-        else:
-            entry = self._entry(path)
-            if record.get("mode") is not None:
-                entry.mode = int(record["mode"])
-            if record.get("mtime_ns") is not None:
-                entry.mtime_ns = int(record["mtime_ns"])
+    def apply(self, change: Change) -> None:
+        """One journalled change, as the overlay made it, on this tree of paths."""
+        match change:
+            case Rename(old=old, new=new):
+                self._rename(old, new)
+            case Create(path=path, mode=mode, stage=stage, target=target):
+                self.entries[path] = PendingEntry(mode, None, stage, None, target)
+            case Stage(path=path, stage=stage):
+                self._entry(path).stage = stage
+            case Remove(path=path):
+                for key in [k for k in self.entries if is_ancestor_or_self(path, k)]:
+                    entry = self.entries.pop(key)
+                    if entry.origin is not None:
+                        self.removed.add(entry.origin)
+                self.removed.add(path)
+            case Meta(path=path, mode=mode, mtime_ns=mtime_ns):
+                entry = self._entry(path)
+                if mode is not None:
+                    entry.mode = mode
+                if mtime_ns is not None:
+                    entry.mtime_ns = mtime_ns
 
     def _entry(self, path: bytes) -> PendingEntry:
         """The entry of a path, created for a remote object the journal names for the first time."""
@@ -286,14 +268,14 @@ async def replay(state: Path, session: SessionClient, progress: Any = None) -> i
     try:
         (state / CURRENT_RUN_FILE).unlink(missing_ok=True)  # a run of the old session, not of this one
         with tempfile.TemporaryDirectory(prefix="baifs-salvage-") as cache:
-            filesystem = build_filesystem(session, state, Path(cache), MountOptions(write_back=3600))
+            core = MountCore.over_session(session, state, Path(cache), MountOptions(write_back=3600))
             try:
                 async with trio.open_nursery() as nursery:
-                    recovered = await start_filesystem(filesystem, nursery)
-                    await filesystem.sync.flush_all(progress)
+                    recovered = await core.start(nursery)
+                    await core.sync.flush_all(progress)
                     nursery.cancel_scope.cancel()
             finally:
-                filesystem.journal.close()
+                core.close()
         return recovered
     finally:
         lock.release()

@@ -1,4 +1,4 @@
-"""A session's state directory on this machine, and the one way to build a `Filesystem` on it.
+"""A session's state directory on this machine: where it is, whose it is, and the run marker.
 
 Layout of ``<state root>/mounts/<key>/`` (the key hashes the session's
 identity, `session_identity`: its container id, or where the session shows
@@ -15,11 +15,7 @@ spelled, so a restarted local server on a new port, a trailing slash or
     profile.json     what discovery learnt of the session (`profile`)
     runs/            the records of runs started from the mount (`runs`)
 
-`build_filesystem` assembles a `Filesystem` with its store, journal and
-executor over such a directory, adopting a run an earlier process left
-unconcluded; `start_filesystem` starts its background work and replays the
-journal. ``baifs mount``, ``baifs salvage`` and the tests all go through
-them.
+The parts that live in it are built by the composition root (`core`).
 
 Invariants: the run marker is written (to a temporary name, synced, renamed)
 before a run's first request and removed only once the run it names is
@@ -33,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,15 +38,9 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ..api.batch import BatchExecutor
-from ..api.client import SessionClient
-from ..api.errors import BaifsError, LocalStateError
-from ..concurrency import keep_running
-from .content import ContentStore
-from .filesystem import Filesystem, MountOptions
-from .journal import Journal
-from .profile import ProfileKeeper
-from .recovery import recover
+from ..api.errors import LocalStateError
+from ..errors import BaifsError
+from ..files import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +119,9 @@ def session_state(identity: StateIdentity, root: Path | None = None) -> Path:
         except OSError as error:
             log.warning("could not take over the earlier state %s (%s); it stays there", directory, error)
         else:
-            log.info("state of session %s taken over from %s (keyed by endpoint)", identity.session_id, directory)
+            log.info(
+                "state of session %s taken over from %s (keyed by endpoint)", identity.session_id, directory
+            )
     return state
 
 
@@ -157,18 +148,7 @@ class RunMarker:
             self.path.unlink(missing_ok=True)
 
     def _write(self, run_id: str) -> None:
-        temporary = self.path.with_suffix(".tmp")
-        try:
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(descriptor, run_id.encode() + b"\n")
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            temporary.replace(self.path)
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            raise
+        replace_atomically(self.path, run_id.encode() + b"\n", fsync=True)
 
     def load(self) -> str | None:
         """The run an earlier process left unconcluded, if the marker names one."""
@@ -196,12 +176,10 @@ class StateIdentity:
     mounted_at: float = 0.0
 
     def save(self, directory: Path) -> None:
-        temporary = directory / (IDENTITY_FILE + ".tmp")
         try:
-            temporary.write_text(json.dumps(self.__dict__, indent=2) + "\n")
-            temporary.replace(directory / IDENTITY_FILE)
+            document = json.dumps(self.__dict__, indent=2) + "\n"
+            replace_atomically(directory / IDENTITY_FILE, document.encode())
         except OSError as error:
-            temporary.unlink(missing_ok=True)
             log.warning("cannot record this mount in %s (%s)", directory, error)
 
     @classmethod
@@ -217,35 +195,3 @@ def state_directories(root: Path | None = None) -> Iterator[Path]:
     root = root or state_root()
     if root.is_dir():
         yield from sorted(path for path in root.iterdir() if path.is_dir())
-
-
-def build_filesystem(session: SessionClient, state: Path, cache: Path, options: MountOptions) -> Filesystem:
-    """A `Filesystem` over a state directory (not started: see `start_filesystem`)."""
-    store = ContentStore(cache, state / "staging", options.cache_limit)
-    marker = RunMarker(state)
-    executor = BatchExecutor(session, runs=marker)
-    left = marker.load()
-    if left is not None:
-        log.info("run %s was left going by an earlier process; it is concluded before the next run", left)
-        executor.adopt(left)
-    return Filesystem(session, executor, store, Journal(state), options, ProfileKeeper(state))
-
-
-async def start_filesystem(filesystem: Filesystem, nursery: trio.Nursery) -> int:
-    """Replay the journal, then start the background work; the number of changes recovered.
-
-    A session's folders and container user are fixed when it is created, so
-    a profile discovered once serves every later mount of the session;
-    otherwise discovery starts here, in the background.
-    """
-    recovered = await recover(filesystem)
-    await nursery.start(filesystem.executor.run_background)
-    await nursery.start(filesystem.run_background)
-    profiles = filesystem.sync.profiles
-    if not profiles.profile.known:
-        nursery.start_soon(
-            keep_running,
-            "discovery",
-            lambda: profiles.keep_discovering(filesystem.session, filesystem.executor),
-        )
-    return recovered

@@ -21,9 +21,10 @@ wrapped in a small POSIX ``sh`` supervisor (`supervised_script`):
   script removes, so nothing stays in ``/home/work``.
 
 The mount's side is `Inbox` (one per supervised run) and `Supervisor`, which
-sends a script through the open inbox while the mount's run holds the
-execution slot, and through the slot otherwise (`Supervisor.run`). The sync
-engine sends flush scripts the same way (`sync.SyncEngine.flush`).
+knows the inbox of the mount's run that holds the execution slot
+(`Supervisor.available`); the remote seam (`remote.RemoteTree.run`) sends a
+script there while it is open, and the sync engine its flush scripts
+(`sync.SyncEngine.flush`). Both talk to the session only through the seam.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ import logging
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
-from ..api.archive import single_member
-from ..api.batch import BatchExecutor, BatchOutcome, BatchSteps, ConsoleSink
-from ..api.client import SessionClient, UploadFile
-from ..api.errors import BaifsError, RemotePathError
-from .flush import REMOTE_TMP, remote_name
-from .model import join
+from ..errors import BaifsError
+from . import scratch
+
+if TYPE_CHECKING:
+    from .remote import BatchSteps, Remote
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ POLL_FIRST, POLL_MAX = 0.05, 0.5
 RELAY_AFTER = 0.5
 #: The supervisor's loop touches ``<box>.alive`` every second; unchanged this long, the loop is gone.
 HEARTBEAT_STALE = 10.0
-
-
-async def scratch_names(session: SessionClient) -> dict[str, int]:
-    """The names in ``.baifs-tmp`` and their mtimes (none while it does not exist)."""
-    try:
-        entries = await session.list_dir(remote_name(REMOTE_TMP))
-    except RemotePathError:
-        return {}
-    return {entry.name: entry.mtime_ns for entry in entries}
-
-
-def box_of(run_id: str) -> bytes:
-    """The name of a supervised run's inbox files, from its run id."""
-    return b"run-" + run_id[:12].encode("ascii")
 
 
 #: A request that interrupts the supervisor's child (the steps), not the inbox loop running it.
@@ -98,7 +85,7 @@ def supervised_script(steps: BatchSteps, box: bytes, keep_tmp: bool = False) -> 
     At its end it removes ``.baifs-tmp`` if that is empty now, unless
     ``keep_tmp`` (the profile keeps it: uploads would remake it foreign).
     """
-    prefix = join(REMOTE_TMP, box).decode("ascii")
+    prefix = scratch.inbox_prefix(box).decode("ascii")
     loop = f"""(
   trap 'stop=1' TERM
   stop=
@@ -122,7 +109,7 @@ def supervised_script(steps: BatchSteps, box: bytes, keep_tmp: bool = False) -> 
 ) > /dev/null 2>&1 < /dev/null &"""
     return "\n".join(
         [
-            "mkdir -p -- .baifs-tmp 2>/dev/null",
+            f"mkdir -p -- {scratch.ROOT.decode()} 2>/dev/null",
             "supervisor=$$",
             loop,
             "inbox=$!",
@@ -139,7 +126,7 @@ def supervised_script(steps: BatchSteps, box: bytes, keep_tmp: bool = False) -> 
             'kill "$beat" 2>/dev/null',
             'while kill -0 "$beat" 2>/dev/null; do wait "$beat"; done',
             f"rm -f -- {prefix}.alive",
-            *([] if keep_tmp else ["rmdir -- .baifs-tmp 2>/dev/null"]),
+            *([] if keep_tmp else [f"rmdir -- {scratch.ROOT.decode()} 2>/dev/null"]),
             'exit "$code"',
         ]
     )
@@ -161,7 +148,7 @@ class SupervisedSteps:
 class Inbox:
     """The mount's side of one supervised run's inbox."""
 
-    session: SessionClient
+    remote: Remote
     box: bytes
     #: set once the run is over (its supervisor has exited).
     ended: trio.Event = field(default_factory=trio.Event)
@@ -169,14 +156,14 @@ class Inbox:
     #: requests reserved but not known to be in the session yet (sent again, in order, until they are).
     _unsent: dict[int, str] = field(default_factory=dict)
     _lock: trio.Lock = field(default_factory=trio.Lock)
-    #: result files already read, for the next script to remove (shared with the `Supervisor`).
-    litter: set[bytes] = field(default_factory=set)
+    #: results each delivered request removes first: removed only once that request has run.
+    _removing: dict[int, list[bytes]] = field(default_factory=dict)
     #: the heartbeat's last mtime, and when this mount saw it change; set once the loop is gone.
     _beat: tuple[int, float] | None = None
     dead: bool = False
 
     def _name(self, kind: str, number: int) -> bytes:
-        return join(REMOTE_TMP, self.box + f".{kind}.{number}".encode())
+        return scratch.inbox_file(self.box, kind, number)
 
     def reserve(self, script: str) -> int:
         """Number ``script`` as the next request; `deliver` sends it."""
@@ -191,21 +178,21 @@ class Inbox:
 
         A request whose upload failed stays reserved and goes with the next
         delivery (sending it twice is harmless: the supervisor takes a number
-        once).
+        once). Each request first removes the results read since the one
+        before; they count as removed only once it has run (`outcome`).
         """
         async with self._lock:
             for number in sorted(self._unsent):
-                removed = sorted(self.litter)  # results already read go with the next request
-                self.litter.difference_update(removed)
-                removal = "".join(f"rm -f -- {shlex.quote(remote_name(path))}\n" for path in removed)
+                read = self.remote.scratch.take_results()  # inbox names are ASCII
+                removal = "".join(f"rm -f -- {shlex.quote(path.decode('ascii'))}\n" for path in read)
                 body = f"{removal}{self._unsent[number].rstrip()}\n# baifs-request {number}\n".encode()
-                name = remote_name(self._name("req", number))
                 try:
-                    await self.session.upload([UploadFile.of(name, body)], verify=False)
+                    await self.remote.send([(self._name("req", number), body)])
                 except BaseException:
-                    self.litter.update(removed)
+                    self.remote.scratch.note_results(read)
                     raise
                 del self._unsent[number]
+                self._removing[number] = read
 
     async def request(self, script: str) -> ScriptResult:
         """Run ``script`` through the inbox; `InboxClosed` if the run ended before it was taken."""
@@ -214,7 +201,21 @@ class Inbox:
         return await self.outcome(number)
 
     async def outcome(self, number: int) -> ScriptResult:
-        """The results of request ``number`` once it is done; `InboxClosed` if it never will be."""
+        """The results of request ``number`` once it is done; `InboxClosed` if it never will be.
+
+        Unless it ran to its end, the results it was to remove are still to remove.
+        """
+        try:
+            result = await self._until_done(number)
+        except BaseException:
+            self.remote.scratch.note_results(self._removing.pop(number, []))
+            raise
+        removed = self._removing.pop(number, [])
+        if not result.complete:
+            self.remote.scratch.note_results(removed)
+        return result
+
+    async def _until_done(self, number: int) -> ScriptResult:
         delay = POLL_FIRST
         while True:
             ended = self.ended.is_set()  # before the listing: an end seen now means no later change
@@ -222,7 +223,7 @@ class Inbox:
                 if ended:
                     raise InboxClosed(f"the run ended before request {number} reached it")
                 await self.deliver()
-            names = await scratch_names(self.session)
+            names = await self.remote.list_scratch()
             if self._base("code", number) in names:
                 return await self._read(number)
             if ended:
@@ -230,8 +231,13 @@ class Inbox:
             if not self._beating(names):
                 self.dead = True
                 log.warning("the supervisor of the mount's run stopped answering; scripts wait for the slot")
-                self.litter.update([self._name("req", number), self._name("run", number)])
-                self.litter.add(self._name("code", number) + b".part")
+                self.remote.scratch.note_results(
+                    [
+                        self._name("req", number),
+                        self._name("run", number),
+                        self._name("code", number) + b".part",
+                    ]
+                )
                 if self._base("out", number) not in names:
                     raise InboxStalled(f"the supervisor is gone; request {number} was never taken")
                 return await self._read(number, complete=False)
@@ -239,13 +245,12 @@ class Inbox:
                 await self.ended.wait()
             delay = min(delay * 2, POLL_MAX)
 
-    def _base(self, kind: str, number: int) -> str:
-        return remote_name(self._name(kind, number)).rpartition("/")[2]
+    def _base(self, kind: str, number: int) -> bytes:
+        return self._name(kind, number).rpartition(b"/")[2]
 
-
-    def _beating(self, names: dict[str, int]) -> bool:
+    def _beating(self, names: dict[bytes, int]) -> bool:
         """Whether the loop's heartbeat changed within `HEARTBEAT_STALE` seconds of this mount's clock."""
-        mtime, now = names.get((self.box + b".alive").decode("ascii"), -1), trio.current_time()
+        mtime, now = names.get(scratch.heartbeat(self.box).rpartition(b"/")[2], -1), trio.current_time()
         if self._beat is None or self._beat[0] != mtime:
             self._beat = (mtime, now)
         return now - self._beat[1] < HEARTBEAT_STALE
@@ -253,29 +258,26 @@ class Inbox:
     async def _read(self, number: int, *, complete: bool = True) -> ScriptResult:
         kinds = ("out", "err", "code") if complete else ("out", "err")
         paths = [self._name(kind, number) for kind in kinds]
-        archives = await self.session.download([remote_name(path) for path in paths])
-        texts = [single_member(archive)[1].decode("utf-8", "replace") for archive in archives]
-        self.litter.update(paths)
+        texts = [data.decode("utf-8", "replace") for data in await self.remote.read_files(paths)]
+        self.remote.scratch.note_results(paths)
         if not complete:
             return ScriptResult(None, texts[0], texts[1], complete=False)
         return ScriptResult(int(texts[2].strip() or "1"), texts[0], texts[1])
 
 
 class Supervisor:
-    """Which supervised run of the mount is going, and the way to the session for the mount's scripts."""
+    """Which supervised run of the mount is going, and its inbox for the mount's scripts."""
 
-    def __init__(self, session: SessionClient, executor: BatchExecutor) -> None:
-        self.session = session
-        self.executor = executor
+    def __init__(self, remote: Remote) -> None:
+        self.remote = remote
         #: the inbox of the mount's run that holds the execution slot, if one does.
         self.inbox: Inbox | None = None
-        self._litter: set[bytes] = set()
         #: heartbeats looked at by `heartbeat`: run id -> (mtime, when it was seen to change).
         self._beats: dict[str, tuple[int, float]] = {}
 
     def open(self, run_id: str) -> Inbox:
-        """The inbox of the supervised run ``run_id`` (named after it, so a later mount finds its heartbeat)."""
-        inbox = Inbox(self.session, box_of(run_id), litter=self._litter)
+        """The inbox of the supervised run ``run_id``, named after it (a later mount finds its heartbeat)."""
+        inbox = Inbox(self.remote, scratch.box_of(run_id))
         self.inbox = inbox
         return inbox
 
@@ -288,11 +290,11 @@ class Supervisor:
         listing fails, a heartbeat seen before counts as still going.
         """
         try:
-            names = await scratch_names(self.session)
+            names = await self.remote.list_scratch()
         except BaifsError as error:
             log.info("could not look at the heartbeat of run %s (%s)", run_id, error)
             return run_id in self._beats
-        alive = (box_of(run_id) + b".alive").decode("ascii")
+        alive = scratch.heartbeat(scratch.box_of(run_id)).rpartition(b"/")[2]
         if alive not in names:
             self._beats.pop(run_id, None)
             return False
@@ -305,15 +307,16 @@ class Supervisor:
         """No new requests for ``inbox``; ``ended`` once its run is surely over (else see `conclude`)."""
         if self.inbox is inbox:
             self.inbox = None
+            self.remote.scratch.results_are_litter()
         if ended:
             inbox.ended.set()
 
     async def conclude(self, inbox: Inbox) -> None:
-        """The run's end was not read: it is over once the executor has concluded it (in the slot)."""
+        """The run's end was not read: it is over once the session has concluded it (in the slot)."""
         delay = 1.0
         while True:
             try:
-                async with self.executor.slot():
+                async with self.remote.slot():
                     break
             except BaifsError as error:
                 log.warning("the mount's run is not concluded yet (%s); trying again in %.0f s", error, delay)
@@ -325,23 +328,7 @@ class Supervisor:
         """The inbox to send a script to now, if the mount's own run holds the slot."""
         inbox = self.inbox
         usable = inbox is not None and not inbox.ended.is_set() and not inbox.dead
-        return inbox if usable and self.executor.busy else None
-
-    async def run(self, script: str, sink: ConsoleSink, *, queue_timeout: float) -> BatchOutcome:
-        """Run a script of the mount: through the inbox of a going run, else in the execution slot."""
-        inbox = self.available()
-        if inbox is not None:
-            try:
-                result = await inbox.request(script)
-            except InboxClosed:
-                log.debug("the run ended before it took the script; waiting for the slot instead")
-            else:
-                await sink("stdout", result.stdout)
-                await sink("stderr", result.stderr)
-                return BatchOutcome(f"inbox {inbox.box.decode()}", result.exit_code, result.complete)
-        return await self.executor.run(
-            BatchSteps(exec=script), sink, queue_timeout=queue_timeout, purpose="a ranged read"
-        )
+        return inbox if usable and self.remote.busy else None
 
     async def relay_interrupt(self, still_running: Callable[[], bool]) -> None:
         """After the session was asked to interrupt the mount's run: through the inbox, if that did not do.
@@ -364,14 +351,3 @@ class Supervisor:
                 await inbox.request(RELAY_INTERRUPT)
             except BaifsError as error:
                 log.warning("could not relay the interrupt (%s)", error)
-
-    def take_litter(self) -> list[bytes]:
-        """Result files of requests already read, for the next script to remove."""
-        litter = sorted(self._litter)
-        self._litter.clear()
-        return litter
-
-    @property
-    def has_litter(self) -> bool:
-        """Result files to remove once no run is going (while one is, each request removes the last)."""
-        return bool(self._litter) and self.inbox is None

@@ -6,10 +6,10 @@ for ``fsyncdir``, runs and unmount, and the transaction every flush is:
 
 1. plan (`flush.plan`): reads the overlay, changes nothing;
 2. upload the new content; once the session confirmed it (a 204, and a
-   listing where a 204 proves nothing), commit what the uploads did
-   (`Committer.commit_uploads`);
-3. run the script, if the plan has one, in the execution slot; commit what
-   its report confirms, step by step (`Committer.commit_script`);
+   listing where a 204 proves nothing), the overlay records what the uploads
+   did (`overlay.Overlay.confirm_uploads`);
+3. run the script, if the plan has one, in the execution slot; the overlay
+   records what its report confirms, step by step (`Overlay.confirm_script`);
 4. checkpoint the journal.
 
 Invariants:
@@ -27,7 +27,7 @@ Invariants:
 - nothing is committed that the session did not confirm, so a failure or a
   cancellation at any ``await`` loses nothing: the change stays pending as
   it was. An upload that may have landed without confirmation dooms its name
-  where its node has left it (`Committer.uncertain_uploads`); a staging file
+  where its node has left it (`Overlay.uncertain_uploads`); a staging file
   stays on disk until the uploads that read it are done;
 - a script whose outcome is unknown (its answer lost, its caller cancelled,
   the session away) is *unresolved*: nothing new is planned until its run is
@@ -35,7 +35,7 @@ Invariants:
   report file beside it in the session; for an inbox request, from its result
   files, or the run's end without them), then committed;
 - while a flush changes the session, remote paths are in motion
-  (`RemoteMotion`): listings wait for it or keep serving the previous
+  (`listing.RemoteMotion`): listings wait for it or keep serving the previous
   listing, and a listing that was in flight meanwhile is taken again;
 - the write-back loop never ends but at `stop`: every failure is logged and
   retried with backoff (up to a minute); a session known to be terminated is
@@ -50,44 +50,30 @@ Invariants:
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import secrets
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ..api.archive import single_member
-from ..api.batch import BatchExecutor, BatchSteps
-from ..api.client import MAX_UPLOAD_BYTES, SessionClient, UploadFile
-from ..api.errors import BaifsError, RemotePathError, SessionBusy, SessionTerminated, UploadNotApplied
-from ..api.listing import RemoteEntry
-from ..concurrency import gather
-from .aliases import nameable
+from ..api.errors import SessionBusy, SessionTerminated
+from ..concurrency import gather_each
+from ..errors import BaifsError
 from .content import ContentStore
-from .fetch import Fetcher
-from .flush import (
-    REMOTE_TMP,
-    SCRIPT_SUFFIX,
-    Committer,
-    FlushPlan,
-    FlushReport,
-    plan,
-    plan_uploads,
-    remote_name,
-)
-from .journal import Journal, encode_path, overlay_state
-from .model import Namespace, Node, is_ancestor_or_self
+from .flush import FlushPlan, FlushReport, plan, plan_uploads
+from .listing import Listings
+from .model import Entry, Node
+from .overlay import Overlay
 from .profile import ProfileKeeper, SessionProfile
+from .remote import MAX_UPLOAD_BYTES, BatchSteps, Outgoing, Remote, UploadsMissing, nameable
 from .shell import StepResults
-from .supervisor import Inbox, InboxClosed, Supervisor
+from .supervisor import Inbox, InboxClosed
 
 log = logging.getLogger(__name__)
 
@@ -116,29 +102,8 @@ class SyncStats:
     flush_failures: int = 0
     last_flush_error: str = ""
     recovered_changes: int = 0
-    #: files recovery kept beside a file the session changed meanwhile (`recovery`).
-    conflict_copies: list[str] = field(default_factory=list)
     #: removals not done because the session held something there the mount never saw.
     kept_in_session: int = 0
-
-
-class RemoteMotion:
-    """Whether a flush is changing the session: listings wait, or are taken again after it."""
-
-    def __init__(self) -> None:
-        self.quiet = trio.Event()
-        self.quiet.set()
-        self.epoch = 0
-
-    @contextmanager
-    def moving(self) -> Iterator[None]:
-        self.quiet = trio.Event()
-        self.epoch += 1
-        try:
-            yield
-        finally:
-            self.epoch += 1
-            self.quiet.set()
 
 
 @dataclass
@@ -167,45 +132,33 @@ class Unresolved:
 class SyncEngine:
     def __init__(
         self,
-        session: SessionClient,
-        executor: BatchExecutor,
-        namespace: Namespace,
+        remote: Remote,
+        overlay: Overlay,
         store: ContentStore,
-        journal: Journal,
-        fetcher: Fetcher,
+        listings: Listings,
         profiles: ProfileKeeper,
-        supervisor: Supervisor,
         *,
         write_back: float,
-        on_vanished: Callable[[list[Node]], None],
-        expire_listings: Callable[[], None],
     ) -> None:
-        self.session = session
-        self.executor = executor
-        self.namespace = namespace
+        self.remote = remote
+        self.scratch = remote.scratch
+        self.overlay = overlay
+        self.namespace = overlay.namespace
         self.store = store
-        self.journal = journal
-        self.fetcher = fetcher
+        self.listings = listings
         self.profiles = profiles
-        self.supervisor = supervisor
         self.write_back = write_back
         #: the unmount leaves pending changes in the journal (``baifs umount --keep-pending``).
         self.keep_pending = False
-        self.on_vanished = on_vanished
-        self.expire_listings = expire_listings
-        self.committer = Committer(namespace, store)
-        self.motion = RemoteMotion()
         self.stats = SyncStats()
         #: files and bytes of the flush under way, for ``baifs status``.
         self.progress: dict[str, Any] = {}
-        #: flush directories and read parts that failed or unknown flushes left in the session.
-        self.leftover_tmp: set[bytes] = set()
         self.unresolved: Unresolved | None = None
         #: the changes the last script that ran failed, by step description.
         self.refusals: dict[str, Refusal] = {}
         self._flush_lock = trio.Lock()
-        self._changed = trio.Event()
-        self._last_change = 0.0
+        #: write-back flushes again although nothing changed (after a failure, a partial flush).
+        self._again = False
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._looping = False
@@ -213,18 +166,10 @@ class SyncEngine:
 
     # -- write-back ---------------------------------------------------------
 
-    def note_change(self) -> None:
-        self._last_change = time.monotonic()
-        self._changed.set()
-
     @property
     def has_work(self) -> bool:
         return bool(
-            self.namespace.pending_changes()
-            or self.leftover_tmp
-            or self.fetcher.has_litter
-            or self.supervisor.has_litter
-            or self.unresolved is not None
+            self.namespace.pending_changes() or self.scratch.has_litter or self.unresolved is not None
         )
 
     async def run_write_back(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -234,14 +179,16 @@ class SyncEngine:
         failures = 0
         try:
             while not self._stop.is_set():
-                if not self._changed.is_set() and self.unresolved is None:
-                    await self._until_stop(self._changed.wait())
+                changed = self.overlay.changed
+                if not (changed.is_set() or self._again or self.unresolved is not None):
+                    await self._until_stop(changed.wait())
                     continue
-                while (quiet := time.monotonic() - self._last_change) < self.write_back:
+                while (quiet := time.monotonic() - self.overlay.last_change) < self.write_back:
                     await self._until_stop(trio.sleep(self.write_back - quiet))
                     if self._stop.is_set():
                         return
-                self._changed = trio.Event()
+                self.overlay.take_change()
+                self._again = False
                 try:
                     report = await self.flush(skip_open_writers=True, stoppable=True)
                     failures = 0
@@ -251,7 +198,7 @@ class SyncEngine:
                     return
                 except FlushUnresolved as error:  # a run holds the slot; its end concludes the earlier one
                     log.info("write-back waits: %s", error)
-                    self._changed.set()
+                    self._again = True
                     await self._until_stop(trio.sleep(self.write_back))
                     continue
                 except FlushFailed as error:
@@ -273,7 +220,7 @@ class SyncEngine:
                     continue
                 if report.partial and self.namespace.pending_changes():
                     # A run held the execution slot: what needs a script is still to do.
-                    self._changed.set()
+                    self._again = True
                     await self._until_stop(trio.sleep(self.write_back))
         finally:
             self._looping = False
@@ -284,9 +231,30 @@ class SyncEngine:
         failures += 1
         delay = min(WRITE_BACK_RETRY_MAX, self.write_back * 2**failures)
         log.error("write-back failed (%s); the changes stay pending; retrying in %.0f s", error, delay)
-        self._changed.set()
+        self._again = True
         await self._until_stop(trio.sleep(delay))
         return failures
+
+    def status(self) -> dict[str, Any]:
+        """Write-back's side of ``baifs status``."""
+        stats = self.stats
+        return {
+            "flush": dict(self.progress),
+            "unresolved_flush": None if self.unresolved is None else self.unresolved.run_id,
+            "flushes": {
+                "completed": stats.flushes,
+                "uploaded_files": stats.uploaded_files,
+                "uploaded_bytes": stats.uploaded_bytes,
+                "scripts": stats.scripts,
+                "failures": stats.flush_failures,
+                "last_error": stats.last_flush_error,
+                "refused": [refusal.as_dict(change) for change, refusal in self.refusals.items()],
+                "holding": self.holding,
+                "kept_in_session": stats.kept_in_session,
+            },
+            "recovered_changes": stats.recovered_changes,
+            "profile": self.profile.as_dict(),
+        }
 
     @property
     def holding(self) -> bool:
@@ -345,12 +313,12 @@ class SyncEngine:
         the slot (`SessionBusy` after ``slot_timeout``). A ``stoppable`` flush
         (write-back's) is called off by `stop` while it only waits for the slot.
         """
-        inbox = self.supervisor.available()
+        inbox = self.remote.inbox()
         if inbox is not None:
             report = await self._flush_through(inbox, skip_open_writers, progress)
             if report is not None:
                 return report
-        elif skip_open_writers and self.executor.busy:
+        elif skip_open_writers and self.remote.busy:
             return await self.flush_uploads(
                 [n for n in self.namespace.pending if n.dirty and n.write_count == 0], progress
             )
@@ -359,7 +327,7 @@ class SyncEngine:
             if stoppable:
                 self._slot_wait = waiting
             try:
-                async with self.executor.slot(slot_timeout, "a flush"):
+                async with self.remote.slot(slot_timeout, "a flush"):
                     self._slot_wait = None
                     return await self.flush_in_slot(skip_open_writers=skip_open_writers, progress=progress)
             finally:
@@ -370,7 +338,7 @@ class SyncEngine:
     async def flush_uploads(self, nodes: list[Node], progress: ProgressCallback | None = None) -> FlushReport:
         """Upload what of ``nodes`` needs no script; everything else waits for a full flush."""
         unresolved = self.unresolved
-        if unresolved is not None and self.executor.unconcluded_run == unresolved.run_id:
+        if unresolved is not None and self.remote.unconcluded_run == unresolved.run_id:
             raise FlushUnresolved("an earlier flush's run is not concluded yet; uploads wait for it")
         await self.profiles.wait()
         async with self._flush_lock:
@@ -457,7 +425,7 @@ class SyncEngine:
         """
         for _ in range(10):
             await self._after_running_flush()  # what it does may leave work (an upload of a removed file)
-            await self.fetcher.uncut()  # ranged reads under way leave parts to remove
+            await self.scratch.idle()  # ranged reads under way leave parts to remove
             if not self.has_work:
                 return
             await self.flush(progress=progress, slot_timeout=slot_timeout)
@@ -486,17 +454,9 @@ class SyncEngine:
                 pass
 
     def _litter(self) -> list[bytes]:
-        """Scratch directories in the session that nothing refers to any more."""
-        self.leftover_tmp.update(self.fetcher.take_litter())
-        self.leftover_tmp.update(self.supervisor.take_litter())
+        """Scratch in the session that nothing refers to any more, for the flush's script to remove."""
         referenced = [n.origin for n in self.namespace.pending if n.origin is not None]
-        free = {
-            tmp
-            for tmp in self.leftover_tmp
-            if not any(is_ancestor_or_self(tmp, origin) for origin in referenced)
-        }
-        self.leftover_tmp -= free
-        return sorted(free)
+        return sorted({*self.scratch.take_litter(), *self.scratch.take_leftovers(referenced)})
 
     # -- the transaction ----------------------------------------------------
 
@@ -510,9 +470,8 @@ class SyncEngine:
         """Plan, then carry the plan out; planned once more if uploads showed a folder not known."""
         try:
             return await self._carry_out(planner(), progress, inbox)
-        except UploadNotApplied as error:
-            vanished = [name.encode("utf-8", "surrogateescape") for name in error.paths]
-            if self.profile.known or not self.profiles.learn_from_vanished(vanished):
+        except UploadsMissing as error:
+            if self.profile.known or not self.profiles.learn_from_vanished(error.paths):
                 raise
         return await self._carry_out(planner(), progress, inbox)
 
@@ -524,12 +483,12 @@ class SyncEngine:
         if flush_plan.empty:
             return report
         try:
-            with self.motion.moving():
+            with self.listings.motion.moving():
                 await self._upload(flush_plan, report, progress)
                 if flush_plan.shell is not None:
                     await self._run_script(flush_plan, report, inbox)
         except BaseException as error:
-            self.leftover_tmp.update(flush_plan.litter)
+            self.scratch.note_leftover(flush_plan.litter)
             if isinstance(error, BaifsError | OSError):
                 self.stats.flush_failures += 1
                 self.stats.last_flush_error = str(error)
@@ -551,7 +510,7 @@ class SyncEngine:
         files = self._upload_files(flush_plan)
         script_file = flush_plan.script_file
         if script_file is not None and flush_plan.shell is not None:
-            files.append(UploadFile.of(remote_name(script_file), flush_plan.shell.render().encode()))
+            files.append(Outgoing.of(script_file, flush_plan.shell.render().encode()))
         if not files:
             return
         self.progress = {
@@ -561,11 +520,11 @@ class SyncEngine:
             "bytes_done": 0,
         }
         parts_left = {upload.target: max(1, len(upload.parts)) for upload in flush_plan.uploads}
-        owner = {remote_name(part): upload.target for upload in flush_plan.uploads for part in upload.parts}
+        owner = {part: upload.target for upload in flush_plan.uploads for part in upload.parts}
 
-        def on_batch(batch: Sequence[UploadFile]) -> None:
+        def on_batch(batch: Sequence[Outgoing]) -> None:
             for item in batch:
-                target = owner.get(item.name, item.name.encode("utf-8", "surrogateescape"))
+                target = owner.get(item.path, item.path)
                 if target in parts_left:
                     self.progress["bytes_done"] += item.size
                     parts_left[target] -= 1
@@ -576,32 +535,28 @@ class SyncEngine:
         try:
             with self.store.holding(flush_plan.stages):  # rm during the upload waits for it
                 # Without a known profile, a listing shows uploads that vanished into a folder.
-                listings = await self.session.upload_all(
-                    files, on_batch=on_batch, verify=not self.profile.known
-                )
+                listings = await self.remote.upload(files, on_batch=on_batch, verify=not self.profile.known)
         except BaseException:
-            self.committer.uncertain_uploads(flush_plan)
+            self.overlay.uncertain_uploads(flush_plan)
             if flush_plan.uses_tmp:
-                self.leftover_tmp.add(flush_plan.tmp)
+                self.scratch.note_leftover([flush_plan.tmp])
             raise
-        self.committer.commit_uploads(flush_plan, listings)
+        self.overlay.confirm_uploads(flush_plan, listings)
         report.uploaded_files = len(flush_plan.uploads)
         report.uploaded_bytes = flush_plan.upload_bytes
 
-    def _upload_files(self, flush_plan: FlushPlan) -> list[UploadFile]:
+    def _upload_files(self, flush_plan: FlushPlan) -> list[Outgoing]:
         """What to send: whole files, or parts of large ones, read from staging when sent."""
-        files: list[UploadFile] = []
+        files: list[Outgoing] = []
         for upload in flush_plan.uploads:
             stage = self.store.stage_path(upload.stage)
             if not upload.parts:
-                files.append(
-                    UploadFile(remote_name(upload.target), upload.size, _reader(stage, 0, upload.size))
-                )
+                files.append(Outgoing(upload.target, upload.size, _reader(stage, 0, upload.size)))
                 continue
             for index, part in enumerate(upload.parts):
                 offset = index * MAX_UPLOAD_BYTES
                 length = min(MAX_UPLOAD_BYTES, upload.size - offset)
-                files.append(UploadFile(remote_name(part), length, _reader(stage, offset, length)))
+                files.append(Outgoing(part, length, _reader(stage, offset, length)))
         return files
 
     async def _run_script(self, flush_plan: FlushPlan, report: FlushReport, inbox: Inbox | None) -> None:
@@ -609,10 +564,8 @@ class SyncEngine:
         assert flush_plan.shell is not None
         shell = flush_plan.shell
         script_file = flush_plan.script_file
-        self.journal.record(
-            "script", moves=[[encode_path(m.origin), encode_path(m.parked)] for m in flush_plan.moves]
-        )
-        command = shell.render() if script_file is None else f"sh {shlex.quote(remote_name(script_file))}"
+        self.overlay.note_script(flush_plan)
+        command = shell.render() if script_file is None else f"sh {shlex.quote(script_file.decode('ascii'))}"
         if inbox is None:
             exit_code, results = await self._run_in_slot(flush_plan, report, command)
         else:
@@ -625,14 +578,14 @@ class SyncEngine:
                 exit_code,
                 "; ".join(results.failed_descriptions()[:3]),
             )
-        self.committer.commit_script(flush_plan, results, report)
+        self.overlay.confirm_script(flush_plan, results, report)
         self._leave_tmp(flush_plan, report)
         await self._learn_placed(flush_plan, results)
 
     def _never_ran(self, flush_plan: FlushPlan, report: FlushReport) -> None:
         assert flush_plan.shell is not None
         self.unresolved = None
-        self.committer.commit_script(flush_plan, StepResults.none_ran(flush_plan.shell.descriptions), report)
+        self.overlay.confirm_script(flush_plan, StepResults.none_ran(flush_plan.shell.descriptions), report)
         self._leave_tmp(flush_plan, report)
 
     async def _run_in_slot(
@@ -647,11 +600,9 @@ class SyncEngine:
 
         self.unresolved = unresolved
         try:
-            outcome = await self.executor.run_held(
-                BatchSteps(exec=command), collect, run_id, purpose="a flush"
-            )
+            outcome = await self.remote.run_held(BatchSteps(exec=command), collect, run_id, purpose="a flush")
         except BaseException:
-            if self.executor.unconcluded_run != run_id:
+            if self.remote.unconcluded_run != run_id:
                 self._never_ran(flush_plan, report)  # it provably never ran
             raise
         self.unresolved = None
@@ -686,44 +637,41 @@ class SyncEngine:
         """List where the script placed files, so their content is known by (size, mtime) from now on.
 
         Best effort: without it, a placed file's staging copy stays its
-        content until a listing shows the file (`Committer.retire_stage`).
+        content until a listing shows the file (`Overlay.retire_stage`).
         A directory the API cannot name is left out: its alias would need a
         script, and this flush holds the execution slot.
         """
         placed = [u for u in flush_plan.uploads if not u.direct and results.done(u.place_step)]
         parents = sorted({upload.path.rpartition(b"/")[0] for upload in placed})
         parents = [parent for parent in parents if nameable(parent)]
-        listings: dict[bytes, list[RemoteEntry]] = {}
+        listings: dict[bytes, list[Entry]] = {}
 
-        def lister(parent: bytes) -> Callable[[], Awaitable[None]]:
-            async def take() -> None:
-                listings[parent] = await self.session.list_dir(remote_name(parent))
-
-            return take
+        async def take(parent: bytes) -> None:
+            listings[parent] = await self.remote.list_dir(parent) or []
 
         try:
-            await gather(map(lister, parents), limit=4)
+            await gather_each(take, parents, limit=4)
         except BaifsError as error:
             log.info("could not list where files were placed (%s); their staging copies stay", error)
             return
-        self.committer.commit_placed(placed, listings)
+        self.overlay.confirm_placed(placed, listings)
 
     async def _resolve(self) -> None:
         """Find out and commit what an unresolved script did (its run is concluded by now)."""
         unresolved = self.unresolved
         if unresolved is None:
             return
-        if self.executor.unconcluded_run == unresolved.run_id:
+        if self.remote.unconcluded_run == unresolved.run_id:
             raise FlushUnresolved(f"run {unresolved.run_id} of an earlier flush is not concluded yet")
         results = await self._lost_outcome(unresolved)
         self.unresolved = None
         report = FlushReport(script_ran=True)
-        self.committer.commit_script(unresolved.plan, results, report)
+        self.overlay.confirm_script(unresolved.plan, results, report)
         if unresolved.plan.uses_tmp:
             # Even a script that did every step may have been cut inside its own final
             # `rm -rf -- TMP TMP.*` (its file gone, a staged upload left): the next script
             # removes what is left, which costs one line.
-            self.leftover_tmp.add(unresolved.plan.tmp)
+            self.scratch.note_leftover([unresolved.plan.tmp])
         log.info("the outcome of run %s is known now and recorded", unresolved.run_id)
         await self.checkpoint()
         self._after_script(unresolved.plan, report, raise_failures=False)
@@ -746,20 +694,14 @@ class SyncEngine:
             except InboxClosed:
                 return StepResults.none_ran(descriptions)
             return StepResults.parse(result.stdout, result.stderr, descriptions, complete=result.complete)
-        if flush_plan.script_file is None:
+        script_file = flush_plan.script_file
+        if script_file is None:
             stdout, stderr = ("".join(unresolved.output.get(s, [])) for s in ("stdout", "stderr"))
             return StepResults.parse(stdout, stderr, descriptions, complete=False)
-        try:
-            names = {entry.name for entry in await self.session.list_dir(remote_name(REMOTE_TMP))}
-        except RemotePathError as error:
-            if error.errno not in (errno.ENOENT, errno.ENOTDIR):
-                raise
-            names = set()
-        if remote_name(flush_plan.token + SCRIPT_SUFFIX) not in names:
+        if script_file.rpartition(b"/")[2] not in await self.remote.list_scratch():
             return StepResults.all_ok(descriptions)
         try:
-            archives = await self.session.download([remote_name(flush_plan.report_file)])
-            _, data = single_member(archives[0])
+            (data,) = await self.remote.read_files([flush_plan.report_file])
         except BaifsError as error:
             log.info(
                 "no report of run %s in the session (%s): none of its steps ran", unresolved.run_id, error
@@ -769,7 +711,7 @@ class SyncEngine:
 
     def _leave_tmp(self, flush_plan: FlushPlan, report: FlushReport) -> None:
         if report.left_tmp:
-            self.leftover_tmp.add(flush_plan.tmp)
+            self.scratch.note_leftover([flush_plan.tmp])
 
     def _after_script(
         self, flush_plan: FlushPlan, report: FlushReport, *, raise_failures: bool = True
@@ -779,31 +721,28 @@ class SyncEngine:
                 "%d object(s) disappeared from the session before the flush reached them",
                 len(report.vanished),
             )
-            self.on_vanished(report.vanished)
+            self.listings.vanished(report.vanished)
         if report.kept:
             self.stats.kept_in_session += len(report.kept)
             for kept in report.kept:
                 log.warning("%s", kept)
-            self.expire_listings()  # what the session kept shows again
+            self.listings.expire()  # what the session kept shows again
         if report.script_ran:
             self._note_refusals(report.refused)
         if report.refused:
-            self.leftover_tmp.update(flush_plan.litter)
+            self.scratch.note_leftover(flush_plan.litter)
             self.stats.flush_failures += 1
             self.stats.last_flush_error = "; ".join(
                 f"{change}: {said}" if said else change for change, said in list(report.refused.items())[:3]
             )
-            self.expire_listings()
+            self.listings.expire()
             if raise_failures:
                 failed = len(report.refused)
                 raise FlushFailed(f"the session refused {failed} change(s): {self.stats.last_flush_error}")
 
     async def checkpoint(self) -> None:
         """Replace the journal by the overlay as it is now; a full disk keeps the older journal."""
-        try:
-            await self.journal.checkpoint(overlay_state(self.namespace))
-        except OSError as error:
-            log.warning("journal checkpoint failed (%s); the journal keeps the longer record", error)
+        await self.overlay.save_checkpoint()
 
 
 def _reader(path: Path, offset: int, length: int) -> Callable[[], bytes]:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import trio
 
-from ..api.client import RemoteHealth
-from ..api.errors import BaifsError
+from ..errors import BaifsError
 
 #: How long a system call waits for a session that makes no progress at all.
 STALL_SECONDS = 20.0
@@ -32,12 +32,24 @@ AWAY_SECONDS = 4.0
 TICK_SECONDS = 1.0
 
 
+class Progress(Protocol):
+    """What the watchdog reads of the remote's health (`baifs.api.client.RemoteHealth`)."""
+
+    @property
+    def progress(self) -> int: ...
+
+    @property
+    def away(self) -> bool: ...
+
+    def failed(self, reason: str) -> None: ...
+
+
 class RemoteStalled(BaifsError):
     """The session made no progress for `STALL_SECONDS` while a system call waited for it."""
 
 
 class Watchdog:
-    def __init__(self, health: RemoteHealth, stall: float = STALL_SECONDS) -> None:
+    def __init__(self, health: Progress, stall: float = STALL_SECONDS) -> None:
         self.health = health
         self.stall = stall
         self._scopes: set[trio.CancelScope] = set()

@@ -36,7 +36,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.typing import ASGIFramework
 
 from .. import config
-from ..api.errors import BaifsError
+from ..errors import BaifsError
 from ..locks import DirectoryLock
 from .app import ServerState, build_app
 from .auth import Keypair

@@ -44,7 +44,7 @@ from typing import IO
 
 import trio
 
-from ..api.errors import BaifsError
+from ..errors import BaifsError
 from .workdir import CONTAINER_WORK_DIR, VFolder
 
 log = logging.getLogger(__name__)

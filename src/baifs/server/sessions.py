@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from ..files import replace_atomically
 from .compat import Compat
 from .kernel import Kernel
 from .problems import Problem, bad_request, no_such_session
@@ -130,9 +131,7 @@ class SessionRegistry:
 
     def _save(self) -> None:
         records = [session.record() for session in self._sessions.values()]
-        temporary = self._index.with_suffix(".tmp")
-        temporary.write_text(json.dumps(records, indent=2))
-        temporary.replace(self._index)
+        replace_atomically(self._index, json.dumps(records, indent=2).encode())
 
     async def _open(
         self, session_id: str, name: str, image: str, created_at: float, delay: float = 0.0
