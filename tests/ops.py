@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Awaitable, Callable
@@ -246,8 +248,10 @@ def remote_change(reference: Reference, work: Path, op: tuple) -> bool:
         parent = os.path.dirname(path)
         if not _is_dir(work / parent) or _is_dir(work / path) or (work / path).is_symlink():
             return False
+        reference.saw(content(data))
         if reference.only_written(path):
             (work / path).write_bytes(content(data))  # local wins: the session only
+            reference.contested = True
             return True
         if not reference.untouched(path) or not _is_dir(ref / parent) or _is_dir(ref / path):
             return False
@@ -259,6 +263,7 @@ def remote_change(reference: Reference, work: Path, op: tuple) -> bool:
         (path,) = args
         if reference.only_written(path) and (work / path).is_file() and not (work / path).is_symlink():
             (work / path).unlink()  # local wins: it is uploaded again
+            reference.contested = True
             return True
         if not reference.untouched(path) or not os.path.lexists(ref / path):
             return False
@@ -358,6 +363,12 @@ class Reference(OsDriver):
         #: files the session added inside a directory removed here: (path, content, the
         #: directories' modes on the way), in the reference once a flush kept them.
         self.kept: list[tuple[str, bytes, dict[str, int]]] = []
+        #: digests of every content a file had here or in the session (what a conflict copy may hold).
+        self.contents: set[bytes] = set()
+        #: the session changed a file whose new content is pending here (the local one wins when
+        #: it is flushed). Until a flush settles it, no crash or fault is drawn: a journal replayed
+        #: meanwhile keeps both versions (a conflict copy), which this reference does not model.
+        self.contested = False
 
     def note(self, op: tuple) -> None:
         """Record what a successful operation left pending."""
@@ -376,6 +387,21 @@ class Reference(OsDriver):
         if kind in ("unlink", "rmdir"):
             self.removed.add(args[0])
 
+    def apply(self, op: tuple) -> int:
+        failed = super().apply(op)
+        if not failed and op[0] in ("write", "append", "truncate"):
+            self.saw(Path(self.path(op[1])).read_bytes())
+        return failed
+
+    def saw(self, data: bytes) -> None:
+        self.contents.add(hashlib.sha256(data).digest())
+
+    def maybe_flushed(self) -> None:
+        """A flush ran that may have put some of it on the session: no content counts as pending
+        any more, so a remote change to what was written here is no longer drawn (it would race
+        the upload: last writer wins, and which was last is not known)."""
+        self.written.clear()
+
     def settled(self) -> None:
         """Everything is on the session (what the session added in removed directories included)."""
         for path, data, modes in self.kept:
@@ -389,6 +415,7 @@ class Reference(OsDriver):
         self.touched.clear()
         self.written.clear()
         self.removed.clear()
+        self.contested = False
 
     def blocked(self, *paths: str) -> bool:
         """Whether a path is inside a directory whose kept additions wait for a flush (not drawn)."""
@@ -632,7 +659,32 @@ async def inode_numbers(fs: Filesystem, node: Node | None = None, prefix: str = 
     return numbers
 
 
-def differences(expected: dict[str, tuple], actual: dict[str, tuple]) -> list[str]:
+#: ``STEM.baifs-conflict-YYYYMMDD-HHMMSS-HOST[-N][.EXT]``: recovery's copy (`overlay.conflict_name`).
+CONFLICT_COPY = re.compile(
+    r"^(?P<stem>.*?)\.baifs-conflict-\d{8}-\d{6}-[^./]*(?:-\d+)?(?P<extension>\.[^/]*)?$"
+)
+
+
+def differences(
+    expected: dict[str, tuple], actual: dict[str, tuple], reference: Reference | None = None
+) -> list[str]:
+    """What differs; with a ``reference``, leaving out conflict copies of contents it had.
+
+    Recovery cannot tell a file its own crashed flush placed from one another writer changed, so it
+    keeps both, as the docs say: the copy holds bytes that were written, here or in the session, and
+    this reference does not model where copies appear (issue 22 makes that exact). A copy of bytes
+    nobody wrote is a difference.
+    """
+    if reference is not None:
+        actual = {
+            key: entry
+            for key, entry in actual.items()
+            if not (
+                CONFLICT_COPY.match(key)
+                and entry[0] == "file"
+                and hashlib.sha256(entry[2]).digest() in reference.contents
+            )
+        }
     lines = []
     for key in sorted(set(expected) | set(actual)):
         if expected.get(key) != actual.get(key):
@@ -688,17 +740,25 @@ async def fault(world: World, mount: Mount, reference: Reference, op: tuple) -> 
         with trio.move_on_after(args[0]):
             return await attempt_flush(fs)
         return False
-    # obstructed_flush: something in the session is in the way of the flush, then goes.
+    # obstructed_flush: something in the session is in the way of the flush, then goes: a file where
+    # the mount makes a directory, a directory holding a file elsewhere (a directory where one is made
+    # would be taken for it, and its removal then removes what the mount made).
     (path,) = args
     obstacle = work / path
     if reference.crosses_symlink(path) or os.path.lexists(obstacle) or not _is_dir(obstacle.parent):
         return await attempt_flush(fs)
-    obstacle.mkdir()
-    (obstacle / "in-the-way").write_text("x")
+    if _is_dir(reference.root / path):
+        obstacle.write_text("in the way")
+    else:
+        obstacle.mkdir()
+        (obstacle / "in-the-way").write_text("x")
     try:
         return await attempt_flush(fs)
     finally:
-        shutil.rmtree(obstacle)
+        if _is_dir(obstacle):
+            shutil.rmtree(obstacle)
+        else:
+            obstacle.unlink()
 
 
 async def scenario(world: World, tmp: Path, operations: list[tuple], profile: SessionProfile) -> None:
@@ -717,10 +777,11 @@ async def scenario(world: World, tmp: Path, operations: list[tuple], profile: Se
         for step, op in enumerate(operations):
             kind = op[0]
             if concurrent is not None and (
-                concurrent_left == 0 or kind in FAULTS | {"flush", "crash", "fsync"}
+                concurrent_left == 0 or kind in FAULTS | REMOTE_CHANGES | {"flush", "crash", "fsync"}
             ):
                 await concurrent.wait()
                 concurrent = None
+                reference.maybe_flushed()
             concurrent_left -= 1
             if kind == "concurrently":
                 concurrent, concurrent_left = trio.Event(), op[1]
@@ -736,9 +797,13 @@ async def scenario(world: World, tmp: Path, operations: list[tuple], profile: Se
                 # (in CI, never reproduced here). One way it can happen is closed: a script cut inside its
                 # own final `rm -rf` (SyncEngine._resolve). Until a cause is reproduced, not drawn here.
                 continue
+            if kind in FAULTS | {"crash"} and reference.contested:
+                continue
             if kind in FAULTS:
                 if await fault(world, mount, reference, op):
                     reference.settled()
+                else:
+                    reference.maybe_flushed()
                 continue
             if kind not in ("flush", "crash", "concurrently") and reference.blocked(
                 *(arg for arg in op[1:3] if isinstance(arg, str))
@@ -756,6 +821,7 @@ async def scenario(world: World, tmp: Path, operations: list[tuple], profile: Se
             if kind == "crash":
                 with trio.move_on_after(op[1]):
                     await mount.fs.sync.flush_all()
+                reference.maybe_flushed()
                 mount.crash()
                 lives += 1
                 mount = await Mount.start(nursery, world, state, tmp / f"cache{lives}", profile)
@@ -771,26 +837,28 @@ async def scenario(world: World, tmp: Path, operations: list[tuple], profile: Se
                 reference.settled()
             else:
                 reference.note(op)
+            if kind == "fsync":
+                reference.maybe_flushed()
         if concurrent is not None:
             await concurrent.wait()
         if reference.kept:  # they show once the removal that keeps them is flushed
             await mount.fs.sync.flush_all()
             reference.settled()
         wanted = snapshot(ref_root)
-        assert not differences(wanted, await view(mount.fs)), "local view"
+        assert not differences(wanted, await view(mount.fs), reference), "local view"
         await mount.fs.sync.flush_all()
         assert not mount.fs.namespace.pending_changes()
         numbers = await inode_numbers(mount.fs)
         mount.fs.listings.expire()
         assert await inode_numbers(mount.fs) == numbers, "listings taken again keep every inode number"
         session_tree = {path: entry for path, entry in snapshot(work).items() if path != ".baifs-tmp"}
-        assert not differences(wanted, session_tree), "session after flush"
+        assert not differences(wanted, session_tree, reference), "session after flush"
         scratch = work / ".baifs-tmp"
         assert not scratch.exists() or not os.listdir(scratch), "scratch left in the session"
         await check_mtimes(reference, work)
         await mount.unmount()
         fresh = await Mount.start(nursery, world, tmp / "fresh-state", tmp / "fresh-cache", profile)
-        assert not differences(wanted, await view(fresh.fs)), "fresh mount"
+        assert not differences(wanted, await view(fresh.fs), reference), "fresh mount"
         await fresh.unmount()
         nursery.cancel_scope.cancel()
 
@@ -821,6 +889,9 @@ REFERENCE_EXAMPLES: list[list[tuple]] = [
         ("crash", 0.0),
         ("flaky_flush", 0.3, 5),
     ],
+    # A file written again after a flush left its staging copy as the session's content (the upload's
+    # mtime not known), then a crash: the second write must be in the journal.
+    [("write", "a", (0, 0)), ("flush",), ("write", "a", (0, 1)), ("crash", 0.0)],
     # A file moved out of a directory that moves too: settled in the wrong order, it stayed pending.
     [
         ("mkdir", "d"),

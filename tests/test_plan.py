@@ -28,6 +28,7 @@ import trio
 from fakeremote import FakeRemote, tree
 from ops import PROFILES, Mount, Reference, apply, differences
 
+from baifs.errors import BaifsError
 from baifs.fs.core import MountCore, MountOptions
 from baifs.fs.flush import plan
 from baifs.fs.profile import SessionProfile
@@ -215,3 +216,37 @@ async def flush_case(tmp: Path, case: Case) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 async def test_the_plan_and_what_the_session_holds_after_it(tmp_path: Path, case: Case) -> None:
     await flush_case(tmp_path, case)
+
+
+async def test_a_mode_and_mtime_wait_for_their_file_when_its_placement_is_in_the_way(tmp_path: Path) -> None:
+    """A chmod or touch of an object whose placement failed would change what is in the way: it is
+    skipped (not a refusal), and lands with the object once the way is clear."""
+    work, seconds = tmp_path / "work", 1_500_000_000
+    remote = FakeRemote(work)
+
+    class Session:
+        def core(self, state: Path, cache: Path, options: MountOptions) -> MountCore:
+            return MountCore(remote, state, cache, options)
+
+    async with trio.open_nursery() as nursery:
+        mount = await Mount.start(
+            nursery, Session(), tmp_path / "state", tmp_path / "cache", PROFILES["plain"]
+        )  # type: ignore[arg-type]
+        fs = mount.fs
+        assert await apply(fs, ("write", "b%c", (65, 9))) == 0  # '%': uploaded staged, placed by the script
+        assert await apply(fs, ("chmod", "b%c", 0o600)) == 0
+        assert await apply(fs, ("utime", "b%c", seconds)) == 0
+        (work / "b%c").mkdir()
+        (work / "b%c" / "in-the-way").write_text("the session's")
+        with pytest.raises(BaifsError, match="a directory is in the way"):
+            await fs.sync.flush_all()
+        assert (work / "b%c").stat().st_mode & 0o777 == 0o755, "the obstacle's mode was changed"
+        assert (work / "b%c").stat().st_mtime_ns != seconds * 10**9 + 123, "the obstacle's mtime was set"
+        assert not fs.sync.refusals.keys() - {"place b%c"}, "a skipped step counted as refused"
+        (work / "b%c" / "in-the-way").unlink()
+        (work / "b%c").rmdir()
+        await fs.sync.flush_all()
+        placed = (work / "b%c").stat()
+        assert (work / "b%c").read_bytes() == b"A" * 9
+        assert placed.st_mode & 0o777 == 0o600 and placed.st_mtime_ns == seconds * 10**9 + 123
+        await mount.unmount()

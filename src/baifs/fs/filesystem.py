@@ -195,12 +195,14 @@ class Filesystem:
         assert new_parent.children is not None
         if not new_parent.attached:
             raise FSError(errno.ENOENT)
-        if new_parent.within(node):
-            raise FSError(errno.EINVAL)  # into its own subtree
         target = new_parent.children.get(new_name)
         if flags & RENAME_EXCHANGE:
-            self._exchange(node, target)
+            if target is None:
+                raise FSError(errno.ENOENT)  # as the kernel checks, before the subtree
+            self._exchange(node, target, new_parent)
             return
+        if new_parent.within(node):
+            raise FSError(errno.EINVAL)  # into its own subtree
         if target is node:
             return
         if target is not None:
@@ -214,10 +216,10 @@ class Filesystem:
                 raise FSError(errno.ENOTEMPTY)
         self.overlay.rename(node, new_parent, new_name)
 
-    def _exchange(self, node: Node, other: Node | None) -> None:
+    def _exchange(self, node: Node, other: Node, other_parent: Node) -> None:
         """RENAME_EXCHANGE: both names stay, their objects (and inode numbers) swap places."""
-        if other is None:
-            raise FSError(errno.ENOENT)
+        if other_parent.within(node):
+            raise FSError(errno.EINVAL)  # into its own subtree
         if other is node:
             return
         if node.parent is not None and node.parent.within(other):

@@ -509,11 +509,27 @@ def script(flush_plan: FlushPlan) -> ShellScript:
         placements.append((creation.path, create))
     for _, add in sorted(placements, key=lambda item: depth(item[0])):
         add()
+    placed_by = {m.node: m.place_step for m in flush_plan.moves if m.place_step is not None}
+    placed_by.update((u.node, u.place_step) for u in flush_plan.uploads if u.place_step is not None)
+    placed_by.update((c.node, c.step) for c in flush_plan.creations if c.explicit and c.step is not None)
+
+    def placing(node: Node) -> list[int]:
+        """The steps that put ``node`` (or a directory above it) where a step on its path expects it:
+        if one failed, what is at that path is not the mount's object."""
+        steps: list[int] = []
+        each: Node | None = node
+        while each is not None:
+            if each in placed_by:
+                steps.append(placed_by[each])
+            each = each.parent
+        return steps
+
     for change in flush_plan.chmods:
         change.step = shell.step(
             f"chmod {change.value:04o} -- {shell.word(change.path)}",
             f"chmod {shown(change.path)}",
             needs=shell.word(change.path),
+            after=placing(change.node),
         )
     for which, changes in (("m", flush_plan.touches), ("a", flush_plan.atimes)):
         for change in sorted(changes, key=lambda c: -depth(c.path)):
@@ -523,6 +539,7 @@ def script(flush_plan: FlushPlan) -> ShellScript:
                 f"touch -c -{which} -h -d @{seconds}.{nanoseconds:09d} -- {target}",
                 f"set the {which}time of {shown(change.path)}",
                 needs=target,
+                after=placing(change.node),
             )
     shell.raw(f'if [ "$failed" = 0 ]; then rm -rf -- {tmp} {tmp}.*; fi')
     if not profile.keeps_staging_dir:

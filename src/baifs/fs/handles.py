@@ -188,6 +188,7 @@ class Handles:
         await self.follow_session(node)
         if handle.append:
             offset = node.size
+        self.overlay.writing(node)
         written = os.pwrite(handle.fd, data, offset)
         self.overlay.content_changed(node, max(node.size, offset + written))
         return written
@@ -197,6 +198,7 @@ class Handles:
         await self.follow_session(node)
         await self.stage(node, truncate=size == 0)
         assert node.stage is not None
+        self.overlay.writing(node)
         os.truncate(self.store.stage_path(node.stage), size)
         self.overlay.content_changed(node, size)
 
@@ -234,6 +236,7 @@ class Handles:
         """Give a regular file a staging copy that writes can go to."""
         if node.stage is not None:
             if truncate and node.size:
+                self.overlay.writing(node)
                 os.truncate(self.store.stage_path(node.stage), 0)
                 self.overlay.content_changed(node, 0)
             return

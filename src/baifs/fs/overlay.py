@@ -125,6 +125,13 @@ class Overlay:
             raise
         node.stage = stage
 
+    def writing(self, node: Node) -> None:
+        """The staging file of ``node`` is about to be written. A clean node's file was the session's
+        content (kept while its remote mtime is unknown), which no record names any more: the journal
+        names it as local content first, or a crash would lose what is written now."""
+        if node.stage is not None and not node.dirty:
+            self.journal.record(Stage(node.path, node.stage, content_base(node)))
+
     def content_changed(self, node: Node, size: int) -> None:
         """The staging file of ``node`` was written or cut to ``size`` bytes."""
         node.size = size

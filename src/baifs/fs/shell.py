@@ -18,7 +18,10 @@ Each step reports how it went on its own line of standard output: ``ok N``,
 or ``gone N`` when the path it needs no longer exists (something in the
 session removed it), or ``kept N`` when the session holds something there the
 step must not touch (a directory that gained entries the mount never saw), or
-``baifs-failed N`` on standard error after the command's own message. A failed
+``skipped N`` when a step it comes after did not succeed (a chmod or touch of
+an object whose placement failed: whatever is at that path is not the mount's
+object), or ``baifs-failed N`` on standard error after the command's own
+message. A failed
 step does not stop the others; the script exits 1 if any failed. `StepResults`
 reads the report back, with the session's own words for each failed step (the
 standard error lines before its mark); no file name ever appears in the marks,
@@ -32,6 +35,7 @@ lost, that file still says which steps happened.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 FAILURE_MARK = "baifs-failed"
@@ -67,7 +71,13 @@ class ShellScript:
         return f'"${name}"'
 
     def step(
-        self, command: str, description: str, *, needs: str | None = None, keeps: str | None = None
+        self,
+        command: str,
+        description: str,
+        *,
+        needs: str | None = None,
+        keeps: str | None = None,
+        after: Collection[int] = (),
     ) -> int:
         """Add a command and return its step number.
 
@@ -75,18 +85,22 @@ class ShellScript:
         make sense; when it does not, the step reports ``gone`` instead of
         running. ``keeps`` is a shell condition under which the step must not
         run because the session holds something there the mount never saw; it
-        then reports ``kept``.
+        then reports ``kept``. ``after`` are earlier steps that must have
+        succeeded in this run of the script; otherwise it reports ``skipped``.
         """
         number = len(self.descriptions)
         self.descriptions.append(description)
         attempt = (
-            f"if {{ {command}; }}; then say 'ok {number}'; "
+            f"if {{ {command}; }}; then ok{number}=1; say 'ok {number}'; "
             f"else say '{FAILURE_MARK} {number}' >&2; failed=1; fi"
         )
         if keeps is not None:
             attempt = f"if {keeps}; then say 'kept {number}'; else {attempt}; fi"
         if needs is not None:
             attempt = f"if [ -e {needs} ] || [ -L {needs} ]; then {attempt}; else say 'gone {number}'; fi"
+        if after:
+            done = " && ".join(f'[ "${{ok{step}:-}}" = 1 ]' for step in sorted(after))
+            attempt = f"if {done}; then {attempt}; else say 'skipped {number}'; fi"
         self._lines.append(attempt)
         return number
 
@@ -117,6 +131,8 @@ class StepResults:
     ok: set[int] = field(default_factory=set)
     gone: set[int] = field(default_factory=set)
     kept: set[int] = field(default_factory=set)
+    #: steps not run because one they come after did not succeed: not done, and not a refusal.
+    skipped: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
     #: what the session said of each failed step (its command's standard error).
     words: dict[int, str] = field(default_factory=dict)
@@ -129,7 +145,13 @@ class StepResults:
     ) -> StepResults:
         """Read a script's report; in a complete one, steps that reported nothing count as failed."""
         results = cls(descriptions=list(descriptions), complete=complete)
-        outcomes = {"ok": results.ok, "gone": results.gone, "kept": results.kept, FAILURE_MARK: results.failed}
+        outcomes = {
+            "ok": results.ok,
+            "gone": results.gone,
+            "kept": results.kept,
+            "skipped": results.skipped,
+            FAILURE_MARK: results.failed,
+        }
         # Marks come on both streams (a report file holds them all); the lines before a
         # failure mark on standard error are the session's words for that step.
         for on_stderr, stream in ((False, stdout), (True, stderr)):
@@ -144,7 +166,8 @@ class StepResults:
                 elif line.strip():
                     said.append(line.strip())
         if complete:
-            results.failed |= set(range(len(descriptions))) - results.ok - results.gone - results.kept
+            reported = results.ok | results.gone | results.kept | results.skipped
+            results.failed |= set(range(len(descriptions))) - reported
         return results
 
     @classmethod
@@ -160,7 +183,9 @@ class StepResults:
     def failed_descriptions(self) -> list[str]:
         """Each failed step, with the session's words for it when it said any."""
         return [
-            f"{self.descriptions[step]}: {self.words[step]}" if self.words.get(step) else self.descriptions[step]
+            f"{self.descriptions[step]}: {self.words[step]}"
+            if self.words.get(step)
+            else self.descriptions[step]
             for step in sorted(self.failed)
         ]
 
