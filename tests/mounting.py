@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from support import IMAGE, LocalServer, signed_request, stop_process, unique_session_name
 
+from baifs import controlfiles
+
 FUSE_AVAILABLE = os.path.exists("/dev/fuse") and any(
     os.access(os.path.join(directory, "fusermount3"), os.X_OK)
     for directory in os.environ.get("PATH", "").split(os.pathsep)
@@ -122,7 +124,7 @@ class Mount:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if os.path.ismount(self.path) and (self.path / ".baifs-status").exists():
+            if os.path.ismount(self.path) and (self.path / controlfiles.STATUS).exists():
                 if settle:
                     self._settle(deadline)
                 return self
@@ -141,7 +143,7 @@ class Mount:
         return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
 
     def status(self) -> dict[str, Any]:
-        return json.loads((self.path / ".baifs-status").read_text())
+        return json.loads((self.path / controlfiles.STATUS).read_text())
 
     def sync(self) -> None:
         """Everything written is on the session when this returns (fsync of the root: fsyncdir)."""
@@ -183,7 +185,7 @@ class Mount:
 
 
 def run_status(m: Mount, number: int | str) -> dict:
-    return json.loads((m.path / ".runs" / str(number) / "status").read_text())
+    return json.loads((m.path / controlfiles.RUNS / str(number) / "status").read_text())
 
 
 def wait_done(m: Mount, number: int | str, timeout: float = 30) -> dict:

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from baifs.fs.content import CHUNK_BYTES, CacheEntry, ContentStore
 
+pytestmark = pytest.mark.fast
+
 PATHS = [b"a", b"a/x", b"a/y", b"a/b/z", b"ab", b"a0", b"c/x", b"c"]
 #: where renames go: some free, some taken (an entry there is replaced).
 TARGETS = [b"m", b"c/x", b"ab", b"c"]

@@ -21,6 +21,8 @@ import pytest
 from mounting import Mount, baifs, mount_for, needs_fuse, run_status, wait_done, wait_for
 from support import start_server
 
+from baifs import controlfiles
+
 #: A PATH on which ``baifs`` is the one next to this interpreter.
 PATH = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
@@ -213,7 +215,7 @@ def test_on_a_shared_mount_what_another_user_makes_is_theirs(mount: Mount) -> No
 @pytest.mark.timeout(120)
 def test_run_requests_written_one_after_another_on_one_descriptor_are_each_taken(mount: Mount) -> None:
     m = mount.start()
-    descriptor = os.open(m.path / ".run", os.O_WRONLY | os.O_TRUNC)
+    descriptor = os.open(m.path / controlfiles.RUN, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(descriptor, b"echo A > a.txt")
         os.fsync(descriptor)  # submits the first request
@@ -244,7 +246,7 @@ def test_a_run_request_the_full_state_disk_cannot_record_fails_the_shells_write(
         ["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60
     )
     assert written.returncode != 0 and "No space left on device" in written.stderr, written
-    assert "could not be recorded" in (m.path / ".run").read_text()
+    assert "could not be recorded" in (m.path / controlfiles.RUN).read_text()
     filler.unlink()
     again = subprocess.run(
         ["bash", "-c", "echo true > .run"], cwd=m.path, capture_output=True, text=True, timeout=60
@@ -285,7 +287,7 @@ def test_times_in_the_control_files_are_iso_8601_with_a_zone(mount: Mount) -> No
     m = mount.start()
     assert shell(m, "echo true > .run").returncode == 0
     finished = wait_done(m, 1)
-    latest = json.loads((m.path / ".run").read_text())["latest"]
+    latest = json.loads((m.path / controlfiles.RUN).read_text())["latest"]
     status = m.status()
     for when in (
         finished["queued_at"],

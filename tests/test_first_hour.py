@@ -19,6 +19,8 @@ import pytest
 from mounting import Mount, baifs, needs_fuse, wait_done, wait_for
 from support import LocalServer, start_server
 
+from baifs import controlfiles
+
 
 def shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
@@ -45,13 +47,13 @@ def test_a_run_starts_in_the_session_directory_that_matches_the_callers(mount: M
     written = shell("echo pwd > ../../.run", m.path / "proj" / "sub")  # a shell in proj/sub writes .run
     assert written.returncode == 0, written
     status = wait_done(m, 2)
-    assert (m.path / ".runs" / "2" / "stdout").read_text() == "/home/work/proj/sub\n" and status[
+    assert (m.path / controlfiles.RUNS / "2" / "stdout").read_text() == "/home/work/proj/sub\n" and status[
         "exit_code"
     ] == 0
     explicit = shell("""printf 'exec = "pwd"\\ncwd = "proj"\\n' > .run""", m.path)
     assert explicit.returncode == 0, explicit
     wait_done(m, 3)
-    assert (m.path / ".runs" / "3" / "stdout").read_text() == "/home/work/proj\n"
+    assert (m.path / controlfiles.RUNS / "3" / "stdout").read_text() == "/home/work/proj\n"
 
 
 @needs_fuse
@@ -65,15 +67,15 @@ def test_a_request_that_can_never_be_valid_fails_the_shells_write(mount: Mount) 
         ["bash", "-c", "echo 'exec = 5' > .run"], cwd=m.path, capture_output=True, text=True
     )
     assert in_bash.returncode != 0 and "write error: Invalid argument" in in_bash.stderr, in_bash
-    assert "must be strings" in json.loads((m.path / ".run").read_text())["last_rejected"]
+    assert "must be strings" in json.loads((m.path / controlfiles.RUN).read_text())["last_rejected"]
     unknown = shell("echo 'exe = \"x\"' > .run", m.path)
     assert (
         unknown.returncode != 0
-        and "unknown key" in json.loads((m.path / ".run").read_text())["last_rejected"]
+        and "unknown key" in json.loads((m.path / controlfiles.RUN).read_text())["last_rejected"]
     )
     accepted = shell("echo 'echo fine' > .run", m.path)
     assert accepted.returncode == 0
-    assert not (m.path / ".runs" / "2").exists(), "a refused request became a run"
+    assert not (m.path / controlfiles.RUNS / "2").exists(), "a refused request became a run"
 
 
 @needs_fuse
@@ -86,8 +88,8 @@ def test_tree_tools_do_not_pick_up_the_control_files(mount: Mount, tmp_path: Pat
     m = mount.start("--write-back", "600")
     assert baifs("run", str(m.path), "--", "echo", "a run", env=m.env).returncode == 0
     assert sorted(os.listdir(m.path)) == ["src"], "the control files are reached by name only"
-    assert json.loads((m.path / ".baifs-status").read_text())["session"]
-    assert (m.path / ".runs" / "1" / "stdout").read_text() == "a run\n"
+    assert json.loads((m.path / controlfiles.STATUS).read_text())["session"]
+    assert (m.path / controlfiles.RUNS / "1" / "stdout").read_text() == "a run\n"
     backup = tmp_path / "backup"
     for attempt in range(2):
         copied = subprocess.run(
@@ -106,7 +108,7 @@ def test_tree_tools_do_not_pick_up_the_control_files(mount: Mount, tmp_path: Pat
         ["git", "status", "--porcelain"], cwd=m.path, capture_output=True, text=True, check=True
     ).stdout
     assert untracked.split() == ["??", "src/"], untracked
-    assert not (m.path / ".runs" / "2").exists(), "a tree tool started a run"
+    assert not (m.path / controlfiles.RUNS / "2").exists(), "a tree tool started a run"
     for index in range(30):
         (m.path / f"pending-{index:02d}.txt").write_text("x")
     status = baifs("status", str(m.path), env=m.env).stdout

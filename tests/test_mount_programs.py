@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from mounting import Mount, needs_fuse, tree
 
+from baifs import controlfiles
+
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(240)]
 
 GIT = ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"]
@@ -65,7 +67,7 @@ def mtimes(root: Path) -> dict[str, int]:
     return {
         str(path.relative_to(root)): path.lstat().st_mtime_ns // 1000
         for path in root.rglob("*")
-        if path.is_file() and not path.is_symlink() and path.name != ".baifs-status"
+        if path.is_file() and not path.is_symlink() and path.name != controlfiles.STATUS
     }
 
 

@@ -34,6 +34,7 @@ from mounting import (
 )
 from support import IMAGE, LocalServer, signed_request, start_server, unique_session_name
 
+from baifs import controlfiles
 from baifs.api import archive
 from baifs.api.batch import BatchExecutor, BatchSteps
 from baifs.api.client import Connection, UploadFile
@@ -266,7 +267,7 @@ def test_gap8_a_session_whose_image_is_pulled_is_followed_until_it_runs(tmp_path
         assert "PULLING (pulling its image)" in mounted.stderr and "mounted session" in mounted.stderr, (
             mounted.stderr
         )
-        assert (created / ".baifs-status").exists()
+        assert (created / controlfiles.STATUS).exists()
         # A session another client created (enqueued) is PULLING when this mount comes: it waits.
         body = json.dumps({"name": unique_session_name(), "image": IMAGE, "enqueueOnly": True}).encode()
         answer = signed_request(local, "POST", "/session", content=body).json()
@@ -492,7 +493,7 @@ def test_a_session_ended_during_a_run_is_reported_terminated_not_wedged(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        started = m.path / ".runs" / "1" / "status"
+        started = m.path / controlfiles.RUNS / "1" / "status"
         wait_for(lambda: started.exists() and run_status(m, 1)["state"] == "running", what="the run")
         version = releases.profile("25.15.12").api_version
         assert signed_request(local, "DELETE", f"/session/{m.session_id}", version=version).status_code == 200

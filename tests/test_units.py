@@ -24,6 +24,8 @@ from baifs.config import ConfigError, Credentials, load_credentials
 from baifs.server import auth
 from baifs.server.problems import Problem
 
+pytestmark = pytest.mark.fast
+
 
 def test_signature_matches_the_sdk_algorithm() -> None:
     # Worked example computed with the official SDK's generate_signature (23.9.10).

@@ -13,6 +13,8 @@ from baifs.fs.runs import RunRejected, parse_request
 from baifs.fs.shell import ShellScript, StepResults
 from baifs.runctl import command_line, request_text
 
+pytestmark = pytest.mark.fast
+
 HOSTILE = [
     b"plain.txt",
     b"with space",
