@@ -5,8 +5,10 @@ through the same mount's parts (`MountCore`), but the session is
 `fakeremote.FakeRemote`: a local directory whose scripts run with ``sh``.
 Without HTTP and a server process an example costs milliseconds, so this
 tier draws many more sequences; the faults are made at the seam: a share of
-all calls failing before or after the session acted (``flaky_flush``), every
-call failing for a while (``server_killed``: the session's server down
+all calls failing before or after the session acted (``flaky_flush``), the
+answer to the flush's script lost after it ran (``lost_answer``: the run
+stays unconcluded and the flush unresolved until the slot is taken again),
+every call failing for a while (``server_killed``: the session's server down
 during a flush, then back).
 """
 
@@ -57,6 +59,12 @@ class InMemoryWorld:
                 return await attempt_flush(fs)
             finally:
                 remote.chaos(None)
+        if kind == "lost_answer":  # the flush is left unresolved: its outcome is read later
+            remote.fail("run", after=True)
+            try:
+                return await attempt_flush(fs)
+            finally:
+                remote.faults.clear()
         # server_killed: down a moment into the flush, back when that flush gave up
 
         async def down() -> None:

@@ -5,8 +5,9 @@ cases of `ops.REFERENCE_EXAMPLES`) through `ops.scenario`, against a mount's
 parts built by `MountCore` as ``baifs mount`` builds them, talking to a real
 `baifs serve` through the fault proxy. The faults that need the transport
 are made here: a flush under a rate of failing requests (5xx, resets before
-and after the server acted), and the server killed during a flush and
-started again. The same scenarios run in milliseconds against the in-memory
+and after the server acted), the answer to its script's execute request cut
+off after the server acted, and the server killed during a flush and started
+again. The same scenarios run in milliseconds against the in-memory
 session (`test_fast_reference.py`) and through a real FUSE mount
 (`test_mounted_reference.py`).
 
@@ -77,6 +78,12 @@ class ServedWorld:
 
     async def fault(self, fs: Filesystem, op: tuple) -> bool:
         kind, *args = op
+        if kind == "lost_answer":  # the executor follows the run on its id and reads the rest
+            self.faulted.proxy.set({"endpoint": "execute", "fault": "reset_after", "count": 1})
+            try:
+                return await attempt_flush(fs)
+            finally:
+                self.faulted.proxy.clear()
         if kind == "flaky_flush":
             rate, seed = args
             third = rate / 3

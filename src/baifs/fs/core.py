@@ -110,11 +110,17 @@ class MountCore:
         self.listings = Listings(self.remote, self.overlay, self.kernel, ttl=options.dir_ttl)
         self.fetcher = Fetcher(self.remote, self.store)
         self.readahead = ReadAhead(self.namespace, self.listings, self.fetcher)
-        self.handles = Handles(
-            self.overlay, self.store, self.fetcher, self.listings, self.readahead, self.watchdog
-        )
         self.sync = SyncEngine(
             self.remote, self.overlay, self.store, self.listings, self.profiles, write_back=options.write_back
+        )
+        self.handles = Handles(
+            self.overlay,
+            self.store,
+            self.fetcher,
+            self.listings,
+            self.readahead,
+            self.watchdog,
+            self.sync.resolve,
         )
         self.filesystem = Filesystem(
             self.overlay, self.listings, self.readahead, self.handles, self.sync, self.watchdog

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -59,6 +60,7 @@ class Handles:
         listings: Listings,
         readahead: ReadAhead,
         watchdog: Watchdog,
+        resolve: Callable[[], Awaitable[None]],
     ) -> None:
         self.overlay = overlay
         self.store = store
@@ -66,6 +68,8 @@ class Handles:
         self.listings = listings
         self.readahead = readahead
         self.watchdog = watchdog
+        #: reads what an unresolved flush did (`sync.SyncEngine.resolve`), for a file it may have moved.
+        self.resolve = resolve
         self._table: dict[int, Handle] = {}
         self._next = 1
         #: one staging copy brought to the session's content at a time (`follow_session`).
@@ -106,8 +110,13 @@ class Handles:
         return os.open(self.store.stage_path(stage), mode)
 
     async def _cached(self, node: Node, *, whole: bool) -> CacheEntry:
-        """The cache entry of a node's remote content (complete when ``whole``)."""
-        for attempt in range(2):
+        """The cache entry of a node's remote content (complete when ``whole``).
+
+        Content that is not what the listing said (or not there) is listed again once; while a
+        flush's outcome is unknown, what that flush did is read first (it may have moved the file).
+        """
+        attempts, resolved = 0, False
+        while True:
             if node.origin is None:
                 raise FSError(errno.ENOENT)
             if node.remote_mtime_ns < 0 and node.parent is not None:
@@ -123,14 +132,30 @@ class Handles:
                 if whole:
                     await bounded(self.watchdog, self.fetcher.ensure_all(entry))
                 return entry
-            except StaleContent as error:
+            except (StaleContent, FSError) as error:
+                if isinstance(error, FSError) and error.errno != errno.ENOENT:
+                    raise
+                if not resolved and await self._moved_by_a_flush(node):
+                    resolved = True
+                    continue
+                if isinstance(error, FSError):
+                    raise
                 log.info("%s; listing again", error)
-                if attempt or node.parent is None:
+                attempts += 1
+                if attempts > 1 or node.parent is None:
                     raise FSError(errno.EIO, "the file keeps changing in the session") from None
                 await bounded(self.watchdog, self.listings.ensure(node.parent, force=True))
                 if not node.attached:
                     raise FSError(errno.ENOENT) from None
-        raise AssertionError("unreachable")
+
+    async def _moved_by_a_flush(self, node: Node) -> bool:
+        """Whether a flush whose outcome was not known (it may have moved the file) has just been
+        read, so the content is to be looked for again where that flush left it."""
+        if not self.listings.motion.unresolved:
+            return False
+        log.info("%r is not what or where it was; reading what an earlier flush did", node.path)
+        await bounded(self.watchdog, self.resolve())
+        return True
 
     async def read(self, number: int, offset: int, size: int) -> bytes:
         handle = self._table[number]
@@ -153,6 +178,8 @@ class Handles:
             try:
                 await bounded(self.watchdog, self.fetcher.ensure_range(handle.entry, offset, size))
             except StaleContent as error:
+                if await self._moved_by_a_flush(node):
+                    return await self.read(number, offset, size)
                 # The version this descriptor reads is gone from the session: its reader
                 # gets an error, not the rest of another version; the next open reads the
                 # current one, which a listing now names.

@@ -12,7 +12,9 @@ Owns:
   something) every listing counts as stale at once (`expire`, O(1));
 - the motion of remote paths (`RemoteMotion`): while a flush changes the
   session, listings wait for it or serve the previous listing, and a
-  listing that was in flight meanwhile is taken again;
+  listing that was in flight meanwhile is taken again; while a script's
+  outcome is unknown, a directory not found where the mount knew it is not
+  taken for removed (the script may have moved it);
 - objects the session removed behind the mount's back (`vanished`), whose
   kernel entries go;
 - listings taken ahead of a tree walk, in the background (`prefetch`).
@@ -54,12 +56,14 @@ PREFETCH_LISTINGS = 4
 
 
 class RemoteMotion:
-    """Whether a flush is changing the session: listings wait, or are taken again after it."""
+    """Whether a flush is changing the session: listings wait, or are taken again after it; and
+    whether a script's outcome is not known yet (``unresolved``: it may have moved any path)."""
 
     def __init__(self) -> None:
         self.quiet = trio.Event()
         self.quiet.set()
         self.epoch = 0
+        self.unresolved = False
 
     @contextmanager
     def moving(self) -> Iterator[None]:
@@ -160,6 +164,11 @@ class Listings:
                 if entries is None:
                     if directory.inode == ROOT_INODE:
                         raise FSError(errno.ENOENT, "the session has no /home/work")
+                    if motion.unresolved:
+                        # A script whose outcome is not known yet may have moved it: what is known
+                        # of it serves until that outcome is read (the next flush reads it first).
+                        log.info("listing %r: not where it was, while a flush is unresolved", origin)
+                        return
                     if epoch == motion.epoch:
                         self.vanished([directory])
                     if not directory.attached or directory.origin is not None:

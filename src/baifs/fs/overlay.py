@@ -309,7 +309,10 @@ class Overlay:
                 self._settle_creation(creation, StepResults())
         for upload in flush_plan.uploads:
             if upload.direct:
-                self._settle_upload(upload, by_path.get(upload.target), replaced_gone=False)
+                # An old object another upload of this flush overwrote in place is gone: it is that
+                # upload's node's now, and must not be doomed again.
+                overwritten = upload.replaces in flush_plan.overwrites
+                self._settle_upload(upload, by_path.get(upload.target), replaced_gone=overwritten)
 
     def confirm_script(self, flush_plan: FlushPlan, steps: StepResults, report: FlushReport) -> None:
         """Record the script's confirmed steps; a step not confirmed leaves its change pending."""
@@ -342,7 +345,9 @@ class Overlay:
         for upload in flush_plan.uploads:
             if upload.direct:
                 continue
-            replaced_gone = upload.replaces is not None and was_removed(upload.replaces)
+            replaced_gone = upload.replaces is not None and (
+                was_removed(upload.replaces) or upload.replaces in flush_plan.overwrites
+            )
             if steps.done(upload.assemble_step) and steps.done(upload.place_step):
                 self._settle_upload(upload, None, replaced_gone=replaced_gone)
             elif replaced_gone:
@@ -420,6 +425,10 @@ class Overlay:
         else:
             self.namespace.doomed[creation.path] = creation.remote_mode
         self.namespace.refresh_pending(node)
+        for child in (node.children or {}).values():
+            # A remote object moved into the new directory is where it belongs now, if its own
+            # move was settled before the directory was (moves are settled first).
+            self.namespace.refresh_pending(child)
 
     def _settle_upload(self, upload: Upload, entry: Entry | None, *, replaced_gone: bool) -> None:
         """The uploaded copy is the node's remote object now, wherever the node went meanwhile."""

@@ -108,9 +108,6 @@ class ShellScript:
         """A line that reports nothing (clean-up)."""
         self._lines.append(line)
 
-    def __bool__(self) -> bool:
-        return bool(self.descriptions)
-
     def render(self) -> str:
         say = 'say() { echo "$1"; }'
         if self.report_to is not None:

@@ -153,7 +153,7 @@ class SyncEngine:
         self.stats = SyncStats()
         #: files and bytes of the flush under way, for ``baifs status``.
         self.progress: dict[str, Any] = {}
-        self.unresolved: Unresolved | None = None
+        self._unresolved: Unresolved | None = None
         #: the changes the last script that ran failed, by step description.
         self.refusals: dict[str, Refusal] = {}
         self._flush_lock = trio.Lock()
@@ -234,6 +234,16 @@ class SyncEngine:
         self._again = True
         await self._until_stop(trio.sleep(delay))
         return failures
+
+    @property
+    def unresolved(self) -> Unresolved | None:
+        """A script whose outcome is not known yet (listings then conclude nothing from a path gone)."""
+        return self._unresolved
+
+    @unresolved.setter
+    def unresolved(self, unresolved: Unresolved | None) -> None:
+        self._unresolved = unresolved
+        self.listings.motion.unresolved = unresolved is not None
 
     def status(self) -> dict[str, Any]:
         """Write-back's side of ``baifs status``."""
@@ -655,6 +665,19 @@ class SyncEngine:
             log.info("could not list where files were placed (%s); their staging copies stay", error)
             return
         self.overlay.confirm_placed(placed, listings)
+
+    async def resolve(self) -> None:
+        """Read and record what an unresolved script did, now: a caller that met a path it may have
+        moved (a read) asks for it. A script sent through the slot has its run concluded first."""
+        unresolved = self.unresolved
+        if unresolved is None:
+            return
+        if unresolved.request is not None:  # through the inbox: its result files say it, no slot needed
+            async with self._flush_lock:
+                await self._resolve()
+            return
+        async with self.remote.slot(purpose="the outcome of an earlier flush"), self._flush_lock:
+            await self._resolve()
 
     async def _resolve(self) -> None:
         """Find out and commit what an unresolved script did (its run is concluded by now)."""
