@@ -159,6 +159,14 @@ class FakeRemote:
         except FileNotFoundError as error:
             raise RemotePathError(errno.ENOENT, str(error.filename), "not in the session") from None
 
+    async def read_link(self, path: bytes) -> bytes | None:
+        self._call("download")
+        await trio.lowlevel.checkpoint()
+        full = self._path(path)
+        if not os.path.lexists(full):
+            raise RemotePathError(errno.ENOENT, os.fsdecode(path), "not in the session")
+        return os.fsencode(os.readlink(full)) if full.is_symlink() else None
+
     # -- putting content there --------------------------------------------------------
 
     async def upload(

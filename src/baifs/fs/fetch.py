@@ -227,13 +227,12 @@ class Fetcher:
             del self._wants[want.remote_path]
 
     async def link_target(self, node: Node) -> bytes:
-        """The target of a remote symlink, from its archive entry."""
+        """The target of a remote symlink."""
         assert node.origin is not None
-        archives = await self.remote.download([node.origin])
-        member, _ = single_member(archives[0])
-        if not member.issym():
+        target = await self.remote.read_link(node.origin)
+        if target is None:
             raise StaleContent(f"{node.origin!r} is no longer a symlink")
-        return member.linkname.encode("utf-8", "surrogateescape")
+        return target
 
     # -- large files ------------------------------------------------------
 

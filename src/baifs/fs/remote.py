@@ -265,6 +265,8 @@ class Remote(Protocol):
 
     async def read_files(self, paths: Sequence[bytes]) -> list[bytes]: ...
 
+    async def read_link(self, path: bytes) -> bytes | None: ...
+
     async def upload(
         self,
         files: Sequence[Outgoing],
@@ -357,6 +359,11 @@ class RemoteTree:
     async def read_files(self, paths: Sequence[bytes]) -> list[bytes]:
         """The content of up to 5 files (each a tar of one member)."""
         return [single_member(archive)[1] for archive in await self.download(paths)]
+
+    async def read_link(self, path: bytes) -> bytes | None:
+        """A symlink's target, from its archive entry; None if ``path`` is not a symlink now."""
+        member, _ = single_member((await self.download([path]))[0])
+        return _name(member.linkname) if member.issym() else None
 
     # -- putting content there --------------------------------------------------
 
