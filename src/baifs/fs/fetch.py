@@ -3,19 +3,20 @@
 Small files (up to `DIRECT_DOWNLOAD_MAX` bytes) come whole, five to a download
 request. Wanted files wait in one queue; up to `parallel` workers each take up
 to five of them, files someone is waiting for first, then prefetched ones.
-`prefetch` queues files a scan will read next (`filesystem` decides what is
+`prefetch` queues files a scan will read next (`readahead` decides what is
 a scan), so a directory of files costs about one request per five files.
+Everything reaches the session through the remote seam (`remote`).
 
 Larger files are read in chunks of `CHUNK_BYTES`, through a script in the
 session (a run of its own, or a request to the supervisor of the mount's run
-that holds the execution slot: `remote.RemoteTree.run` decides) that checks the file's size
-and mtime (to the nanosecond) against the listing before and after it takes
+that holds the execution slot: `remote.RemoteTree.run` decides) that checks
+the file's size and mtime (to the nanosecond) against the listing before and after it takes
 the chunks, so every chunk of a cache entry is of one version. A
 single chunk (the first read of a file, or a random access) travels inline,
 base64 in the run's output: one run, nothing left behind. A wider window is
 cut with ``dd`` into parts under ``.baifs-tmp/read-<token>/``, which are then
 downloaded five to a request, several requests at a time, and removed by the
-next script that runs in the session. Sequential reads widen the window
+next script that runs in the session (`scratch.Scratch.using`). Sequential reads widen the window
 fourfold up to `MAX_WINDOW_CHUNKS` and fetch the next window ahead while the
 current one is read; a reader waits only for the chunks it needs, each
 usable as soon as it arrives. Reading the first kilobyte of a 1 GB file

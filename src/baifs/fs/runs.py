@@ -30,7 +30,8 @@ run that is going (that would leave it holding the session): output that
 cannot be written is dropped and the record says so; a request that cannot
 be recorded is refused with ENOSPC. A record left ``queued`` or
 ``running`` by a mount that ended is marked failed when the next mount loads
-it (the run itself, if it was going, is concluded by `mount`).
+it (the run itself, if it was going, is concluded before the next one:
+`remote.RemoteTree`).
 """
 
 from __future__ import annotations
