@@ -26,6 +26,8 @@ import pytest
 from mounting import Mount, baifs, baifs_environment, create_session, force_unmount, needs_fuse, wait_for
 from support import FaultProxy, LocalServer, signed_request, start_proxy, start_server
 
+from baifs.fs import scratch
+
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(240)]
 
 
@@ -69,6 +71,54 @@ def in_background(call: Callable[[], object]) -> threading.Thread:
     return worker
 
 
+def write_back_failures(m: Mount) -> int:
+    """Write-back's failed attempts so far, as its log says them.
+
+    The status document's ``flushes.failures`` counts only flushes that failed once under way,
+    not those that failed before (concluding an earlier run, say): the log has every one.
+    """
+    return m.log_text().count("write-back failed")
+
+
+def write_back_failed(m: Mount, unreachable: bool = False) -> Callable[[], bool]:
+    """Made before a trouble: whether write-back has failed since (and the remote is known away)."""
+    before = write_back_failures(m)
+
+    def failed() -> bool:
+        return write_back_failures(m) > before and not (unreachable and m.status()["remote"]["reachable"])
+
+    return failed
+
+
+def write_back_took(m: Mount) -> Callable[[], bool]:
+    """Made right after changes: whether a write-back attempt that started after them has ended.
+
+    The first attempt to end may have been under way already when they were made: it counts only
+    if nothing is pending after it; otherwise the second one, which started after it, took them.
+    """
+
+    def ended(status: dict) -> int:
+        return status["flushes"]["completed"] + write_back_failures(m)
+
+    before = ended(m.status())
+
+    def took() -> bool:
+        status = m.status()
+        count, pending = ended(status) - before, status["pending"]
+        return count >= 2 or (count >= 1 and not pending["uploads"] and not pending["namespace_changes"])
+
+    return took
+
+
+def serving_its_inbox(m: Mount) -> bool:
+    """Whether run 1 holds the slot, its inbox open, and its supervisor's loop beats in the session."""
+    run_id = json.loads((m.path / ".runs" / "1" / "status").read_text())["run_id"]
+    slot = m.status()["slot"]
+    if not run_id or slot["run"] != run_id or not slot["inbox"]:
+        return False
+    return (m.work / os.fsdecode(scratch.heartbeat(scratch.box_of(run_id)))).exists()
+
+
 def quietly(call: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
@@ -91,9 +141,10 @@ def test_write_back_while_the_server_is_down_keeps_the_daemon(faulty: Faulty, th
     (m.path / "d").mkdir()
     m.sync()
     os.listdir(m.path / "d")
+    failed = write_back_failed(m, unreachable=True)
     faulty.server.kill()
     (m.path / "d" / "f").write_text("x\n")
-    time.sleep(6)
+    wait_for(failed, 60, "write-back to fail against the server down")
     assert m.alive, m.log_text()
     assert (m.path / "d" / "f").read_text() == "x\n"
     status = m.status()
@@ -107,10 +158,15 @@ def test_write_back_while_the_server_is_down_keeps_the_daemon(faulty: Faulty, th
 def test_verification_listings_failing_for_a_while_lose_nothing(faulty: Faulty) -> None:
     m = faulty.mount.start("--write-back", "0.3")
     os.listdir(m.path)
+    failed = write_back_failed(m)
     faulty.proxy.set({"endpoint": "list", "fault": "status", "status": 502})
     for index in range(5):
         (m.path / f"f{index}").write_text(f"{index}\n")
-    time.sleep(8)
+    wait_for(
+        lambda: failed() and faulty.proxy.state()["injected"].get("list:status", 0) > 0,
+        60,
+        "write-back to fail on the failing listings",
+    )
     assert m.alive and m.status()["pending"]["uploads"] == 5
     faulty.proxy.clear()
     m.sync()
@@ -126,8 +182,9 @@ def test_the_server_killed_mid_flush_and_back_loses_nothing(faulty: Faulty) -> N
     for index in range(40):
         (m.path / f"small{index}").write_text(str(index))
     wait_for(lambda: m.status()["flush"].get("bytes_done", 0) > 0, 30, "write-back to get going")
+    failed = write_back_failed(m, unreachable=True)
     faulty.server.kill()
-    time.sleep(3)
+    wait_for(failed, 60, "the flush to fail against the server killed")
     assert m.alive, m.log_text()
     faulty.server.restart()
     faulty.proxy.clear()
@@ -152,7 +209,7 @@ def test_a_rate_of_failing_requests_loses_nothing(faulty: Faulty) -> None:
         (m.path / name).parent.mkdir(exist_ok=True)
         (m.path / name).write_bytes(os.urandom(1000 + index))
         expected[name] = (m.path / name).read_bytes()
-    time.sleep(4)  # write-back meets the faults
+    wait_for(write_back_took(m), 60, "write-back to meet the faults")
     os.rename(m.path / "dir0", m.path / "moved")
     expected = {name.replace("dir0/", "moved/"): data for name, data in expected.items()}
     os.unlink(m.path / "dir1" / "file1")
@@ -160,7 +217,7 @@ def test_a_rate_of_failing_requests_loses_nothing(faulty: Faulty) -> None:
     os.chmod(m.path / "dir2" / "file2", 0o600)
     (m.path / "dir2" / "file5").write_bytes(b"rewritten")
     expected["dir2/file5"] = b"rewritten"
-    time.sleep(4)
+    wait_for(write_back_took(m), 60, "write-back to take the changes through the faults")
     assert m.alive, m.log_text()
     faulty.proxy.clear()
     m.sync()
@@ -229,12 +286,14 @@ def test_a_full_disk_fails_calls_not_the_daemon_nor_the_session(faulty: Faulty, 
     m.start("--write-back", "0.3")
     (m.path / "keep.txt").write_text("kept\n")
     m.sync()
+    failed = write_back_failed(m)
     with pytest.raises(OSError) as raised:
         (m.path / "huge.bin").write_bytes(b"x" * 8 * 1024 * 1024)
     assert raised.value.errno == errno.ENOSPC
     refused = baifs("run", str(m.path), "--", "true", env=m.env, check=False, timeout=60)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    time.sleep(2)  # write-back meets the full disk (the run marker) and lives
+    # Write-back meets the full disk (the run marker) and lives.
+    wait_for(failed, 60, "write-back to fail on the full disk")
     assert m.alive, m.log_text()
     (m.path / "huge.bin").unlink()
     os.rename(m.path / "keep.txt", m.path / "renamed.txt")
@@ -412,7 +471,7 @@ def test_a_frozen_remote_bounds_every_call_and_what_is_known_keeps_working(fault
     os.listdir(m.path / "listed")
     (m.path / "listed" / "mine.txt").write_text("mine\n")
     faulty.proxy.set({"endpoint": "*", "fault": "stall"})
-    time.sleep(1.5)  # every listing is older than its TTL now
+    time.sleep(1.5)  # outlasts the listing TTL (--dir-cache-time 1): every listing is stale now
     results: dict[str, tuple[float, BaseException | None]] = {}
 
     def attempt(name: str, call: Callable[[], object]) -> threading.Thread:
@@ -455,7 +514,7 @@ def test_with_the_server_down_a_stale_listing_still_serves_create_and_stat(fault
     (m.path / "d" / "written.txt").write_text("written\n")
     m.sync()
     faulty.server.kill()
-    time.sleep(1.5)
+    time.sleep(1.5)  # outlasts the listing TTL (--dir-cache-time 1): the listing of d is stale now
     duration, error = timed(lambda: os.stat(m.path / "d" / "written.txt"))
     assert error is None and duration < 10
     duration, error = timed(lambda: (m.path / "d" / "created.txt").write_text("made offline\n"))
@@ -477,7 +536,7 @@ def test_faults_between_the_mount_and_its_runs_supervisor_lose_nothing(faulty: F
     argv = ["run", str(m.path), "--", "echo begin; sleep 25; echo done"]
     runner = in_background(lambda: baifs(*argv, env=m.env, timeout=120))
     wait_for(lambda: (m.path / ".runs" / "1").exists(), 20, "the run to start")
-    time.sleep(1)
+    wait_for(lambda: serving_its_inbox(m), 20, "the run's supervisor to serve its inbox")
     faulty.proxy.set(
         *(
             {
@@ -496,7 +555,7 @@ def test_faults_between_the_mount_and_its_runs_supervisor_lose_nothing(faulty: F
     (m.path / "kept" / "sub").mkdir()
     big = os.urandom(2 * 1024 * 1024 + 3)
     (m.path / "kept" / "sub" / "big.bin").write_bytes(big)
-    time.sleep(6)
+    wait_for(write_back_took(m), 60, "write-back to take the changes through the faults and the inbox")
     assert m.alive, m.log_text()
     faulty.proxy.clear()
     m.sync()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,14 +241,27 @@ def test_ctrl_c_during_umount_answers_at_once_and_the_uploads_go_on(
             [sys.executable, "-m", "baifs", "umount", str(m.path)],
             env=m.env,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.5)
+        said: list[str] = []
+
+        def read_stderr() -> None:
+            for line in umount.stderr:  # type: ignore[union-attr]
+                said.append(line)
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        # Ctrl-C once umount waits for the flush (its first progress line is out), not while it starts.
+        wait_for(
+            lambda: any("/2000 files, " in line for line in said), 30, "umount to show the flush's progress"
+        )
         umount.send_signal(signal.SIGINT)
         started = time.monotonic()
-        _, err = umount.communicate(timeout=15)
+        umount.wait(15)
+        reader.join(15)
+        err = "".join(said)
         assert time.monotonic() - started < 2 and umount.returncode == 130, err
         assert "interrupted" in err and "still mounted" in err and "Traceback" not in err
         assert "/2000 files, " in err and "/s" in err, err  # not a terminal: plain progress lines

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from mounting import Mount, baifs, needs_fuse, wait_for
 
+from baifs.fs import scratch
+
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(180)]
 RUN_SECONDS = 30
 QUICK = 5.0
@@ -38,7 +40,22 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def start_long_run(m: Mount, command: str) -> subprocess.Popen[bytes]:
+def serving_its_inbox(m: Mount) -> bool:
+    """Whether run 1 holds the slot, its inbox open, and its supervisor's loop beats in the session."""
+    run_id = json.loads((m.path / ".runs" / "1" / "status").read_text())["run_id"]
+    slot = m.status()["slot"]
+    if not run_id or slot["run"] != run_id or not slot["inbox"]:
+        return False
+    return (m.work / os.fsdecode(scratch.heartbeat(scratch.box_of(run_id)))).exists()
+
+
+def start_long_run(
+    m: Mount,
+    command: str,
+    going: Callable[[Mount], bool] = serving_its_inbox,
+    what: str = "the supervisor to serve its inbox",
+) -> subprocess.Popen[bytes]:
+    """``baifs run`` of ``command``, once the run goes and ``going`` says it is well under way."""
     argv = [sys.executable, "-m", "baifs", "run", str(m.path), "--", command]
     runner = subprocess.Popen(argv, env=m.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(
@@ -49,7 +66,7 @@ def start_long_run(m: Mount, command: str) -> subprocess.Popen[bytes]:
         20,
         "the run to start",
     )
-    time.sleep(1)  # well into the run: the supervisor is serving its inbox
+    wait_for(lambda: going(m), 20, what)
     return runner
 
 
@@ -98,7 +115,9 @@ def test_a_run_that_kills_its_supervisor_costs_a_wait_not_a_change(mount: Mount)
         '[ "$(sed -n \'s/^PPid:[[:space:]]*//p\' "$d/status" 2>/dev/null)" = "$sup" ] && kill -9 "$p"; '
         "done; echo killed; sleep 20; echo end"
     )
-    runner = start_long_run(m, kill_siblings)
+    # Well into the run: its command has killed the supervisor's loop, so the inbox never answers.
+    output = m.path / ".runs" / "1" / "output"
+    runner = start_long_run(m, kill_siblings, lambda _: "killed\n" in output.read_text(), "the kill")
     (m.path / "made-while-orphaned").mkdir()
     waited = timed(lambda: fsync_path(m.path))
     out, _ = runner.communicate(timeout=60)

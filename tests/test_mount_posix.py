@@ -144,11 +144,11 @@ def test_remote_changes_appear_after_the_listing_ttl(mount: Mount) -> None:
     m = mount.start("--dir-cache-time", "0.5", "--attr-timeout", "0.2")
     assert os.listdir(m.path) == [], "an empty session lists nothing (the control files are not listed)"
     (m.work / "made-remotely.txt").write_text("from the session\n")
-    time.sleep(1.0)
+    time.sleep(1.0)  # outlasts the listing TTL (--dir-cache-time 0.5) and attribute timeout (0.2)
     assert "made-remotely.txt" in os.listdir(m.path)
     assert (m.path / "made-remotely.txt").read_text() == "from the session\n"
     (m.work / "made-remotely.txt").unlink()
-    time.sleep(1.0)
+    time.sleep(1.0)  # outlasts the listing TTL (--dir-cache-time 0.5) and attribute timeout (0.2)
     assert not (m.path / "made-remotely.txt").exists()
 
 

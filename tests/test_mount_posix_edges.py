@@ -35,7 +35,8 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 #: Times set to the nanosecond (a float of seconds cannot hold them exactly).
 EXACT = (1_234_567_890_123_456_789, 1_300_000_000_000_000_001)
-#: Coarse kernel clocks tick every few milliseconds: wait longer than that between two changes.
+#: Coarse kernel clocks tick every few milliseconds (4 ms at HZ=250, 10 ms at HZ=100): wait longer
+#: than one tick between two changes, or both get the same timestamp.
 TICK = 0.02
 
 
@@ -172,7 +173,7 @@ def times(root: Path) -> list[Any]:
     for name, change in changes.items():
         path = root / "g" if (root / "g").exists() else target
         ctime = os.stat(path).st_ctime_ns
-        time.sleep(TICK)
+        time.sleep(TICK)  # outlasts one tick of the coarse clock that stamps ctime
         change()
         path = root / "g" if (root / "g").exists() else target
         seen.append((f"ctime moves on {name}", os.stat(path).st_ctime_ns > ctime))
@@ -194,7 +195,7 @@ def times(root: Path) -> list[Any]:
     }
     for name, change in entries.items():
         before_dir = os.stat(directory)
-        time.sleep(TICK)
+        time.sleep(TICK)  # outlasts one tick of the coarse clock that stamps the times
         change()
         after_dir = os.stat(directory)
         seen.append(
@@ -289,7 +290,7 @@ def test_times(mount: Mount, tmp_path: Path) -> None:
     m.sync()
     stored = os.stat(m.work / "case/g")
     assert (stored.st_atime_ns, stored.st_mtime_ns) == EXACT, "the session stores both times, to the ns"
-    time.sleep(0.3)  # past the attribute timeout: the kernel asks the mount again
+    time.sleep(0.3)  # past the attribute timeout (--attr-timeout 0.1): the kernel asks the mount again
     assert (os.stat(mounted / "g").st_atime_ns, os.stat(mounted / "g").st_mtime_ns) == EXACT
 
 
@@ -297,7 +298,7 @@ def test_inode_numbers_survive_renames_flushes_and_listings(mount: Mount, tmp_pa
     m, mounted = compare(mount, tmp_path, inode_identity, "--dir-cache-time", "0.3")
     numbers = {path: os.stat(path).st_ino for path in mounted.rglob("*")}
     m.sync()
-    time.sleep(0.6)  # past the listing TTL: every directory is listed again
+    time.sleep(0.6)  # past the listing TTL (--dir-cache-time 0.3): every directory is listed again
     os.listdir(mounted)
     assert {path: os.stat(path).st_ino for path in mounted.rglob("*")} == numbers
     assert (m.work / "case/b").read_text() == "a" and (m.work / "case/d2").read_text() == "b"
@@ -311,7 +312,7 @@ def test_fifos_are_made_in_the_session(mount: Mount, tmp_path: Path) -> None:
     assert stat.S_ISFIFO(made.st_mode) and stat.S_IMODE(made.st_mode) == 0o604
     assert not (m.work / "case/q").exists()
     os.mkfifo(m.work / "case/remote-fifo", 0o620)
-    time.sleep(1)  # past the listing TTL
+    time.sleep(1)  # past the listing TTL (--dir-cache-time 0.5)
     assert stat.S_ISFIFO(os.stat(mounted / "remote-fifo").st_mode)
     with pytest.raises(OSError) as refused:
         os.mknod(mounted / "socket", stat.S_IFSOCK | 0o600)

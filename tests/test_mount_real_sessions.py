@@ -204,12 +204,15 @@ def test_while_another_clients_run_blocks_discovery_uploads_show_the_folder(
     realistic: LocalServer, tmp_path: Path, folders: dict[str, Path]
 ) -> None:
     session = create_session(realistic)
+    runs_before = realistic.counters()["batch_runs"]
     other = occupy_session(realistic, session, 30)
-    time.sleep(0.5)
+    # The server counts a batch run as the run takes the session's execution slot.
+    wait_for(lambda: realistic.counters()["batch_runs"] > runs_before, 20, "the other client's run to start")
     m = mount_for(realistic, tmp_path, session)
     try:
         m.start(settle=False)
         assert not m.status()["profile"]["source"], "discovery cannot have run yet"
+        # Outlasts UNANSWERED_SECONDS: only then does status call the unanswered run queued behind another's.
         time.sleep(UNANSWERED_SECONDS + 1)
         status = baifs("status", str(m.path), env=m.env).stdout
         assert "another client's run holds the session" in status and "not known yet" in status, status

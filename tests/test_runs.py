@@ -11,8 +11,10 @@ import sys
 import time
 
 import pytest
-from mounting import Mount, baifs_run, needs_fuse, run_status, wait_done
+from mounting import Mount, baifs_run, needs_fuse, run_status, wait_done, wait_for
 from support import signed_request
+
+from baifs.fs import scratch
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.timeout(120)]
 
@@ -150,7 +152,15 @@ def test_ctrl_c_interrupts_the_command_in_the_session(mount: Mount) -> None:
     while not (m.path / ".runs/1").exists() or run_status(m, 1)["state"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)
+
+    def going() -> bool:
+        """The run is the mount's current one (an interrupt goes to it) and its supervisor's loop beats."""
+        run_id, slot = run_status(m, 1)["run_id"], m.status()["slot"]
+        if not run_id or slot["run"] != run_id:
+            return False
+        return (m.work / os.fsdecode(scratch.heartbeat(scratch.box_of(run_id)))).exists()
+
+    wait_for(going, 20, "the session to run the command")
     interrupted_at = time.monotonic()
     runner.send_signal(signal.SIGINT)
     assert runner.wait(15) == 130
