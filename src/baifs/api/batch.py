@@ -462,7 +462,9 @@ class BatchExecutor:
                         raise wedged from error
                 lost = lost or not isinstance(error, EndpointUnreachable) or error.delivered
                 if attempt + 1 == CONTINUE_ATTEMPTS:
-                    if isinstance(error, ServerError) and not error.msg:  # managers >= 26.1 say no more
+                    # A bare 500 is how managers >= 26.1 report every agent failure; another 5xx
+                    # (a gateway's 502 while the manager is down) is the session not answering.
+                    if isinstance(error, ServerError) and error.status == 500 and not error.msg:
                         raise SessionWedged(
                             f"run {run_id}: every request for it is answered by a 500 that names no cause; "
                             f"most likely {LOST_QUEUE_MESSAGE}"

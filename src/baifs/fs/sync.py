@@ -189,33 +189,36 @@ class SyncEngine:
                         return
                 self.overlay.take_change()
                 self._again = False
+                counted = self.stats.flush_failures
                 try:
                     report = await self.flush(skip_open_writers=True, stoppable=True)
                     failures = 0
-                except SessionTerminated as error:
-                    log.error("write-back stopped: %s; the changes stay pending (see 'baifs salvage')", error)
-                    await self._until_stop(trio.sleep_forever())
-                    return
                 except FlushUnresolved as error:  # a run holds the slot; its end concludes the earlier one
                     log.info("write-back waits: %s", error)
                     self._again = True
                     await self._until_stop(trio.sleep(self.write_back))
                     continue
-                except FlushFailed as error:
-                    if not self.holding:
-                        failures = await self._back_off(error, failures)
-                        continue
-                    log.error(
-                        "write-back holds %d change(s) the session refused %d times in a row; they "
-                        "stay pending and are tried again at the next change, 'baifs sync' or the next "
-                        "mount: %s",
-                        len(self.refusals),
-                        REFUSALS_BEFORE_HOLD,
-                        error,
-                    )
-                    failures = 0
-                    continue
                 except (BaifsError, OSError) as error:
+                    if self.stats.flush_failures == counted:  # it failed before a transaction counted it
+                        self.stats.flush_failures += 1
+                        self.stats.last_flush_error = str(error)
+                    if isinstance(error, SessionTerminated):
+                        log.error(
+                            "write-back stopped: %s; the changes stay pending (see 'baifs salvage')", error
+                        )
+                        await self._until_stop(trio.sleep_forever())
+                        return
+                    if isinstance(error, FlushFailed) and self.holding:
+                        log.error(
+                            "write-back holds %d change(s) the session refused %d times in a row; they "
+                            "stay pending and are tried again at the next change, 'baifs sync' or the next "
+                            "mount: %s",
+                            len(self.refusals),
+                            REFUSALS_BEFORE_HOLD,
+                            error,
+                        )
+                        failures = 0
+                        continue
                     failures = await self._back_off(error, failures)
                     continue
                 if report.partial and self.namespace.pending_changes():
