@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from baifs.api.client import RemoteHealth
-from baifs.api.errors import EndpointUnreachable, RemotePathError, SessionBusy
+from baifs.api.errors import EndpointUnreachable, RemotePathError, ServerError, SessionBusy
 from baifs.fs import scratch
 from baifs.fs.model import Entry
 from baifs.fs.remote import BatchOutcome, BatchSteps, ConsoleSink, Outgoing
@@ -69,7 +69,7 @@ class FakeRemote:
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
-        self.supervisor = Supervisor(self)  # type: ignore[arg-type]
+        self.supervisor = Supervisor(self, self.scratch)  # type: ignore[arg-type]
         self._slot = trio.Lock()
         self._current: str | None = None
         self._chaos: tuple[float, random.Random] | None = None
@@ -198,9 +198,12 @@ class FakeRemote:
     def _write(self, path: bytes, data: bytes) -> None:
         """As the agent writes an upload: parents made, an existing file overwritten in place."""
         target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as handle:
-            handle.write(data)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(data)
+        except OSError as error:  # the agent's write failed: a 500 with its words
+            raise ServerError(500, title="Internal server error", msg=str(error), endpoint="upload") from None
 
     # -- scripts and the execution slot -------------------------------------------------
 

@@ -934,6 +934,12 @@ REFERENCE_EXAMPLES: list[list[tuple]] = [
         ("remote_write", "b", (0, 0)),  # listings expire: d is listed again, where it was
         ("write", "d/a", (0, 0)),
     ],
+    # A directory made by a script whose answer was lost, removed here before that outcome was read:
+    # the session's copy goes too. And an fsync while that outcome is unknown waits for it.
+    [("mkdir", "a"), ("lost_answer",), ("rmdir", "a"), ("write", "a", (0, 0))],
+    [("mkdir", "b"), ("lost_answer",), ("write", "a", (0, 0)), ("fsync", "a")],
+    # ... and a directory still to be made again when the next flush fails, removed meanwhile.
+    [("mkdir", "d"), ("lost_answer",), ("server_killed", 0.0), ("rmdir", "d")],
     # A file moved out of a directory that moves too: settled in the wrong order, it stayed pending.
     [
         ("mkdir", "d"),

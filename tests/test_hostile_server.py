@@ -31,7 +31,13 @@ def hostile(tmp_path: Path) -> Iterator[tuple[LocalServer, FaultProxy, Mount]]:
     proxy = start_proxy(tmp_path / "proxy", server)
     home = tmp_path / "home"
     home.mkdir()
-    mount = Mount(tmp_path / "mnt", server, create_session(server), home, baifs_environment(server, home, proxy.endpoint))
+    mount = Mount(
+        tmp_path / "mnt",
+        server,
+        create_session(server),
+        home,
+        baifs_environment(server, home, proxy.endpoint),
+    )
     try:
         yield server, proxy, mount
     finally:
@@ -46,7 +52,8 @@ BAD_ENTRIES = [
     '{"filename": "..", "mode": "drwxr-xr-x", "size": 1, "ctime": 1, "mtime": 1, "atime": 1}',
     '{"filename": "", "mode": "-rw-r--r--", "size": 1, "ctime": 1, "mtime": 1, "atime": 1}',
     '{"filename": "nul\\u0000name", "mode": "-rw-r--r--", "size": 1, "ctime": 1, "mtime": 1, "atime": 1}',
-    '{"filename": "huge", "mode": "-rw-r--r--", "size": 9223372036854775808, "ctime": 1, "mtime": 1, "atime": 1}',
+    '{"filename": "huge", "mode": "-rw-r--r--", "size": 9223372036854775808, '
+    '"ctime": 1, "mtime": 1, "atime": 1}',
     '{"filename": "forever", "mode": "-rw-r--r--", "size": 1, "ctime": 1, "mtime": Infinity, "atime": 1}',
     '{"filename": "never", "mode": "-rw-r--r--", "size": 1, "ctime": 1, "mtime": NaN, "atime": 1}',
     '{"filename": "typeless", "mode": "?rw-r--r--", "size": 1, "ctime": 1, "mtime": 1, "atime": 1}',
@@ -86,10 +93,16 @@ def test_dripping_downloads_free_their_workers_and_every_read_gets_its_content(h
     readers = []
     for index in range(5):  # five separate downloads, one a reader, each dripping
         seen = proxy.state()["seen"].get("download", 0)
-        reader = threading.Thread(target=_cold_read, args=(m.path / f"d{index}" / f"f{index}", results), daemon=True)
+        reader = threading.Thread(
+            target=_cold_read, args=(m.path / f"d{index}" / f"f{index}", results), daemon=True
+        )
         reader.start()
         readers.append(reader)
-        wait_for(lambda: proxy.state()["seen"].get("download", 0) > seen, 20, f"download {index} to start")
+        wait_for(
+            lambda seen=seen: proxy.state()["seen"].get("download", 0) > seen,
+            20,
+            f"download {index} to start",
+        )
     started = time.monotonic()
     _cold_read(m.path / "d5" / "f5", results)  # the server answers promptly again: the drips are exhausted
     for reader in readers:

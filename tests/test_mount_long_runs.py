@@ -160,7 +160,9 @@ def test_a_runs_record_stays_while_it_goes_after_a_flush_before_it(mount: Mount)
 
 
 @pytest.mark.parametrize("ending", ["umount", "kill"])
-def test_the_first_run_after_a_remount_reports_its_own_output_and_exit_code(mount: Mount, ending: str) -> None:
+def test_the_first_run_after_a_remount_reports_its_own_output_and_exit_code(
+    mount: Mount, ending: str
+) -> None:
     """A quiet run left going by a mount that ended is waited for, never probed into the next run."""
     m = mount.start()
     runner = start_long_run(m, "sleep 15; exit 7")

@@ -188,6 +188,8 @@ def test_a_same_size_rewrite_within_the_second_never_tears_a_read(mount: Mount) 
             whole = b""  # refusing is fine; mixing is not
     finally:
         os.close(descriptor)
-    assert len(set(whole)) <= 1, f"one read returned {whole.count(b'o')} old and {whole.count(b'n')} new bytes"
+    assert len(set(whole)) <= 1, (
+        f"one read returned {whole.count(b'o')} old and {whole.count(b'n')} new bytes"
+    )
     with open(m.path / "big.bin", "rb") as again:
         assert again.read() == new

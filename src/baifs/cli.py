@@ -635,9 +635,9 @@ def run_umount(args: argparse.Namespace) -> int:
     unmount(mountpoint, lazy=args.lazy, keep_pending=True)
     pending = status["pending"]
     console.print(
-        f"unmounted {mountpoint}; {pending['uploads']} upload(s) and {pending['namespace_changes']} namespace "
-        f"change(s) stay pending in {status['state_dir']}: the next mount of the session replays them "
-        "(or see 'baifs salvage list')",
+        f"unmounted {mountpoint}; {pending['uploads']} upload(s) and "
+        f"{pending['namespace_changes']} namespace change(s) stay pending in {status['state_dir']}: "
+        "the next mount of the session replays them (or see 'baifs salvage list')",
         soft_wrap=True,
     )
     return 0

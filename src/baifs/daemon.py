@@ -69,8 +69,8 @@ def run_detached(request: MountRequest, log_file: Path) -> int:
     print(
         f"baifs: error: the mount daemon exited before mounting; its log ({log_file}) ends:", file=sys.stderr
     )
-    for line in tail:
-        print(f"  {line}", file=sys.stderr)
+    for tail_line in tail:
+        print(f"  {tail_line}", file=sys.stderr)
     return 1
 
 

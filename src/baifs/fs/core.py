@@ -166,7 +166,7 @@ class MountCore:
         a profile discovered once serves every later mount of the session;
         otherwise discovery starts here, in the background.
         """
-        recovery = Recovery(self.filesystem, self.listings, self.overlay, self.remote)
+        recovery = Recovery(self.filesystem, self.listings, self.overlay, self.remote, self.remote.scratch)
         recovered = await recovery.run(self.journal.read())
         await self.overlay.save_checkpoint()
         self.sync.stats.recovered_changes = recovered

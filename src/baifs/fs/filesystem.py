@@ -67,6 +67,13 @@ class Filesystem:
             raise FSError(errno.ENOENT)
         return node
 
+    def forget(self, inode: int, count: int) -> None:
+        """The kernel dropped ``count`` references to ``inode``."""
+        node = self.namespace.inodes.get(inode)
+        if node is not None:
+            node.lookups -= count
+            self.overlay.forgotten(node)
+
     async def refresh(self, node: Node) -> Node:
         """Revalidate a node's attributes through its parent's listing when stale."""
         if node.parent is not None and node.attached:
@@ -106,7 +113,7 @@ class Filesystem:
         """Return once this file (and what it depends on) is on the session."""
         if not node.attached or node not in self.namespace.pending:
             return
-        await self.overlay.journal.sync()
+        await self.overlay.make_durable()
         path = node.path
         for other in list(self.namespace.pending):
             if other is not node and other.moved and other.origin == path and other.is_regular:
@@ -115,7 +122,7 @@ class Filesystem:
 
     async def flush_everything(self) -> None:
         """``fsyncdir`` and ``baifs sync``: return once everything is on the session."""
-        await self.overlay.journal.sync()
+        await self.overlay.make_durable()
         await bounded(self.watchdog, self.sync.flush_all(slot_timeout=SLOT_WAIT_SECONDS))
 
     # -- namespace changes ------------------------------------------------

@@ -151,13 +151,13 @@ class Handles:
     async def _moved_by_a_flush(self, node: Node) -> bool:
         """Whether a flush whose outcome was not known (it may have moved the file) has just been
         read, so the content is to be looked for again where that flush left it."""
-        if not self.listings.motion.unresolved:
+        if not self.listings.unresolved:
             return False
         log.info("%r is not what or where it was; reading what an earlier flush did", node.path)
         await bounded(self.watchdog, self.resolve())
         return True
 
-    async def read(self, number: int, offset: int, size: int) -> bytes:
+    async def read(self, number: int, offset: int, size: int, *, resolved: bool = False) -> bytes:
         handle = self._table[number]
         node = handle.node
         await self.follow_session(node)
@@ -178,8 +178,8 @@ class Handles:
             try:
                 await bounded(self.watchdog, self.fetcher.ensure_range(handle.entry, offset, size))
             except StaleContent as error:
-                if await self._moved_by_a_flush(node):
-                    return await self.read(number, offset, size)
+                if not resolved and await self._moved_by_a_flush(node):
+                    return await self.read(number, offset, size, resolved=True)
                 # The version this descriptor reads is gone from the session: its reader
                 # gets an error, not the rest of another version; the next open reads the
                 # current one, which a listing now names.

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -195,6 +195,19 @@ class Listings:
     def vanished(self, nodes: list[Node]) -> None:
         """Remote objects that something in the session removed behind our back."""
         self.kernel.entries_gone(self.overlay.vanished(nodes))
+
+    def moving(self) -> AbstractContextManager[None]:
+        """While a flush changes the session (see `RemoteMotion`)."""
+        return self.motion.moving()
+
+    @property
+    def unresolved(self) -> bool:
+        """Whether a flush's outcome is not known yet (its script may have moved any path)."""
+        return self.motion.unresolved
+
+    @unresolved.setter
+    def unresolved(self, unresolved: bool) -> None:
+        self.motion.unresolved = unresolved
 
     def expire(self) -> None:
         """Every listing is stale from now on (after something changed the session); O(1)."""

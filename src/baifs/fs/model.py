@@ -117,6 +117,7 @@ class Node:
         "write_count",
         "content_version",
         "kernel_version",
+        "maybe_at",
     )
 
     def __init__(self, inode: int, name: bytes, mode: int, *, origin: bytes | None) -> None:
@@ -161,6 +162,9 @@ class Node:
         #: across opens only while it equals ``kernel_version``.
         self.content_version = 0
         self.kernel_version = -1
+        #: where a script whose outcome is not known may have made this node's object (a node made
+        #: here and not confirmed yet): if the node leaves that name first, the name is doomed.
+        self.maybe_at: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.inode} {self.path!r}>"
@@ -303,6 +307,8 @@ class Namespace:
         self.inodes: dict[int, Node] = {ROOT_INODE: self.root}
         self.pending: set[Node] = set()
         self.doomed: dict[bytes, int] = {}
+        #: remote paths of nodes recovery is placing: a listing merged meanwhile leaves them alone.
+        self.restoring: set[bytes] = set()
 
     def new_node(self, name: bytes, mode: int, *, origin: bytes | None) -> Node:
         node = Node(next(self._inode_numbers), name, mode, origin=origin)
@@ -362,8 +368,8 @@ class Namespace:
             self.pending.discard(node)
 
     def claimed(self) -> set[bytes]:
-        """Remote paths that pending changes remove or move away."""
-        claimed = set(self.doomed)
+        """Remote paths that pending changes remove or move away (or recovery is placing)."""
+        claimed = set(self.doomed) | self.restoring
         claimed.update(n.origin for n in self.pending if n.origin is not None and n.moved)
         return claimed
 
@@ -474,6 +480,7 @@ class Namespace:
 
     def _doom_remote(self, node: Node) -> None:
         """Doom the remote objects of a subtree that leaves the local view."""
+        self._doom_maybe(node)
         if node.origin is not None:
             self.doomed[node.origin] = node.remote_mode if node.remote_mode >= 0 else node.mode
             if not node.moved:
@@ -482,10 +489,19 @@ class Namespace:
             if child.origin is None or child.moved or node.origin is None:
                 self._doom_remote(child)
 
+    def _doom_maybe(self, node: Node) -> None:
+        """Objects a script whose outcome is unknown may have made for this subtree, at the names
+        it is leaving: doomed (a removal takes only what is found, as the mount knew it)."""
+        for each in self.walk(node):
+            if each.origin is None and each.maybe_at is not None:
+                self.doomed.setdefault(each.maybe_at, each.mode)
+                each.maybe_at = None
+
     def rename(self, node: Node, new_parent: Node, new_name: bytes) -> None:
         """Move a node to a free name (the caller removed what was there)."""
         assert new_name not in (new_parent.children or {})
         assert node.parent is not None and node.parent.children is not None
+        self._doom_maybe(node)
         self.unhook(node)
         node.name = new_name
         self.attach(new_parent, node)
@@ -495,6 +511,8 @@ class Namespace:
         """Swap two nodes' places (``renameat2`` with RENAME_EXCHANGE); each keeps its inode."""
         one_place, other_place = (one.parent, one.name), (other.parent, other.name)
         assert one_place[0] is not None and other_place[0] is not None
+        self._doom_maybe(one)
+        self._doom_maybe(other)
         self.unhook(one)
         self.unhook(other)
         one.name, other.name = other_place[1], one_place[1]

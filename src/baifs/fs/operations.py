@@ -168,10 +168,7 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            node = self.fs.namespace.inodes.get(inode)
-            if node is not None:
-                node.lookups -= count
-                self.fs.namespace.release_if_unused(node)
+            self.fs.forget(inode, count)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

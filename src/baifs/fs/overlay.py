@@ -25,7 +25,10 @@ that changes it:
 
 Callers check and resolve (`filesystem` the POSIX rules, `recovery` the
 journal's paths); the overlay changes. Concurrency: one trio thread, and no
-method awaits, so a change is never seen half done.
+method that changes the tree awaits, so a change is never seen half done
+(only `save_checkpoint` awaits, for the disk). Kernel bookkeeping (lookup
+and open counts) is its owners', and a symlink's target read from the
+session is cached on its node by the reader.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
 
-from .changes import Checkpoint, Create, Meta, PendingNode, Remove, Rename, ScriptMoves, Stage
+from .changes import Change, Checkpoint, Create, Meta, PendingNode, Remove, Rename, ScriptMoves, Stage
 from .content import ContentStore
-from .flush import Creation, FlushPlan, FlushReport, Move, Upload, old_file_mode
+from .flush import DEFAULT_FILE_MODE, Creation, FlushPlan, FlushReport, Move, Upload, old_file_mode
 from .journal import Journal
 from .model import LISTING_EXPIRED, Entry, Namespace, Node, depth, is_ancestor_or_self, join, same_mtime
 from .shell import StepResults
@@ -86,6 +90,8 @@ class Overlay:
         self.last_change = 0.0
         #: files recovery kept beside a file the session changed meanwhile.
         self.conflict_copies: list[str] = []
+        #: recovery replays records the journal already holds: they are not written again.
+        self._replaying = False
 
     def note_change(self) -> None:
         """Something is pending that write-back should push (a change, or changes recovered)."""
@@ -98,12 +104,27 @@ class Overlay:
 
     # -- local changes: the journal first, then the tree --------------------------
 
+    def _record(self, change: Change, node: Node | None = None) -> None:
+        """Write ``change`` to the journal, unless it is being replayed from there, or is about a
+        node out of the tree (unlinked while open: its path names another object now)."""
+        if not self._replaying and (node is None or node.attached):
+            self.journal.record(change)
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Recovery replays the journal's records: the checkpoint after it records the outcome."""
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+
     def create(
         self, parent: Node, name: bytes, mode: int, *, stage: str | None = None, target: bytes | None = None
     ) -> Node:
         """A new object (a full disk fails here, before the tree changes; its staging file goes)."""
         try:
-            self.journal.record(Create(join(parent.path, name), mode, stage, target))
+            self._record(Create(join(parent.path, name), mode, stage, target))
         except BaseException:
             if stage is not None:
                 self.store.discard_stage(stage)
@@ -119,7 +140,7 @@ class Overlay:
     def stage(self, node: Node, stage: str) -> None:
         """A regular file gets a staging copy that writes go to (the journal names it first)."""
         try:
-            self.journal.record(Stage(node.path, stage, content_base(node)))
+            self._record(Stage(node.path, stage, content_base(node)), node)
         except OSError:
             self.store.discard_stage(stage)
             raise
@@ -130,7 +151,7 @@ class Overlay:
         content (kept while its remote mtime is unknown), which no record names any more: the journal
         names it as local content first, or a crash would lose what is written now."""
         if node.stage is not None and not node.dirty:
-            self.journal.record(Stage(node.path, node.stage, content_base(node)))
+            self._record(Stage(node.path, node.stage, content_base(node)), node)
 
     def content_changed(self, node: Node, size: int) -> None:
         """The staging file of ``node`` was written or cut to ``size`` bytes."""
@@ -149,7 +170,7 @@ class Overlay:
 
     def remove(self, node: Node) -> None:
         """A node (and what is below it) leaves the view; its remote objects are doomed."""
-        self.journal.record(Remove(node.path))
+        self._record(Remove(node.path))
         if node.parent is not None:
             node.parent.entries_changed(time.time_ns())
         self._drop_subtree(node)
@@ -158,7 +179,7 @@ class Overlay:
     def rename(self, node: Node, new_parent: Node, new_name: bytes) -> None:
         """Move ``node``; what was at the new name (checked by the caller) leaves the view."""
         assert new_parent.children is not None and node.parent is not None
-        self.journal.record(Rename(node.path, join(new_parent.path, new_name)))
+        self._record(Rename(node.path, join(new_parent.path, new_name)))
         target = new_parent.children.get(new_name)
         if target is not None:
             self._drop_subtree(target)
@@ -171,7 +192,7 @@ class Overlay:
 
     def exchange(self, node: Node, other: Node) -> None:
         """RENAME_EXCHANGE: both names stay, their objects (and inode numbers) swap places."""
-        self.journal.record(Rename(node.path, other.path, exchange=True))
+        self._record(Rename(node.path, other.path, exchange=True))
         now = time.time_ns()
         for each in (node, other):
             each.ctime_ns = now
@@ -194,7 +215,7 @@ class Overlay:
         mode = None if mode is None else stat.S_IFMT(node.mode) | stat.S_IMODE(mode)
         stored = any(value is not None for value in (mode, mtime_ns, atime_ns))
         if stored:
-            self.journal.record(Meta(node.path, mode, mtime_ns, atime_ns))
+            self._record(Meta(node.path, mode, mtime_ns, atime_ns), node)
         if mode is not None:
             node.mode = mode
         if mtime_ns is not None:
@@ -212,11 +233,11 @@ class Overlay:
     def localize(self, node: Node, stage: str) -> None:
         """A moved remote file whose content is cached becomes local content (``stage`` holds a copy):
         its old remote object is doomed, so a new file can be uploaded over its old name."""
-        if node.origin is None or node.stage is not None:  # changed while the copy was made
+        if node.origin is None or node.stage is not None or not node.attached:  # changed meanwhile
             self.store.discard_stage(stage)
             return
         try:
-            self.journal.record(Stage(node.path, stage))
+            self._record(Stage(node.path, stage))
         except OSError:
             self.store.discard_stage(stage)
             raise
@@ -226,9 +247,17 @@ class Overlay:
         node.stage, node.dirty = stage, True
         self.namespace.refresh_pending(node)
 
+    async def make_durable(self) -> None:
+        """Everything recorded so far is on the disk (an application's fsync asks for it)."""
+        await self.journal.sync()
+
+    def forgotten(self, node: Node) -> None:
+        """The kernel let go of ``node``: a node out of the tree and unused is forgotten."""
+        self.namespace.release_if_unused(node)
+
     def note_script(self, flush_plan: FlushPlan) -> None:
         """The objects a flush's script is about to move aside, before it runs."""
-        self.journal.record(ScriptMoves(tuple((move.origin, move.parked) for move in flush_plan.moves)))
+        self._record(ScriptMoves(tuple((move.origin, move.parked) for move in flush_plan.moves)))
 
     def _drop_subtree(self, node: Node) -> None:
         """Remove a subtree from the tree (dooming its remote objects) with its local content."""
@@ -376,6 +405,8 @@ class Overlay:
             elif change.step in steps.gone:
                 report.vanished.append(node)
             namespace.refresh_pending(node)
+        if steps.maybe:
+            self._uncertain_steps(flush_plan, steps)
         report.refused = {
             steps.descriptions[step]: steps.words.get(step, "") for step in sorted(steps.failed)
         }
@@ -416,7 +447,7 @@ class Overlay:
         if (creation.explicit and not steps.done(creation.step)) or node.origin is not None:
             return
         if node.attached:
-            node.origin = creation.path
+            node.origin, node.maybe_at = creation.path, None
             node.remote_mode = creation.remote_mode
             if node.is_symlink:
                 node.remote_size = len(node.target or b"")
@@ -440,7 +471,7 @@ class Overlay:
         if not node.attached:
             namespace.doomed[upload.path] = upload.remote_mode  # deleted while it was uploaded
             return
-        node.origin = upload.path
+        node.origin, node.maybe_at = upload.path, None
         if entry is not None and entry.size == upload.size:
             node.set_remote(entry)
         else:
@@ -509,6 +540,25 @@ class Overlay:
                 node.origin, node.remote_mode = upload.path, upload.remote_mode
                 self.namespace.refresh_pending(node)
 
+    def _uncertain_steps(self, flush_plan: FlushPlan, steps: StepResults) -> None:
+        """A script's steps its report does not confirm may have happened all the same (its answer
+        was lost). Where one made an object for a node that has left that name meanwhile (removed,
+        renamed), the name is doomed, as for an upload that may have landed: otherwise an object
+        deleted here could stay in the session. A node still there has it made again, which the
+        steps allow (``mkdir -p``, a link replaced, a placement over it), and the name is doomed if
+        the node leaves it first (`model.Node.maybe_at`)."""
+        made = [(c.node, c.path, c.remote_mode, c.step) for c in flush_plan.creations if c.explicit]
+        made += [
+            (u.node, u.path, DEFAULT_FILE_MODE, u.place_step) for u in flush_plan.uploads if not u.direct
+        ]
+        for node, path, mode, step in made:
+            if steps.done(step) or node.origin is not None:
+                continue
+            if node.attached and node.path == path:
+                node.maybe_at = path  # doomed if the node leaves the name before it is made again
+            else:
+                self.namespace.doomed.setdefault(path, mode)
+
     # -- recovery's placing of a checkpoint --------------------------------------------
 
     def adopt_remote(self, path: bytes, entry: Entry) -> Node:
@@ -518,9 +568,27 @@ class Overlay:
         return node
 
     def take_out(self, node: Node) -> None:
-        """Unhook a node found for a checkpoint record before nodes are placed where they belong."""
+        """Unhook a node found for a checkpoint record before nodes are placed where they belong;
+        until `restored`, listings leave its remote object to it (no second node for it)."""
         if node.attached:
             self.namespace.unhook(node)
+        if node.origin is not None:
+            self.namespace.restoring.add(node.origin)
+
+    def restored(self) -> None:
+        """Every checkpoint record is placed: listings show every remote object again."""
+        self.namespace.restoring.clear()
+
+    def attach_found(self, node: Node, parent: Node, name: bytes) -> None:
+        """An object a crashed flush left aside goes where the journal's rename took it (what
+        stands at that name goes, as the rename replaced it)."""
+        assert parent.children is not None
+        occupant = parent.children.get(name)
+        if occupant is not None and occupant is not node:
+            self._drop_subtree(occupant)
+        node.name = name
+        self.namespace.attach(parent, node)
+        self.namespace.refresh_pending(node)
 
     def doom(self, path: bytes, mode: int) -> None:
         """A checkpoint's doomed remote path: whatever stands for it in the view goes."""

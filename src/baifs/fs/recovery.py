@@ -39,7 +39,6 @@ import os
 import stat
 
 from ..errors import BaifsError
-from . import scratch
 from .changes import Change, Checkpoint, Create, JournalContents, Meta, Remove, Rename, ScriptMoves, Stage
 from .errors import FSError
 from .filesystem import RENAME_EXCHANGE, Filesystem
@@ -47,6 +46,7 @@ from .listing import Listings
 from .model import Node, join
 from .overlay import Overlay
 from .remote import Remote
+from .scratch import ROOT, Scratch
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +54,42 @@ log = logging.getLogger(__name__)
 class Recovery:
     """One replay of a journal onto a fresh mount."""
 
-    def __init__(self, fs: Filesystem, listings: Listings, overlay: Overlay, remote: Remote) -> None:
+    def __init__(
+        self, fs: Filesystem, listings: Listings, overlay: Overlay, remote: Remote, scratch: Scratch
+    ) -> None:
         self.fs = fs
         self.listings = listings
         self.overlay = overlay
         self.remote = remote
+        self.scratch = scratch
+        #: where crashed flushes' scripts were to move objects aside, by remote path.
+        self.parked: dict[bytes, bytes] = {}
 
     async def run(self, contents: JournalContents) -> int:
-        """Replay ``contents``; the number of changes recovered. The caller checkpoints after it."""
+        """Replay ``contents``; the number of changes recovered. The caller checkpoints after it.
+
+        The records are already in the journal: they are not written again, so a state disk still
+        full cannot fail their replay (and the journal stays whole until that checkpoint).
+        """
         recovered = 0
         if not contents.empty:
-            parked = {
+            self.parked = {
                 origin: at
                 for change in contents.changes
                 if isinstance(change, ScriptMoves)
                 for origin, at in change.moves
             }
-            if contents.checkpoint is not None:
-                recovered += await self._restore(contents.checkpoint, parked)
-            for change in contents.changes:
-                try:
-                    recovered += await self._replay(change)
-                except (FSError, BaifsError, OSError) as error:
-                    log.warning("recovery: skipped %s (%s)", change.op, error)
+            with self.overlay.replaying():
+                if contents.checkpoint is not None:
+                    recovered += await self._restore(contents.checkpoint)
+                for change in contents.changes:
+                    try:
+                        recovered += await self._replay(change)
+                    except (FSError, BaifsError, OSError) as error:
+                        log.warning("recovery: skipped %s (%s)", change.op, error)
         self.overlay.forget_unused_stages()
         names = await self.remote.list_scratch()  # what earlier mounts left there: the next flush removes it
-        self.remote.scratch.note_leftover(join(scratch.ROOT, name) for name in names)
+        self.scratch.note_leftover(join(ROOT, name) for name in names)
         return recovered
 
     async def _resolve(self, path: bytes) -> Node | None:
@@ -102,7 +112,7 @@ class Recovery:
         entry = next((entry for entry in entries or () if entry.name == name), None)
         return None if entry is None else self.overlay.adopt_remote(remote_path, entry)
 
-    async def _restore(self, checkpoint: Checkpoint, parked: dict[bytes, bytes]) -> int:
+    async def _restore(self, checkpoint: Checkpoint) -> int:
         records = checkpoint.nodes
         #: directories other records are inside: made again when the session does not have them
         #: (removed there, or made by an upload that never landed).
@@ -117,9 +127,10 @@ class Recovery:
             origin = record.origin
             if origin is None:
                 continue
-            node = await self._resolve(origin)
-            if node is None and origin in parked:
-                node = await self._remote_object(parked[origin])
+            # Where a crashed script left it aside first: what is at its old name may be new.
+            node = await self._remote_object(self.parked[origin]) if origin in self.parked else None
+            if node is None:
+                node = await self._resolve(origin)
             if node is None and origin != record.path:
                 node = await self._resolve(record.path)  # the crashed flush moved it already
             if node is None:
@@ -151,6 +162,7 @@ class Recovery:
             # Otherwise new, or content (or a directory holding what is pending) whose remote
             # object is not there (gone, or an upload that never landed): it is made again.
             self.overlay.place(parent, node, record)
+        self.overlay.restored()
         return len(records) + len(checkpoint.doomed)
 
     async def _make_directories(self, path: bytes) -> Node | None:
@@ -169,9 +181,18 @@ class Recovery:
         """One change made after the checkpoint; 1 if it took effect."""
         match change:
             case Rename(old=old, new=new, exchange=exchange):
-                node = await self._resolve(old)
                 parent = await self._resolve(new.rpartition(b"/")[0])
-                if node is None or node.parent is None or parent is None:
+                if parent is None or parent.children is None:
+                    return 0
+                if old in self.parked and not exchange:
+                    # A crashed flush's script moved it aside and left it there: it goes where the
+                    # rename took it (what is at its old name now may be another object).
+                    aside = await self._remote_object(self.parked[old])
+                    if aside is not None:
+                        self.overlay.attach_found(aside, parent, new.rpartition(b"/")[2])
+                        return 1
+                node = await self._resolve(old)
+                if node is None or node.parent is None:
                     return 0
                 flags = RENAME_EXCHANGE if exchange else 0
                 await self.fs.rename(node.parent, node.name, parent, new.rpartition(b"/")[2], flags)
@@ -185,6 +206,8 @@ class Recovery:
             case Create(path=path, mode=mode, stage=stage, target=target):
                 parent_path, _, name = path.rpartition(b"/")
                 parent = await self._resolve(parent_path)
+                if parent is None and stage is not None:  # its content must go somewhere
+                    parent = await self._make_directories(parent_path)
                 node = await self._resolve(path)
                 if parent is None or parent.children is None:
                     return 0
@@ -195,9 +218,14 @@ class Recovery:
                 return int(created) or staged
             case Stage(path=path, stage=stage, base=base):
                 node = await self._resolve(path)
-                return (
-                    self.overlay.adopt_stage(node, stage, base) if node is not None and node.is_regular else 0
-                )
+                if node is None:
+                    # The session removed the file while this content waited here: it is made again.
+                    parent_path, _, name = path.rpartition(b"/")
+                    parent = await self._resolve(parent_path) or await self._make_directories(parent_path)
+                    if parent is None or parent.children is None or name in parent.children:
+                        return 0
+                    node = self.overlay.create(parent, name, stat.S_IFREG | 0o644)
+                return self.overlay.adopt_stage(node, stage, base) if node.is_regular else 0
             case Meta(path=path, mode=mode, mtime_ns=mtime_ns, atime_ns=atime_ns):
                 node = await self._resolve(path)
                 if node is None:

@@ -307,7 +307,7 @@ class RemoteTree:
         self._session = session
         self._executor = BatchExecutor(session, runs=runs)
         self.scratch = scratch.Scratch()
-        self.supervisor = Supervisor(self)
+        self.supervisor = Supervisor(self, self.scratch)
         self._executor.liveness = self.supervisor.heartbeat
 
     def adopt(self, run_id: str) -> None:

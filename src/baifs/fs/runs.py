@@ -459,4 +459,3 @@ class RunManager:
         for number in sorted(self.records)[: -self.keep]:
             if self.records[number].done:
                 shutil.rmtree(self.records.pop(number).directory, ignore_errors=True)
-

@@ -20,7 +20,7 @@ and the mount refuses to change them.
 `Scratch` keeps what is left to remove, by who may remove it:
 
 - *litter*: read parts and aliases once their request is answered, and the
-  results of a closed inbox; any script that runs next removes them;
+  results of a closed inbox; the next flush or ranged read removes them;
 - *results* of the open inbox, already read: its next request removes them,
   or, once the run has ended, any script (they become litter then);
 - *leftovers*: directories (and staged uploads) of flushes that failed or
@@ -136,7 +136,8 @@ class Scratch:
         self._litter.update(paths)
 
     def take_litter(self) -> list[bytes]:
-        """Litter for the script about to run; what it does not remove goes back (`note_litter`)."""
+        """Litter for the script about to run; what it then does not remove is noted again (a
+        ranged read's with `note_litter`, a flush's with `note_leftover`)."""
         litter, self._litter = sorted(self._litter), set()
         return litter
 

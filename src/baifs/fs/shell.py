@@ -135,13 +135,16 @@ class StepResults:
     words: dict[int, str] = field(default_factory=dict)
     descriptions: list[str] = field(default_factory=list)
     complete: bool = True
+    #: a step the report does not mention may have happened (the report is incomplete, and the
+    #: script ran); False where it is known to have not (`none_ran`).
+    maybe: bool = False
 
     @classmethod
     def parse(
         cls, stdout: str, stderr: str, descriptions: list[str], *, complete: bool = True
     ) -> StepResults:
         """Read a script's report; in a complete one, steps that reported nothing count as failed."""
-        results = cls(descriptions=list(descriptions), complete=complete)
+        results = cls(descriptions=list(descriptions), complete=complete, maybe=not complete)
         outcomes = {
             "ok": results.ok,
             "gone": results.gone,

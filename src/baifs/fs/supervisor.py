@@ -42,6 +42,7 @@ from . import scratch
 
 if TYPE_CHECKING:
     from .remote import BatchSteps, Remote
+    from .scratch import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class Inbox:
     """The mount's side of one supervised run's inbox."""
 
     remote: Remote
+    scratch: Scratch
     box: bytes
     #: set once the run is over (its supervisor has exited).
     ended: trio.Event = field(default_factory=trio.Event)
@@ -161,6 +163,16 @@ class Inbox:
     #: the heartbeat's last mtime, and when this mount saw it change; set once the loop is gone.
     _beat: tuple[int, float] | None = None
     dead: bool = False
+    #: no request goes to it any more (`Supervisor.close`): what it read is any script's to remove.
+    closed: bool = False
+
+    def _read_results(self, paths: list[bytes]) -> None:
+        """Result files read (or to remove again): the inbox's next request removes them while it
+        is open, the next flush or ranged read once it is closed."""
+        if self.closed:
+            self.scratch.note_litter(paths)
+        else:
+            self.scratch.note_results(paths)
 
     def _name(self, kind: str, number: int) -> bytes:
         return scratch.inbox_file(self.box, kind, number)
@@ -183,13 +195,13 @@ class Inbox:
         """
         async with self._lock:
             for number in sorted(self._unsent):
-                read = self.remote.scratch.take_results()  # inbox names are ASCII
+                read = self.scratch.take_results()  # inbox names are ASCII
                 removal = "".join(f"rm -f -- {shlex.quote(path.decode('ascii'))}\n" for path in read)
                 body = f"{removal}{self._unsent[number].rstrip()}\n# baifs-request {number}\n".encode()
                 try:
                     await self.remote.send([(self._name("req", number), body)])
                 except BaseException:
-                    self.remote.scratch.note_results(read)
+                    self._read_results(read)
                     raise
                 del self._unsent[number]
                 self._removing[number] = read
@@ -208,11 +220,11 @@ class Inbox:
         try:
             result = await self._until_done(number)
         except BaseException:
-            self.remote.scratch.note_results(self._removing.pop(number, []))
+            self._read_results(self._removing.pop(number, []))
             raise
         removed = self._removing.pop(number, [])
         if not result.complete:
-            self.remote.scratch.note_results(removed)
+            self._read_results(removed)
         return result
 
     async def _until_done(self, number: int) -> ScriptResult:
@@ -231,7 +243,7 @@ class Inbox:
             if not self._beating(names):
                 self.dead = True
                 log.warning("the supervisor of the mount's run stopped answering; scripts wait for the slot")
-                self.remote.scratch.note_results(
+                self._read_results(
                     [
                         self._name("req", number),
                         self._name("run", number),
@@ -259,7 +271,7 @@ class Inbox:
         kinds = ("out", "err", "code") if complete else ("out", "err")
         paths = [self._name(kind, number) for kind in kinds]
         texts = [data.decode("utf-8", "replace") for data in await self.remote.read_files(paths)]
-        self.remote.scratch.note_results(paths)
+        self._read_results(paths)
         if not complete:
             return ScriptResult(None, texts[0], texts[1], complete=False)
         return ScriptResult(int(texts[2].strip() or "1"), texts[0], texts[1])
@@ -268,8 +280,9 @@ class Inbox:
 class Supervisor:
     """Which supervised run of the mount is going, and its inbox for the mount's scripts."""
 
-    def __init__(self, remote: Remote) -> None:
+    def __init__(self, remote: Remote, scratch: Scratch) -> None:
         self.remote = remote
+        self.scratch = scratch
         #: the inbox of the mount's run that holds the execution slot, if one does.
         self.inbox: Inbox | None = None
         #: heartbeats looked at by `heartbeat`: run id -> (mtime, when it was seen to change).
@@ -277,7 +290,7 @@ class Supervisor:
 
     def open(self, run_id: str) -> Inbox:
         """The inbox of the supervised run ``run_id``, named after it (a later mount finds its heartbeat)."""
-        inbox = Inbox(self.remote, scratch.box_of(run_id))
+        inbox = Inbox(self.remote, self.scratch, scratch.box_of(run_id))
         self.inbox = inbox
         return inbox
 
@@ -305,9 +318,10 @@ class Supervisor:
 
     def close(self, inbox: Inbox, *, ended: bool) -> None:
         """No new requests for ``inbox``; ``ended`` once its run is surely over (else see `conclude`)."""
+        inbox.closed = True
         if self.inbox is inbox:
             self.inbox = None
-            self.remote.scratch.results_are_litter()
+            self.scratch.results_are_litter()
         if ended:
             inbox.ended.set()
 

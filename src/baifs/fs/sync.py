@@ -159,6 +159,8 @@ class SyncEngine:
         self._flush_lock = trio.Lock()
         #: write-back flushes again although nothing changed (after a failure, a partial flush).
         self._again = False
+        #: set while a flush's outcome is unknown, so write-back wakes to read it.
+        self._outcome_unknown = trio.Event()
         self._stop = trio.Event()
         self._stopped = trio.Event()
         self._looping = False
@@ -179,9 +181,8 @@ class SyncEngine:
         failures = 0
         try:
             while not self._stop.is_set():
-                changed = self.overlay.changed
-                if not (changed.is_set() or self._again or self.unresolved is not None):
-                    await self._until_stop(changed.wait())
+                if not (self.overlay.changed.is_set() or self._again or self.unresolved is not None):
+                    await self._until_stop(self._work())
                     continue
                 while (quiet := time.monotonic() - self.overlay.last_change) < self.write_back:
                     await self._until_stop(trio.sleep(self.write_back - quiet))
@@ -229,6 +230,17 @@ class SyncEngine:
             self._looping = False
             self._stopped.set()
 
+    async def _work(self) -> None:
+        """Until something changed here, or a flush's outcome became unknown."""
+        async with trio.open_nursery() as nursery:
+
+            async def on(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on, self.overlay.changed)
+            nursery.start_soon(on, self._outcome_unknown)
+
     async def _back_off(self, error: Exception, failures: int) -> int:
         """Wait longer after each failure in a row (up to a minute); the count of failures now."""
         failures += 1
@@ -246,7 +258,11 @@ class SyncEngine:
     @unresolved.setter
     def unresolved(self, unresolved: Unresolved | None) -> None:
         self._unresolved = unresolved
-        self.listings.motion.unresolved = unresolved is not None
+        self.listings.unresolved = unresolved is not None
+        if unresolved is None:
+            self._outcome_unknown = trio.Event()
+        else:
+            self._outcome_unknown.set()  # write-back reads it soon, whichever flush left it unknown
 
     def status(self) -> dict[str, Any]:
         """Write-back's side of ``baifs status``."""
@@ -450,7 +466,10 @@ class SyncEngine:
         await self.profiles.wait()
         flush_plan = plan_uploads(self.namespace, [node], self.profile)
         if flush_plan.uploaded(node):
-            await self.flush_uploads([node])
+            try:
+                await self.flush_uploads([node])
+            except FlushUnresolved:  # the full flush below takes the slot, which concludes that run
+                pass
         if node not in self.namespace.pending:
             return
         await self._after_running_flush()
@@ -496,7 +515,7 @@ class SyncEngine:
         if flush_plan.empty:
             return report
         try:
-            with self.listings.motion.moving():
+            with self.listings.moving():
                 await self._upload(flush_plan, report, progress)
                 if flush_plan.shell is not None:
                     await self._run_script(flush_plan, report, inbox)
