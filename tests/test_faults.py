@@ -568,6 +568,40 @@ def test_faults_between_the_mount_and_its_runs_supervisor_lose_nothing(faulty: F
     assert sum(faulty.proxy.state()["injected"].values()) >= 3
 
 
+@pytest.mark.parametrize("action", ["sync", "ranged read"])
+def test_what_comes_while_a_run_flushes_before_it_goes_through_the_runs_inbox(
+    faulty: Faulty, action: str
+) -> None:
+    """A run takes the slot, flushes what is pending, and only then opens its inbox. A script
+    asked for in between (a sync's flush, a ranged read of a large file) waited for the slot
+    until the run ended, and failed with EAGAIN after 20 s."""
+    m = faulty.mount.start("--write-back", "600", "--dir-cache-time", "600")
+    big = os.urandom(3 * 1024 * 1024 + 5)
+    (m.work / "big.bin").write_bytes(big)
+    os.listdir(m.path)  # known: what follows needs no listing
+    (m.path / "pending.txt").write_text("for the run's flush\n")
+    faulty.proxy.set({"endpoint": "upload", "fault": "delay", "seconds": 3, "count": 1})
+    argv = ["run", str(m.path), "--", "echo begin; while [ ! -e stop ]; do sleep 0.2; done; echo done"]
+    runner = in_background(lambda: baifs(*argv, env=m.env, timeout=120))
+    wait_for(lambda: faulty.proxy.state()["injected"], 20, "the run's flush to upload")
+    assert not m.status()["slot"]["inbox"]  # the run holds the slot; its inbox is not open yet
+    if action == "sync":
+        (m.path / "made-meanwhile").mkdir()
+        waited, error = timed(m.sync)
+        assert (m.work / "made-meanwhile").is_dir() and (m.work / "pending.txt").exists()
+    else:
+        waited, error = timed(lambda: assert_equal((m.path / "big.bin").read_bytes(), big))
+    assert error is None and waited < 15, (waited, error, m.log_text()[-2000:])
+    assert json.loads((m.path / ".runs" / "1" / "status").read_text())["state"] == "running"
+    (m.work / "stop").touch()
+    runner.join(60)
+    assert (m.path / ".runs" / "1" / "output").read_text() == "begin\ndone\n"
+
+
+def assert_equal(got: bytes, expected: bytes) -> None:
+    assert got == expected, (len(got), len(expected))
+
+
 def test_discovery_through_failing_uploads_and_a_lost_run_answer_gets_there(faulty: Faulty) -> None:
     faulty.proxy.set(
         {"endpoint": "upload", "fault": "status", "status": 503, "count": 5},

@@ -33,7 +33,7 @@ import errno
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -410,20 +410,24 @@ class RemoteTree:
         self, script: str, sink: ConsoleSink, *, purpose: str, queue_timeout: float
     ) -> BatchOutcome:
         """Run a script of the mount: through the inbox of the mount's going run, else in the slot
-        (`SessionBusy` once ``queue_timeout`` passed waiting for it)."""
-        inbox = self.inbox()
-        if inbox is not None:
-            try:
-                result = await inbox.request(script)
-            except InboxClosed:
-                log.debug("the run ended before it took the script; waiting for the slot instead")
-            else:
-                await sink("stdout", result.stdout)
-                await sink("stderr", result.stderr)
-                return BatchOutcome(f"inbox {inbox.box.decode()}", result.exit_code, result.complete)
-        return await self._executor.run(
-            BatchSteps(exec=script), sink, queue_timeout=queue_timeout, purpose=purpose
-        )
+        (`SessionBusy` once ``queue_timeout`` passed waiting for it); while it waits for the slot,
+        an inbox that opens takes the script (`Supervisor.take_slot`)."""
+        deadline = trio.current_time() + queue_timeout
+        while True:
+            inbox = self.inbox()
+            if inbox is not None:
+                try:
+                    result = await inbox.request(script)
+                except InboxClosed:
+                    log.debug("the run ended before it took the script; waiting for the slot instead")
+                else:
+                    await sink("stdout", result.stdout)
+                    await sink("stderr", result.stderr)
+                    return BatchOutcome(f"inbox {inbox.box.decode()}", result.exit_code, result.complete)
+            async with AsyncExitStack() as held:
+                left = max(0.0, deadline - trio.current_time())
+                if await self.supervisor.take_slot(held, left, purpose):
+                    return await self._executor.run_held(BatchSteps(exec=script), sink, purpose=purpose)
 
     @asynccontextmanager
     async def slot(self, queue_timeout: float = math.inf, purpose: str = "") -> AsyncIterator[None]:

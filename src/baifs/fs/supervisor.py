@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import shlex
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -287,12 +288,34 @@ class Supervisor:
         self.inbox: Inbox | None = None
         #: heartbeats looked at by `heartbeat`: run id -> (mtime, when it was seen to change).
         self._beats: dict[str, tuple[int, float]] = {}
+        #: waits for the slot that an inbox opening calls off (`take_slot`).
+        self._slot_waits: set[trio.CancelScope] = set()
 
     def open(self, run_id: str) -> Inbox:
         """The inbox of the supervised run ``run_id``, named after it (a later mount finds its heartbeat)."""
         inbox = Inbox(self.remote, self.scratch, scratch.box_of(run_id))
         self.inbox = inbox
+        for waiting in self._slot_waits:
+            waiting.cancel()
         return inbox
+
+    async def take_slot(self, held: AsyncExitStack, queue_timeout: float, purpose: str) -> bool:
+        """Take the session's execution slot into ``held``; False, without it, if an inbox opened
+        meanwhile (or is `available` already): the script goes there instead.
+
+        A run of the mount takes the slot, flushes what is pending, and only then opens its inbox:
+        a script that came in between would otherwise wait for the slot until the run ends (hours),
+        and a system call waiting for it fail with EAGAIN. `SessionBusy` after ``queue_timeout``.
+        """
+        with trio.CancelScope() as waiting:
+            if self.available() is not None:
+                waiting.cancel()
+            self._slot_waits.add(waiting)
+            try:
+                await held.enter_async_context(self.remote.slot(queue_timeout, purpose))
+            finally:
+                self._slot_waits.discard(waiting)
+        return not waiting.cancelled_caught
 
     async def heartbeat(self, run_id: str) -> bool:
         """Whether run ``run_id`` is a supervised run whose heartbeat says its steps still go.

@@ -56,6 +56,7 @@ import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,29 +341,37 @@ class SyncEngine:
         another run holds it, a write-back flush (``skip_open_writers``)
         uploads what needs no script and returns; every other flush waits for
         the slot (`SessionBusy` after ``slot_timeout``). A ``stoppable`` flush
-        (write-back's) is called off by `stop` while it only waits for the slot.
+        (write-back's) is called off by `stop` while it only waits for the slot. A flush waiting
+        for the slot goes to the mount's run's inbox once that opens (`Supervisor.take_slot`).
         """
-        inbox = self.remote.inbox()
-        if inbox is not None:
-            report = await self._flush_through(inbox, skip_open_writers, progress)
-            if report is not None:
-                return report
-        elif skip_open_writers and self.remote.busy:
-            return await self.flush_uploads(
-                [n for n in self.namespace.pending if n.dirty and n.write_count == 0], progress
-            )
-        await self.profiles.wait()
-        with trio.CancelScope() as waiting:
-            if stoppable:
-                self._slot_wait = waiting
-            try:
-                async with self.remote.slot(slot_timeout, "a flush"):
-                    self._slot_wait = None
-                    return await self.flush_in_slot(skip_open_writers=skip_open_writers, progress=progress)
-            finally:
+        deadline = trio.current_time() + slot_timeout
+        while True:
+            inbox = self.remote.inbox()
+            if inbox is not None:
+                report = await self._flush_through(inbox, skip_open_writers, progress)
+                if report is not None:
+                    return report
+            elif skip_open_writers and self.remote.busy:
+                return await self.flush_uploads(
+                    [n for n in self.namespace.pending if n.dirty and n.write_count == 0], progress
+                )
+            await self.profiles.wait()
+            with trio.CancelScope() as waiting:
                 if stoppable:
-                    self._slot_wait = None
-        raise SessionBusy("the flush was called off while it waited for the execution slot")
+                    self._slot_wait = waiting
+                try:
+                    async with AsyncExitStack() as held:
+                        left = max(0.0, deadline - trio.current_time())
+                        if await self.remote.supervisor.take_slot(held, left, "a flush"):
+                            self._slot_wait = None
+                            return await self.flush_in_slot(
+                                skip_open_writers=skip_open_writers, progress=progress
+                            )
+                finally:
+                    if stoppable:
+                        self._slot_wait = None
+            if waiting.cancelled_caught:
+                raise SessionBusy("the flush was called off while it waited for the execution slot")
 
     async def flush_uploads(self, nodes: list[Node], progress: ProgressCallback | None = None) -> FlushReport:
         """Upload what of ``nodes`` needs no script; everything else waits for a full flush."""
